@@ -1,0 +1,283 @@
+"""``adasum.all_reduce``: Adasum across the ranks of a torch.distributed group.
+
+The algorithm is vector halving / distance doubling (VHDD) on one flat buffer per dtype, with
+the fold of :mod:`adasum.order` for world sizes that are not powers of two:
+
+1. *fold*: each rank 2i+1 < 2r sends its buffers to rank 2i, which combines the pair locally.
+2. *reduce-scatter*: among the p leaves, at distance d = 1, 2, 4, ... leaf v pairs with v ^ d;
+   the slice both hold is halved by element count, each keeps one half and receives the
+   partner's values of it. Each computes float64 (a.b, |a|^2, |b|^2) per layer over its half;
+   these partials are all-gathered (one small message for all layers of all dtypes) and summed,
+   in leaf order, over the 2d leaves that hold pieces of the two vectors being combined; then
+   each combines its half with the resulting per-layer coefficients.
+3. *all-gather*: the halves travel back in reverse order, so every leaf holds the whole result.
+4. *unfold*: rank 2i sends the result to rank 2i+1.
+
+Each rank sends 2 S (p-1)/p bytes for a buffer of S bytes, as a ring allreduce does, plus
+log2(p) + 1 tiny all-gathers. Every element of the result is computed by exactly one rank and
+copied to the others, so all ranks hold bit-identical results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from adasum import order
+from adasum.layout import DtypeGroup, Layout, _cached_layout
+from adasum.ops import coefficients, segment_combine, segment_partials
+from adasum.reduce import TreeStats
+
+__all__ = ["all_reduce", "all_reduce_flat"]
+
+
+def all_reduce(
+    tensors: torch.Tensor | Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    *,
+    stats: bool = False,
+) -> TreeStats | None:
+    """Replace each rank's tensors by the Adasum of all ranks' tensors, in place.
+
+    Every rank of ``group`` calls this with the same number of tensors, shapes and dtypes
+    (float16, bfloat16, float32, float64) in the same order; otherwise every rank raises
+    ValueError naming the first mismatch. Each tensor is one layer: it gets its own dot products
+    and norms, accumulated in float64. Afterwards all ranks hold bit-identical values equal, up to
+    float64 rounding of the dot products, to ``adasum.reduce`` of all ranks' inputs. Tensors may be
+    non-contiguous or empty; they must share one device (CPU for Gloo, CUDA for NCCL).
+
+    With ``stats=True`` returns a :class:`~adasum.TreeStats` on every rank (one extra small
+    all-gather for world sizes that are not powers of two); otherwise None.
+    """
+    tensor_list = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    layout = Layout.of(tensor_list)
+    _check_one_device(tensor_list)
+    if dist.get_world_size(group) == 1:
+        return TreeStats(()) if stats else None
+    device = tensor_list[0].device if tensor_list else torch.device("cpu")
+    _check_layout(layout, group, device, stats)
+    flats = [_flat_view_or_pack(layout, tensor_list, g) for g in layout.groups]
+    result = _vhdd(flats, layout.groups, len(layout), group, stats)
+    for flat, g in zip(flats, layout.groups):
+        if not (len(g.layers) == 1 and flat.data_ptr() == tensor_list[g.layers[0]].data_ptr()):
+            layout.unpack(flat, tensor_list, g)
+    return result
+
+
+def all_reduce_flat(
+    buffer: torch.Tensor,
+    numels: Sequence[int],
+    group: dist.ProcessGroup | None = None,
+    *,
+    stats: bool = False,
+) -> TreeStats | None:
+    """:func:`all_reduce` on one contiguous 1-D buffer holding layers of ``numels`` elements end
+    to end (a DDP bucket, say), in place and without a packing copy."""
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError("all_reduce_flat needs a contiguous 1-D buffer")
+    if sum(numels) != buffer.numel() or any(n < 0 for n in numels):
+        raise ValueError(f"the layers' sizes add up to {sum(numels)}, the buffer holds {buffer.numel()}")
+    layout = _cached_layout(tuple((int(n),) for n in numels), (buffer.dtype,) * len(numels))
+    Layout.of([buffer])  # dtype check before any communication
+    if dist.get_world_size(group) == 1:
+        return TreeStats(()) if stats else None
+    _check_layout(layout, group, buffer.device, stats)
+    groups = layout.groups or (DtypeGroup(buffer.dtype, (), torch.zeros(1, dtype=torch.int64)),)
+    return _vhdd([buffer], groups, len(layout), group, stats)
+
+
+def _check_one_device(tensors: list[torch.Tensor]) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"adasum.all_reduce needs tensors on one device, got {sorted(map(str, devices))}")
+
+
+def _flat_view_or_pack(layout: Layout, tensors: list[torch.Tensor], g: DtypeGroup) -> torch.Tensor:
+    if len(g.layers) == 1 and tensors[g.layers[0]].is_contiguous():
+        return tensors[g.layers[0]].view(-1)  # a single contiguous tensor is reduced where it lies
+    return layout.pack(tensors, g)
+
+
+def _check_layout(layout: Layout, group, device: torch.device, stats: bool) -> None:
+    """Agree on the layout before any data moves: one all-gather of two integers, and only on a
+    mismatch a second one that names it, so that every rank raises the same clear error instead
+    of hanging or exchanging garbage."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([layout.signature, int(stats)], dtype=torch.int64, device=device)
+    everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
+    _all_gather_single(everyone, mine, group=group)
+    if bool((everyone.view(world, 2) == mine).all()):
+        return
+    described = [None] * world
+    dist.all_gather_object(
+        described, ([layout.describe(i) for i in range(len(layout))], stats), group=group
+    )
+    raise ValueError("adasum.all_reduce: " + _first_mismatch(described))
+
+
+def _first_mismatch(described: list) -> str:
+    layers0, stats0 = described[0]
+    for r, (layers, st) in enumerate(described[1:], start=1):
+        if len(layers) != len(layers0):
+            return f"rank {r} passed {len(layers)} tensors, rank 0 passed {len(layers0)}"
+        for i, (x, y) in enumerate(zip(layers, layers0)):
+            if x != y:
+                return f"tensor {i} is {x} on rank {r} but {y} on rank 0"
+        if st != stats0:
+            return f"stats={st} on rank {r} but stats={stats0} on rank 0"
+    return "the ranks passed different layouts"
+
+
+class _Peer:
+    """Point-to-point exchanges of slices of the flat buffers with one partner."""
+
+    def __init__(self, group, partner: int):
+        self.group = group
+        self.partner = partner if group is None else dist.get_global_rank(group, partner)
+
+    def exchange(self, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> None:
+        # Tags keep the dtypes' messages apart; empty slices are skipped on both sides, which
+        # agree on every size because they split the same ranges the same way.
+        ops = [
+            dist.P2POp(dist.isend, t, self.partner, self.group, tag)
+            for tag, t in enumerate(sends) if t.numel()
+        ] + [
+            dist.P2POp(dist.irecv, t, self.partner, self.group, tag)
+            for tag, t in enumerate(recvs) if t.numel()
+        ]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+
+def _local_offsets(g: DtypeGroup, lo: int, hi: int) -> torch.Tensor:
+    """Offsets of the group's layers clipped to the slice [lo, hi), relative to lo; layers
+    outside the slice become empty segments."""
+    return g.offsets.clamp(lo, hi) - lo
+
+
+def _vhdd(
+    flats: list[torch.Tensor],
+    groups: Sequence[DtypeGroup],
+    num_layers: int,
+    group,
+    stats: bool,
+) -> TreeStats | None:
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    p = order.largest_power_of_two(world)
+    folded = world - p
+    leaf_ranks = order.leaves(world)
+    me = order.leaf_index(rank, world)
+    device = flats[0].device
+    layer_ids = [torch.tensor(g.layers, dtype=torch.int64, device=device) for g in groups]
+    stage_stats: list[torch.Tensor] = []
+
+    def partials_row(parts: list[torch.Tensor]) -> torch.Tensor:
+        row = torch.zeros(3, num_layers, dtype=torch.float64, device=device)
+        for ids, part in zip(layer_ids, parts):
+            row[:, ids] = part.to(device)
+        return row
+
+    # 1. fold
+    if folded and rank < 2 * folded:
+        peer = _Peer(group, rank ^ 1)
+        if me is None:
+            peer.exchange(flats, [])
+        else:
+            theirs = [torch.empty_like(f) for f in flats]
+            peer.exchange([], theirs)
+            parts = []
+            for f, t, g in zip(flats, theirs, groups):
+                part = segment_partials(f, t, g.offsets)
+                segment_combine(f, t, f, g.offsets, *coefficients(part.to(device)))
+                parts.append(part)
+    if folded and stats:
+        folding_leaf = me is not None and rank < 2 * folded
+        mine = partials_row(parts) if folding_leaf else torch.zeros(3, num_layers, dtype=torch.float64, device=device)
+        everyone = _all_gather(mine, world, group)
+        stage_stats.append(everyone[0 : 2 * folded : 2].cpu())
+
+    # 2. reduce-scatter among the leaves; folded-away ranks join only the all-gathers
+    ranges = [(0, f.numel()) for f in flats]
+    history = []
+    d = 1
+    while d < p:
+        if me is None:
+            everyone = _all_gather(torch.zeros(3, num_layers, dtype=torch.float64, device=device), world, group)
+        else:
+            lower = (me & d) == 0
+            keeps, sends = [], []
+            for lo, hi in ranges:
+                mid = lo + (hi - lo) // 2
+                keeps.append((lo, mid) if lower else (mid, hi))
+                sends.append((mid, hi) if lower else (lo, mid))
+            theirs = [torch.empty(hi - lo, dtype=f.dtype, device=device) for f, (lo, hi) in zip(flats, keeps)]
+            _Peer(group, leaf_ranks[me ^ d]).exchange(
+                [f[lo:hi] for f, (lo, hi) in zip(flats, sends)], theirs
+            )
+            mine_kept = [f[lo:hi] for f, (lo, hi) in zip(flats, keeps)]
+            local = [_local_offsets(g, lo, hi) for g, (lo, hi) in zip(groups, keeps)]
+            lefts, rights = (mine_kept, theirs) if lower else (theirs, mine_kept)
+            parts = [segment_partials(a, b, off) for a, b, off in zip(lefts, rights, local)]
+            everyone = _all_gather(partials_row(parts), world, group)
+            block = me - me % (2 * d)
+            total = _ordered_sum(everyone, [leaf_ranks[j] for j in range(block, block + 2 * d)])
+            ca, cb = coefficients(total)
+            for a, b, out, off, ids in zip(lefts, rights, mine_kept, local, layer_ids):
+                segment_combine(a, b, out, off, ca[ids], cb[ids])
+            history.append(ranges)
+            ranges = keeps
+        if stats:
+            blocks = [
+                _ordered_sum(everyone, [leaf_ranks[j] for j in range(b, b + 2 * d)])
+                for b in range(0, p, 2 * d)
+            ]
+            stage_stats.append(torch.stack(blocks).cpu())
+        d *= 2
+
+    # 3. all-gather among the leaves, in reverse order
+    if me is not None:
+        d = p // 2
+        for parent in reversed(history):
+            partner = me ^ d
+            recv_ranges = [
+                (mid, hi) if (me & d) == 0 else (lo, mid)
+                for lo, hi in parent
+                for mid in [lo + (hi - lo) // 2]
+            ]
+            _Peer(group, leaf_ranks[partner]).exchange(
+                [f[lo:hi] for f, (lo, hi) in zip(flats, ranges)],
+                [f[lo:hi] for f, (lo, hi) in zip(flats, recv_ranges)],
+            )
+            ranges = parent
+            d //= 2
+
+    # 4. unfold
+    if folded and rank < 2 * folded:
+        peer = _Peer(group, rank ^ 1)
+        if me is None:
+            peer.exchange([], flats)
+        else:
+            peer.exchange(flats, [])
+    return TreeStats(tuple(stage_stats)) if stats else None
+
+
+# torch 2.13 renamed all_gather_into_tensor; keep working on the older releases we support.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _all_gather(row: torch.Tensor, world: int, group) -> torch.Tensor:
+    out = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
+    _all_gather_single(out, row.contiguous().view(-1), group=group)
+    return out.view((world,) + tuple(row.shape))
+
+
+def _ordered_sum(rows: torch.Tensor, which: list[int]) -> torch.Tensor:
+    # A fixed left-to-right order makes the sum bit-identical on every rank that computes it.
+    total = rows[which[0]].clone()
+    for r in which[1:]:
+        total += rows[r]
+    return total

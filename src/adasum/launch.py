@@ -1,0 +1,119 @@
+"""Start N local worker processes with a torch.distributed process group.
+
+The tests, the benchmarks and ``adasum train --nproc N`` all run their workers through
+:func:`spawn`; under ``torchrun`` the program uses its environment instead. A worker that fails
+or hangs never hangs the caller: the first error or the deadline ends every worker.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["spawn", "WorkerError", "free_port"]
+
+
+class WorkerError(RuntimeError):
+    """A worker raised; the message holds its rank and traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _worker(
+    fn: Callable, rank: int, world_size: int, port: int, backend: str, timeout: float,
+    threads: int, env: dict[str, str], args: tuple, results: mp.Queue,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(world_size)),
+    )
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, _dumps(out)))
+    except BaseException:  # report everything, KeyboardInterrupt included, then exit
+        results.put((rank, False, traceback.format_exc()))
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh processes, each with the default
+    process group initialised; return the ranks' return values in rank order.
+
+    ``fn`` must be importable by name (a module-level function). Raises :class:`WorkerError`
+    with the failing rank's traceback if any worker raises, and TimeoutError naming the
+    unfinished ranks after ``timeout`` seconds; every worker is ended either way.
+    """
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, nprocs, port, backend, timeout, threads, dict(env or {}), args, results),
+            daemon=True,
+        )
+        for rank in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < nprocs:
+            try:
+                rank, ok, payload = results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
+                if dead:
+                    raise WorkerError(f"worker {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                if time.monotonic() >= deadline:
+                    missing = sorted(set(range(nprocs)) - set(outputs))
+                    raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s")
+                continue
+            if not ok:
+                raise WorkerError(f"worker {rank} failed:\n{payload}")
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outputs) == nprocs else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(nprocs)]

@@ -1,0 +1,103 @@
+"""How a list of tensors is packed into one flat buffer per dtype.
+
+Every backend combines layers per dtype in flat buffers: one kernel call or one message covers
+all layers of a dtype, and the offsets keep each layer's dot products apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from adasum.ops import check_dtype, offsets_of
+
+__all__ = ["Layout", "DtypeGroup"]
+
+
+@dataclass(frozen=True)
+class DtypeGroup:
+    """The layers of one dtype: their positions in the input list and their offsets in the
+    group's flat buffer."""
+
+    dtype: torch.dtype
+    layers: tuple[int, ...]
+    offsets: torch.Tensor  # CPU int64, len(layers) + 1
+
+    @property
+    def numel(self) -> int:
+        return int(self.offsets[-1])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes and dtypes of a list of tensors, in order."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor]) -> Layout:
+        for t in tensors:
+            check_dtype(t)
+        return _cached_layout(tuple(tuple(t.shape) for t in tensors), tuple(t.dtype for t in tensors))
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    @cached_property
+    def groups(self) -> tuple[DtypeGroup, ...]:
+        """One group per dtype, in order of first appearance."""
+        order: dict[torch.dtype, list[int]] = {}
+        for i, dtype in enumerate(self.dtypes):
+            order.setdefault(dtype, []).append(i)
+        return tuple(
+            DtypeGroup(dtype, tuple(idx), offsets_of([_numel(self.shapes[i]) for i in idx]))
+            for dtype, idx in order.items()
+        )
+
+    @cached_property
+    def signature(self) -> int:
+        """A hash of the layout that is stable across processes (a signed 63-bit integer)."""
+        text = ";".join(f"{d}:{s}" for d, s in zip(self.dtypes, self.shapes)).encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+    def describe(self, i: int) -> str:
+        return f"{tuple(self.shapes[i])} {str(self.dtypes[i]).removeprefix('torch.')}"
+
+    def pack(self, tensors: list[torch.Tensor], group: DtypeGroup) -> torch.Tensor:
+        """A new flat buffer holding the group's tensors end to end."""
+        parts = [tensors[i].reshape(-1) for i in group.layers]
+        if not parts:
+            return torch.empty(0, dtype=group.dtype)
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    def unpack(self, flat: torch.Tensor, tensors: list[torch.Tensor], group: DtypeGroup) -> None:
+        """Copy a flat buffer back into the group's tensors (in place)."""
+        for k, i in enumerate(group.layers):
+            lo, hi = int(group.offsets[k]), int(group.offsets[k + 1])
+            tensors[i].copy_(flat[lo:hi].view(self.shapes[i]))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_LAYOUTS: dict[tuple, Layout] = {}
+
+
+def _cached_layout(shapes: tuple, dtypes: tuple) -> Layout:
+    # Training calls the same layout every step; building offsets once per layout keeps the
+    # per-call cost to a dict lookup.
+    key = (shapes, dtypes)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = Layout(shapes, dtypes)
+    return layout

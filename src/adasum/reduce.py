@@ -1,0 +1,81 @@
+"""The single-process reducer: Adasum of N ranks' tensors, in the order of :mod:`adasum.order`.
+
+It is the oracle the collective is tested against and the engine of the convergence
+simulator. Each combination is one kernel call over all layers of a dtype, so the cost does not
+grow with the number of layers beyond the packing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adasum import order
+from adasum.layout import Layout
+from adasum.ops import coefficients, segment_combine, segment_partials
+
+__all__ = ["reduce", "TreeStats"]
+
+
+@dataclass(frozen=True)
+class TreeStats:
+    """What each combination saw, per layer.
+
+    ``stages[s]`` is a float64 tensor ``[pairs, 3, layers]`` holding ``a.b``, ``|a|^2`` and
+    ``|b|^2`` for every pair ``order.schedule(n)[s]`` combined, for every layer (in input order).
+    """
+
+    stages: tuple[torch.Tensor, ...]
+
+    def cosines(self) -> list[torch.Tensor]:
+        """Per stage, ``[pairs, layers]`` cosine of the angle between the combined vectors (NaN
+        where one of them is zero)."""
+        return [s[:, 0] / torch.sqrt(s[:, 1] * s[:, 2]) for s in self.stages]
+
+
+def reduce(
+    per_rank: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]], *, stats: bool = False
+):
+    """Adasum of all ranks' tensors, combined per layer in the order of rule 4.
+
+    ``per_rank[r]`` is rank r's tensor, or rank r's list of tensors (layers), with the same
+    shapes and dtypes on every rank. Returns one tensor, or one list of tensors, of those shapes
+    and dtypes; with ``stats=True`` returns ``(result, TreeStats)``. The inputs are not changed.
+    One rank is the identity (a copy).
+    """
+    if len(per_rank) == 0:
+        raise ValueError("adasum.reduce needs at least one rank")
+    single = isinstance(per_rank[0], torch.Tensor)
+    ranks = [[t] if single else list(t) for t in per_rank]
+    layout = Layout.of(ranks[0])
+    for r, tensors in enumerate(ranks[1:], start=1):
+        if not all(isinstance(t, torch.Tensor) for t in tensors) or len(tensors) != len(layout):
+            raise ValueError(f"rank {r} has {len(tensors)} tensors, rank 0 has {len(layout)}")
+        other = Layout.of(tensors)
+        for i in range(len(layout)):
+            if other.shapes[i] != layout.shapes[i] or other.dtypes[i] != layout.dtypes[i]:
+                raise ValueError(
+                    f"tensor {i} is {other.describe(i)} on rank {r} but {layout.describe(i)} on rank 0"
+                )
+
+    n = len(ranks)
+    result = [torch.empty(s, dtype=d, device=ranks[0][i].device) for i, (s, d) in enumerate(zip(layout.shapes, layout.dtypes))]
+    schedule = order.schedule(n)
+    stage_stats = [
+        torch.zeros(len(stage), 3, len(layout), dtype=torch.float64) for stage in schedule
+    ]
+    for group in layout.groups:
+        rows = torch.stack([layout.pack(tensors, group) for tensors in ranks])
+        layer_index = torch.tensor(group.layers, dtype=torch.int64)
+        for s, stage in enumerate(schedule):
+            for k, (left, right) in enumerate(stage):
+                partials = segment_partials(rows[left], rows[right], group.offsets)
+                ca, cb = coefficients(partials)
+                segment_combine(rows[left], rows[right], rows[left], group.offsets, ca, cb)
+                if stats:
+                    stage_stats[s][k][:, layer_index] = partials.cpu()
+        layout.unpack(rows[0], result, group)
+    out = result[0] if single else result
+    return (out, TreeStats(tuple(stage_stats))) if stats else out
