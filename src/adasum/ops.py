@@ -10,9 +10,9 @@ For two vectors a and b (one layer each),
 Orthogonal vectors are summed, parallel ones averaged. a.b, |a|^2 and |b|^2 are accumulated
 in float64 whatever the tensors' dtype; a squared norm below sqrt(float64 tiny) counts as zero
 and gets the coefficient 1, so a zero vector leaves the other unchanged. The combination
-``ca * a + cb * b`` is computed in the tensors' dtype (float32 for float16 and bfloat16) and
-rounded once more to the dtype: two multiplications and an addition, no fused multiply-add, on
-every device, so results do not depend on which kernel ran.
+``ca * a + cb * b`` is computed in float64 for float32 and float64 tensors and in float32 for
+float16 and bfloat16, then rounded once to the tensors' dtype: two multiplications and an
+addition, no fused multiply-add, on every device, so results do not depend on which kernel ran.
 
 The building blocks here work on *segmented* flat buffers: a 1-D tensor that holds several
 layers end to end, split by an int64 offsets tensor ``[0, n0, n0 + n1, ...]``. This is how the
@@ -80,7 +80,8 @@ def segment_partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
     if _use_kernels(a, b):
         out = torch.empty(3, nseg, dtype=torch.float64)
         _kernels.segment_partials(
-            a.data_ptr(), b.data_ptr(), _KERNEL_CODE[a.dtype], offsets.data_ptr(), nseg, out.data_ptr()
+            a.data_ptr(), b.data_ptr(), _KERNEL_CODE[a.dtype], offsets.data_ptr(), nseg, out.data_ptr(),
+            torch.get_num_threads(),
         )
         return out
     a64, b64 = a.double(), b.double()
@@ -100,7 +101,9 @@ def coefficients(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    # Wider than the 16-bit types and exact enough for float32: a cancelling ca*a + cb*b keeps
+    # float32's relative accuracy instead of losing it to two roundings in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 def segment_combine(
@@ -124,6 +127,7 @@ def segment_combine(
             nseg,
             ca.data_ptr(),
             cb.data_ptr(),
+            torch.get_num_threads(),
         )
         return
     compute = _compute_dtype(a.dtype)
@@ -133,11 +137,12 @@ def segment_combine(
     out.copy_(a.to(compute) * ca_e + b.to(compute) * cb_e)
 
 
-def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def combine(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Adasum of two tensors treated as one layer; the result has their dtype and shape.
 
-    Raises TypeError for integer, bool or complex tensors and ValueError when the shapes,
-    dtypes or devices differ.
+    ``out``, if given, is a contiguous tensor of that shape and dtype to write to (it may be
+    ``a`` or ``b``). Raises TypeError for integer, bool or complex tensors and ValueError when
+    the shapes, dtypes or devices differ.
     """
     check_dtype(a)
     check_dtype(b)
@@ -149,6 +154,9 @@ def combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     flat_a, flat_b = a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
     offsets = offsets_of([flat_a.numel()])
     ca, cb = coefficients(segment_partials(flat_a, flat_b, offsets))
-    out = torch.empty_like(flat_a)
-    segment_combine(flat_a, flat_b, out, offsets, ca, cb)
-    return out.view(a.shape)
+    if out is None:
+        out = torch.empty_like(a, memory_format=torch.contiguous_format)
+    elif out.shape != a.shape or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of the inputs' shape and dtype")
+    segment_combine(flat_a, flat_b, out.view(-1), offsets, ca, cb)
+    return out

@@ -1,0 +1,120 @@
+"""adasum.all_reduce against dist.all_reduce(SUM), and the pairwise kernel against torch.add.
+
+Every comparison runs both sides interleaved in one process group on the same buffers and
+prints medians and their ratio, so the machine's noise hits both alike.
+
+    python benchmarks/bench_collective.py            # the README's table
+    python benchmarks/bench_collective.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import adasum
+from adasum.launch import spawn
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of ResNet-50 (161 tensors, 25.6M parameters), from its architecture."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    channels = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for b in range(blocks):
+            shapes += [(width, channels, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, channels, 1, 1), (4 * width,), (4 * width,)]
+            channels = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def _timed(fn, reset) -> float:
+    reset()
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _collective_worker(rank: int, world: int, sizes: list[int], reps: int) -> list[tuple]:
+    rows = []
+    gen = torch.Generator().manual_seed(rank)
+    cases = [(f"2^{n.bit_length() - 1} float32", [n]) for n in sizes]
+    cases.append(("ResNet-50-shaped, 161 layers", [int(torch.Size(s).numel()) for s in resnet50_shapes()]))
+    for name, numels in cases:
+        source = torch.randn(sum(numels), generator=gen)
+        buf = torch.empty_like(source)
+        reset = lambda: buf.copy_(source)  # noqa: E731
+        ada = lambda: adasum.all_reduce_flat(buf, numels)  # noqa: E731
+        ref = lambda: dist.all_reduce(buf)  # noqa: E731
+        for _ in range(2):  # warm-up: connections, allocator, layout cache
+            _timed(ada, reset), _timed(ref, reset)
+        t_ada, t_ref = [], []
+        for _ in range(reps):
+            t_ada.append(_timed(ada, reset))
+            t_ref.append(_timed(ref, reset))
+        # The slowest rank decides how long a collective takes.
+        times = torch.tensor([_median_ms(t_ada), _median_ms(t_ref)], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        rows.append((world, name, times[0].item(), times[1].item()))
+    return rows
+
+
+def _kernel_rows(n: int, reps: int) -> list[tuple]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+        out = torch.empty_like(a)  # both write to one preallocated tensor: no page faults timed
+        t_ada, t_add = [], []
+        for _ in range(reps + 2):
+            start = time.perf_counter()
+            adasum.combine(a, b, out=out)
+            t_ada.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.add(a, b, out=out)
+            t_add.append(time.perf_counter() - start)
+        rows.append((f"2^{n.bit_length() - 1} {str(dtype).removeprefix('torch.')}", _median_ms(t_ada[2:]), _median_ms(t_add[2:])))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--exponents", type=int, nargs="+", default=[16, 20, 23])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.worlds, args.exponents, args.reps = [2, 3], [12, 16], 3
+    sizes = [1 << e for e in args.exponents]
+
+    print(f"torch {torch.__version__}, Gloo on CPU, {torch.get_num_threads()} threads; medians of {args.reps} interleaved runs\n")
+    print("| ranks | buffer | adasum.all_reduce ms | dist.all_reduce SUM ms | ratio |")
+    print("|---:|---|---:|---:|---:|")
+    for world in args.worlds:
+        sized = sizes if not args.quick else sizes
+        rows = spawn(_collective_worker, world, sized, args.reps, timeout=1800)[0]
+        for w, name, t_ada, t_ref in rows:
+            if args.quick and name.startswith("ResNet"):
+                continue
+            print(f"| {w} | {name} | {t_ada:.2f} | {t_ref:.2f} | {t_ada / t_ref:.2f}x |", flush=True)
+
+    print("\n| pairwise kernel | adasum.combine ms | torch.add ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, t_ada, t_add in _kernel_rows(1 << max(args.exponents), args.reps):
+        print(f"| {name} | {t_ada:.2f} | {t_add:.2f} | {t_ada / t_add:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

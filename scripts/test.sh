@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's test command: set up .venv (with the JAX extra, so its tests run too), then run
+# the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ADASUM_EXTRAS="experiments,jax,test" . scripts/setup.sh
+python -c "import adasum.ops as o; print('adasum C kernels:', 'built' if o._kernels else 'NOT built, using the PyTorch fallback')"
+python -m pytest -q "$@"

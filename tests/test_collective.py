@@ -1,0 +1,189 @@
+"""adasum.all_reduce in real Gloo process groups for world sizes 2 to 8.
+
+One group is started per world size; its workers run every scenario and send back what they
+saw, and the tests compare that with adasum.reduce computed here in the parent.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import adasum
+from adasum.launch import spawn
+
+WORLD_SIZES = [2, 3, 4, 5, 6, 7, 8]
+TIMEOUT = 120
+# Relative L2 error allowed against the reducer (issue 2).
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 100 * 2**-10, torch.bfloat16: 100 * 2**-7}
+
+LAYERS = [
+    ((16, 8), torch.float32),
+    ((0,), torch.float32),  # empty
+    ((33,), torch.float64),
+    ((3, 5), torch.bfloat16),
+    ((7,), torch.float16),
+    ((4, 4), torch.float32),  # all zeros on every rank
+    ((1000,), torch.float32),
+    ((2, 3, 2), torch.float64),
+    ((5,), torch.float32),  # zero on rank 1 only
+]
+
+
+def rank_inputs(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + rank)
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(d) for s, d in LAYERS]
+    tensors[5].zero_()
+    if rank == 1:
+        tensors[8].zero_()
+    return tensors
+
+
+def flat_inputs(rank: int) -> tuple[torch.Tensor, list[int]]:
+    g = torch.Generator().manual_seed(2000 + rank)
+    numels = [5, 0, 300, 1, 77]
+    return torch.randn(sum(numels), generator=g), numels
+
+
+def _catch(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _scenarios(rank: int, world: int) -> dict:
+    out = {}
+    # Many layers, mixed dtypes, one non-contiguous tensor, stats.
+    tensors = rank_inputs(rank)
+    tensors[0] = tensors[0].t()  # a non-contiguous view
+    out["stats"] = adasum.all_reduce(tensors, stats=True)
+    tensors[0] = tensors[0].t()
+    out["layers"] = tensors
+    # One tensor, reduced where it lies.
+    single = rank_inputs(rank)[6]
+    adasum.all_reduce(single)
+    out["single"] = single
+    # One flat buffer with layer boundaries.
+    buf, numels = flat_inputs(rank)
+    adasum.all_reduce_flat(buf, numels)
+    out["flat"] = buf
+    # A subgroup of the odd ranks only (every rank creates it, members call it).
+    members = list(range(1, world, 2))
+    sub = dist.new_group(members)
+    if rank in members:
+        x = rank_inputs(rank)[2]
+        adasum.all_reduce(x, group=sub)
+        out["sub"] = x
+    # Non-finite values propagate to every rank.
+    y = torch.ones(10)
+    if rank == world - 1:
+        y[3] = float("inf")
+    adasum.all_reduce(y)
+    out["nonfinite"] = bool(torch.isfinite(y).all())
+    # Bad input: mismatched layouts raise on every rank instead of hanging.
+    shape = (4, 5) if rank == world - 1 else (5, 4)
+    out["shape_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3), torch.ones(shape)]))
+    dtype = torch.float64 if rank == 0 else torch.float32
+    out["dtype_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3, dtype=dtype)]))
+    count = 2 if rank == 1 else 1
+    out["count_error"] = _catch(lambda: adasum.all_reduce([torch.ones(2)] * count))
+    out["type_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3, dtype=torch.int32)]))
+    # Still usable after the errors.
+    z = torch.full((3,), float(rank))
+    adasum.all_reduce(z)
+    out["after"] = z
+    return out
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
+def run(request):
+    world = request.param
+    return world, spawn(_scenarios, world, timeout=TIMEOUT)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().flatten(), ref.double().flatten()
+    return float((x - ref).norm() / ref.norm()) if ref.norm() > 0 else float(x.norm())
+
+
+def assert_identical(results: list[dict], key: str) -> None:
+    first = results[0][key]
+    for r, res in enumerate(results[1:], start=1):
+        others = res[key] if isinstance(first, list) else [res[key]]
+        mine = first if isinstance(first, list) else [first]
+        for a, b in zip(mine, others):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (key, r)
+
+
+def test_layers_equal_the_reducer_and_are_bit_identical(run):
+    world, results = run
+    assert_identical(results, "layers")
+    expected = adasum.reduce([rank_inputs(r) for r in range(world)])
+    for got, ref, (shape, dtype) in zip(results[0]["layers"], expected, LAYERS):
+        assert got.shape == shape and got.dtype == dtype
+        assert rel_err(got, ref) <= TOL[dtype], (shape, dtype)
+    assert torch.equal(results[0]["layers"][5], torch.zeros(4, 4))
+
+
+def test_stats_equal_the_reducers(run):
+    world, results = run
+    _, expected = adasum.reduce([rank_inputs(r) for r in range(world)], stats=True)
+    got = results[0]["stats"].stages
+    assert len(got) == len(expected.stages)
+    for g, e in zip(got, expected.stages):
+        assert g.shape == e.shape
+        assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_single_and_flat(run):
+    world, results = run
+    assert_identical(results, "single")
+    assert_identical(results, "flat")
+    ref = adasum.reduce([rank_inputs(r)[6] for r in range(world)])
+    assert rel_err(results[0]["single"], ref) <= 1e-6
+    bufs = [flat_inputs(r) for r in range(world)]
+    numels = bufs[0][1]
+    per_rank = [list(b.split(numels)) for b, _ in bufs]
+    ref = torch.cat(adasum.reduce(per_rank))
+    assert rel_err(results[0]["flat"], ref) <= 1e-6
+
+
+def test_subgroup(run):
+    world, results = run
+    members = list(range(1, world, 2))
+    ref = adasum.reduce([rank_inputs(r)[2] for r in members])
+    for r in members:
+        assert rel_err(results[r]["sub"], ref) <= 1e-12
+    assert all("sub" not in results[r] for r in range(world) if r not in members)
+
+
+def test_non_finite_propagates(run):
+    _, results = run
+    assert all(res["nonfinite"] is False for res in results)
+
+
+def test_mismatches_raise_on_every_rank(run):
+    world, results = run
+    for res in results:
+        assert res["shape_error"] == f"ValueError: adasum.all_reduce: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
+        assert res["dtype_error"].startswith("ValueError: adasum.all_reduce: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
+        assert res["count_error"] == "ValueError: adasum.all_reduce: rank 1 passed 2 tensors, rank 0 passed 1"
+        assert res["type_error"].startswith("TypeError: ")
+    assert_identical(results, "after")
+    ref = adasum.reduce([torch.full((3,), float(r)) for r in range(world)])
+    assert rel_err(results[0]["after"], ref) <= 1e-6
+
+
+def _world_one(rank: int, world: int):
+    x = torch.randn(4)
+    before = x.clone()
+    stats = adasum.all_reduce(x, stats=True)
+    return torch.equal(x, before), stats.stages
+
+
+def test_world_size_one_is_the_identity():
+    [(unchanged, stages)] = spawn(_world_one, 1, timeout=TIMEOUT)
+    assert unchanged and stages == ()
