@@ -88,6 +88,20 @@ def _kernel_rows(n: int, reps: int) -> list[tuple]:
     return rows
 
 
+def _reduce_row(ranks: int, reps: int) -> tuple[str, float]:
+    """adasum.reduce of ``ranks`` ranks of a 10M-parameter model (the simulator's engine)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = resnet50_shapes()[:130]
+    per_rank = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(ranks)]
+    params = sum(t.numel() for t in per_rank[0])
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        adasum.reduce(per_rank)
+        samples.append(time.perf_counter() - start)
+    return f"adasum.reduce, {ranks} ranks x {params / 1e6:.1f}M parameters in {len(shapes)} layers", statistics.median(samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
@@ -114,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|")
     for name, t_ada, t_add in _kernel_rows(1 << max(args.exponents), args.reps):
         print(f"| {name} | {t_ada:.2f} | {t_add:.2f} | {t_ada / t_add:.2f}x |")
+    if not args.quick:
+        name, seconds = _reduce_row(64, 3)
+        print(f"\n{name}: {seconds:.2f} s (median of 3)")
 
 
 if __name__ == "__main__":

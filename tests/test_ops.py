@@ -164,3 +164,27 @@ def test_mismatches_raise_value_error():
         adasum.combine(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="shape"):
         adasum.combine(torch.ones(3), torch.ones(3, dtype=torch.float64))
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    if ops._kernels is None:
+        pytest.skip("C kernels not built")
+    g = torch.Generator().manual_seed(7)
+    n = 3 * (1 << 18) + 12345  # above the size where the kernels start threads
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    offsets = ops.offsets_of([100, n - 300, 200])
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            partials = ops.segment_partials(a, b, offsets)
+            out = torch.empty_like(a)
+            ops.segment_combine(a, b, out, offsets, *ops.coefficients(partials))
+            results.append((partials, out))
+    finally:
+        torch.set_num_threads(before)
+    for partials, out in results[1:]:
+        assert torch.equal(partials, results[0][0]) and torch.equal(out, results[0][1])
+    exact = torch.stack([(a.double() * b.double()).sum(), (a.double() ** 2).sum(), (b.double() ** 2).sum()])
+    assert torch.allclose(results[0][0].sum(1), exact, rtol=1e-12)

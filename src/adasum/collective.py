@@ -20,6 +20,7 @@ copied to the others, so all ranks hold bit-identical results.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -187,7 +188,7 @@ def _vhdd(
         if me is None:
             peer.exchange(flats, [])
         else:
-            theirs = [torch.empty_like(f) for f in flats]
+            theirs = [_workspace(f, f.numel()) for f in flats]
             peer.exchange([], theirs)
             parts = []
             for f, t, g in zip(flats, theirs, groups):
@@ -214,7 +215,7 @@ def _vhdd(
                 mid = lo + (hi - lo) // 2
                 keeps.append((lo, mid) if lower else (mid, hi))
                 sends.append((mid, hi) if lower else (lo, mid))
-            theirs = [torch.empty(hi - lo, dtype=f.dtype, device=device) for f, (lo, hi) in zip(flats, keeps)]
+            theirs = [_workspace(f, hi - lo) for f, (lo, hi) in zip(flats, keeps)]
             _Peer(group, leaf_ranks[me ^ d]).exchange(
                 [f[lo:hi] for f, (lo, hi) in zip(flats, sends)], theirs
             )
@@ -263,6 +264,20 @@ def _vhdd(
         else:
             peer.exchange(flats, [])
     return TreeStats(tuple(stage_stats)) if stats else None
+
+
+_WORKSPACES: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+
+
+def _workspace(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A receive buffer of ``numel`` elements, reused across calls: a fresh allocation of tens of
+    megabytes costs page faults on every step, about as much as the arithmetic. Holds one buffer
+    per dtype, device and calling thread, as large as the largest slice received so far."""
+    key = (like.dtype, like.device, threading.get_ident())
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
 
 
 # torch 2.13 renamed all_gather_into_tensor; keep working on the older releases we support.

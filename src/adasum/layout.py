@@ -58,6 +58,23 @@ class Layout:
             for dtype, idx in order.items()
         )
 
+    def chunks(self, max_numel: int) -> list[DtypeGroup]:
+        """The dtype groups cut into runs of consecutive layers of at most ``max_numel`` elements
+        (a larger layer is a run of its own). Layers are independent, so a reducer may work
+        through the runs one at a time in a buffer of bounded size."""
+        runs = []
+        for g in self.groups:
+            sizes = (g.offsets[1:] - g.offsets[:-1]).tolist()
+            start = 0
+            while start < len(sizes):
+                stop, total = start + 1, sizes[start]
+                while stop < len(sizes) and total + sizes[stop] <= max_numel:
+                    total += sizes[stop]
+                    stop += 1
+                runs.append(DtypeGroup(g.dtype, g.layers[start:stop], offsets_of(sizes[start:stop])))
+                start = stop
+        return runs
+
     @cached_property
     def signature(self) -> int:
         """A hash of the layout that is stable across processes (a signed 63-bit integer)."""
@@ -67,12 +84,18 @@ class Layout:
     def describe(self, i: int) -> str:
         return f"{tuple(self.shapes[i])} {str(self.dtypes[i]).removeprefix('torch.')}"
 
-    def pack(self, tensors: list[torch.Tensor], group: DtypeGroup) -> torch.Tensor:
-        """A new flat buffer holding the group's tensors end to end."""
+    def pack(
+        self, tensors: list[torch.Tensor], group: DtypeGroup, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The group's tensors end to end in ``out`` (a 1-D tensor of ``group.numel``
+        elements) or in a new buffer."""
         parts = [tensors[i].reshape(-1) for i in group.layers]
-        if not parts:
-            return torch.empty(0, dtype=group.dtype)
-        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if out is None:
+            device = parts[0].device if parts else None
+            out = torch.empty(group.numel, dtype=group.dtype, device=device)
+        if parts:
+            torch.cat(parts, out=out)
+        return out
 
     def unpack(self, flat: torch.Tensor, tensors: list[torch.Tensor], group: DtypeGroup) -> None:
         """Copy a flat buffer back into the group's tensors (in place)."""

@@ -18,6 +18,8 @@ from adasum.ops import coefficients, segment_combine, segment_partials
 
 __all__ = ["reduce", "TreeStats"]
 
+_ROWS_BUDGET = 1 << 26  # elements in flight at once, all ranks together
+
 
 @dataclass(frozen=True)
 class TreeStats:
@@ -66,8 +68,16 @@ def reduce(
     stage_stats = [
         torch.zeros(len(stage), 3, len(layout), dtype=torch.float64) for stage in schedule
     ]
-    for group in layout.groups:
-        rows = torch.stack([layout.pack(tensors, group) for tensors in ranks])
+    # Working through runs of layers keeps memory bounded (and in cache) for many ranks of a
+    # large model: each layer's result depends on that layer alone.
+    runs = layout.chunks(max(1 << 16, _ROWS_BUDGET // n))
+    workspace: dict[torch.dtype, torch.Tensor] = {}
+    for group in runs:
+        if workspace.get(group.dtype, torch.empty(0)).numel() < n * group.numel:
+            workspace[group.dtype] = torch.empty(n * group.numel, dtype=group.dtype, device=result[0].device)
+        rows = workspace[group.dtype][: n * group.numel].view(n, group.numel)
+        for row, tensors in zip(rows, ranks):
+            layout.pack(tensors, group, out=row)
         layer_index = torch.tensor(group.layers, dtype=torch.int64)
         for s, stage in enumerate(schedule):
             for k, (left, right) in enumerate(stage):
