@@ -187,3 +187,22 @@ def _world_one(rank: int, world: int):
 def test_world_size_one_is_the_identity():
     [(unchanged, stages)] = spawn(_world_one, 1, timeout=TIMEOUT)
     assert unchanged and stages == ()
+
+
+def _without_kernels(rank: int, world: int) -> list[torch.Tensor]:
+    # The PyTorch arithmetic that CUDA tensors use, exercised here on CPU.
+    import adasum.ops
+
+    adasum.ops._kernels = None
+    tensors = rank_inputs(rank)
+    adasum.all_reduce(tensors)
+    return tensors
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_pytorch_fallback_arithmetic(world):
+    results = spawn(_without_kernels, world, timeout=TIMEOUT)
+    assert_identical([{"layers": r} for r in results], "layers")
+    expected = adasum.reduce([rank_inputs(r) for r in range(world)])
+    for got, ref, (_, dtype) in zip(results[0], expected, LAYERS):
+        assert rel_err(got, ref) <= TOL[dtype]
