@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from adasum import order
+from adasum._dist import all_gather_single
 from adasum.layout import DtypeGroup, Layout, _cached_layout
 from adasum.ops import coefficients, segment_combine, segment_partials
 from adasum.reduce import TreeStats
@@ -108,7 +109,7 @@ def _check_layout(layout: Layout, group, device: torch.device, stats: bool) -> N
     world = dist.get_world_size(group)
     mine = torch.tensor([layout.signature, int(stats)], dtype=torch.int64, device=device)
     everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-    _all_gather_single(everyone, mine, group=group)
+    all_gather_single(everyone, mine, group=group)
     if bool((everyone.view(world, 2) == mine).all()):
         return
     described = [None] * world
@@ -280,13 +281,9 @@ def _workspace(like: torch.Tensor, numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-# torch 2.13 renamed all_gather_into_tensor; keep working on the older releases we support.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 def _all_gather(row: torch.Tensor, world: int, group) -> torch.Tensor:
     out = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
-    _all_gather_single(out, row.contiguous().view(-1), group=group)
+    all_gather_single(out, row.contiguous().view(-1), group=group)
     return out.view((world,) + tuple(row.shape))
 
 

@@ -1,0 +1,105 @@
+"""Training step time: Adasum's DDP hook and delta-mode optimizer against DDP's averaging.
+
+    python benchmarks/bench_training.py [--ranks 4] [--rounds 7] [--steps 5]
+
+Four setups train the same ~10M-parameter MLP on Gloo, each rank on its own batch:
+
+    ddp-mean     DDP, default allreduce hook (average), SGD with momentum
+    ddp-adasum   DDP, adasum_hook, SGD with momentum
+    ddp-adam     DDP, default allreduce hook, Adam
+    delta-adam   plain model, DistributedOptimizer(Adam): local step, Adasum of the deltas
+
+They run interleaved (round r times every setup for --steps steps, then round r + 1), so slow
+phases of a shared machine hit all of them alike; the table gives medians over the rounds of the
+time per step and the ratios ddp-adasum / ddp-mean and delta-adam / ddp-adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from adasum.ddp import AdasumState, adasum_hook
+from adasum.launch import spawn
+from adasum.optim import DistributedOptimizer
+
+WIDTHS = [1024, 2048, 2048, 1024, 1024, 512]  # about 10.0M parameters
+BATCH = 16
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(WIDTHS[:-1], WIDTHS[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _worker(rank: int, world: int, rounds: int, steps: int) -> dict:
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(BATCH, WIDTHS[0], generator=gen)
+    y = torch.randn(BATCH, WIDTHS[-1], generator=gen)
+
+    def ddp_setup(hook: bool, adam: bool):
+        model = DDP(make_model())
+        if hook:
+            model.register_comm_hook(AdasumState(), adasum_hook)
+        params = model.parameters()
+        opt = torch.optim.Adam(params, lr=1e-4) if adam else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        return model, opt
+
+    plain = make_model()
+    setups = {
+        "ddp-mean": ddp_setup(hook=False, adam=False),
+        "ddp-adasum": ddp_setup(hook=True, adam=False),
+        "ddp-adam": ddp_setup(hook=False, adam=True),
+        "delta-adam": (plain, DistributedOptimizer(torch.optim.Adam(plain.parameters(), lr=1e-4))),
+    }
+
+    def step(model, opt) -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    for model, opt in setups.values():  # warm-up: DDP rebuilds its buckets after iteration 1
+        for _ in range(2):
+            step(model, opt)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, (model, opt) in setups.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(model, opt)
+            dist.barrier()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    params = sum(p.numel() for p in make_model().parameters())
+    times = spawn(_worker, args.ranks, args.rounds, args.steps, timeout=900)[0]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{args.ranks} ranks (Gloo, CPU), {params / 1e6:.1f}M parameters, batch {BATCH} per rank, "
+          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
+    print("| setup | ms / step | ratio | target |")
+    print("| --- | ---: | ---: | ---: |")
+    rows = [("ddp-mean", None, None), ("ddp-adasum", "ddp-mean", 1.15),
+            ("ddp-adam", None, None), ("delta-adam", "ddp-adam", 1.25)]
+    for name, base, target in rows:
+        ratio = f"{med[name] / med[base]:.2f}x vs {base}" if base else ""
+        print(f"| {name} | {1e3 * med[name]:.1f} | {ratio} | {f'<= {target}x' if target else ''} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The ``adasum`` program: ``train``, ``simulate``, ``bench`` and ``demo``.
+
+Anything the user can get wrong (an unknown task or optimizer, a bad data file, ``--nproc 0``,
+a learning rate <= 0, a target score above 1) ends with one line on stderr and exit status 2,
+before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from adasum.experiments.config import COMBINERS, OPTIMIZERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.experiments.tasks import TASKS, TaskError, load_task
+
+__all__ = ["main", "build_parser"]
+
+USAGE_ERROR = 2
+#: The benchmark scripts of a source checkout, by ``adasum bench`` name.
+BENCHMARKS = {"collective": "bench_collective.py", "training": "bench_training.py"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _list_of(kind: Callable[[str], float | int], what: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _names(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in names if v not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad[0] if bad else text!r} (choose from {', '.join(choices)})")
+        return names
+    return parse
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options one run has in both ``train`` and ``simulate``."""
+    p.add_argument("--task", default="digits-mlp", help=f"one of {', '.join(TASKS)} (default digits-mlp)")
+    p.add_argument("--data", help="a .npz (arrays x, y, optionally x_test, y_test) or .csv (last column = label) for --task file")
+    p.add_argument("--samples", type=int, help="training examples of a synthetic task (default 16384)")
+    p.add_argument("--schedule", default="constant", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, help="test score (accuracy, or R^2 for regression) to report steps/epochs to")
+    p.add_argument("--evals-per-epoch", type=int, default=8, help="test evaluations per epoch (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adasum", description="Adaptive Summation: train, simulate, benchmark, demo.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="real data-parallel training on N local workers or under torchrun")
+    _add_run_options(train)
+    train.add_argument("--combiner", default="adasum", help=f"{', '.join(COMBINERS)} (default adasum)")
+    train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)}; adam and lamb run in delta mode")
+    train.add_argument("--lr", type=float, default=0.05)
+    train.add_argument("--batch", type=int, default=32, help="examples per worker per micro-batch")
+    train.add_argument("--accum", type=int, default=1, help="micro-batches per worker before combining")
+    train.add_argument("--nproc", type=int, help="start this many local Gloo workers (default: torchrun's, else 1)")
+    train.add_argument("--out", default="runs/train", help="history.csv/json and checkpoint.pt go here")
+    train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow)")
+    train.add_argument("--timeout", type=float, default=3600, help="seconds before the workers are stopped")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
+
+    sim = sub.add_parser("simulate", help="the convergence study with N simulated workers in one process")
+    _add_run_options(sim)
+    sim.add_argument("--workers", type=_list_of(int, "--workers"), default=[1, 2, 4, 8, 16, 32, 64])
+    sim.add_argument("--combiners", type=_names(COMBINERS, "combiner"), default=list(COMBINERS))
+    sim.add_argument("--optimizers", type=_names(OPTIMIZERS, "optimizer"), default=["momentum"])
+    sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
+    sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
+    sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])
+    sim.add_argument("--no-distances", action="store_true", help="skip the distance to sequential SGD")
+    sim.add_argument("--geometry", action="store_true",
+                     help="instead of training: Adasum of vectors with a given pairwise cosine against sum and average")
+    sim.add_argument("--title", default="adasum simulate")
+    sim.add_argument("--out", default="runs/simulate")
+    sim.set_defaults(func=_simulate)
+
+    bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
+    bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser("demo", help="digits on 4 worker processes, Adasum against averaging")
+    demo.add_argument("--nproc", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, TaskError) as e:
+        print(f"adasum: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _config(args: argparse.Namespace, **run) -> RunConfig:
+    return RunConfig(
+        task=args.task, data=args.data, samples=args.samples, schedule=args.schedule,
+        warmup=args.warmup, epochs=args.epochs, seed=args.seed, target=args.target,
+        evals_per_epoch=args.evals_per_epoch, **run,
+    ).validated()
+
+
+# ----------------------------------------------------------------------------------- train
+
+def _torchrun_world() -> tuple[int, int] | None:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from adasum.experiments.train import check_resume, train_worker
+
+    config = _config(args, combiner=args.combiner, optimizer=args.optimizer, lr=args.lr,
+                     batch=args.batch, accum=args.accum)
+    launched = _torchrun_world()
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if launched and args.nproc not in (None, launched[1]):
+        raise ConfigError(f"--nproc {args.nproc} disagrees with torchrun's world size {launched[1]}")
+    workers = launched[1] if launched else (args.nproc or 1)
+    task = load_task(config.task, config.data, config.samples)
+    Plan(config, workers, len(task.x_train))
+    if args.resume is not None:
+        check_resume(args.resume, config, workers)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if launched:
+        result = _run_under_torchrun(train_worker, launched, config, args, progress)
+    else:
+        from adasum.launch import spawn
+
+        result = spawn(train_worker, workers, config, args.out, args.resume, progress,
+                       timeout=args.timeout)[0]
+    if result is not None:
+        _print_summaries([result["summary"]])
+        print(f"history and checkpoint in {args.out}/")
+    return 0
+
+
+def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: RunConfig,
+                        args: argparse.Namespace, progress: bool):
+    import torch
+    import torch.distributed as dist
+
+    rank, world = launched
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    dist.init_process_group("gloo")
+    try:
+        return worker(rank, world, config, args.out, args.resume, progress)
+    finally:
+        dist.destroy_process_group()
+
+
+_SUMMARY_COLUMNS = ("combiner", "optimizer", "workers", "examples_per_step", "lr", "steps",
+                    "train_loss", "test_loss", "score", "steps_to_target", "epochs_to_target")
+
+
+def _print_summaries(summaries: Sequence[dict]) -> None:
+    from adasum.simulate import markdown_table
+
+    print(markdown_table(summaries, _SUMMARY_COLUMNS), end="")
+
+
+# -------------------------------------------------------------------------------- simulate
+
+def _simulate(args: argparse.Namespace) -> int:
+    from adasum import simulate
+
+    out = Path(args.out)
+    if args.geometry:
+        rows = simulate.geometry(args.workers, [0.0, 0.25, 0.5, 0.75, 1.0])
+        simulate.write_csv(rows, out / "geometry.csv")
+        table = simulate.markdown_table(rows, list(rows[0]))
+        (out / "geometry.md").write_text(table)
+        print(table, end="")
+        return 0
+    if not args.workers or min(args.workers) < 1:
+        raise ConfigError(f"--workers must be positive, got {args.workers}")
+    if not args.lrs or not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
+        raise ConfigError(f"every learning rate must be a positive number, got {args.lrs}")
+    for name in ("batches", "accums"):
+        if not getattr(args, name) or min(getattr(args, name)) < 1:
+            raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    base = _config(args)
+    task = load_task(base.task, base.data, base.samples)
+    Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), len(task.x_train))
+
+    def report(summary: dict) -> None:
+        print(f"  {summary['optimizer']}/{summary['combiner']} N={summary['workers']} "
+              f"E={summary['examples_per_step']} lr={summary['lr']:g}: score {summary['score']:.4f}, "
+              f"epochs to target {summary['epochs_to_target']}", file=sys.stderr)
+
+    summaries, curves = simulate.sweep(
+        task, base, workers=args.workers, combiners=args.combiners, optimizers=args.optimizers,
+        lrs=args.lrs, batches=args.batches, accums=args.accums,
+        distances=not args.no_distances, on_run=report,
+    )
+    written = simulate.write_report(summaries, curves, out, args.title)
+    _print_summaries(summaries)
+    grid = (len(args.optimizers) * len(args.batches) * len(args.accums) * len(args.workers)
+            * len(args.combiners) * len(args.lrs))
+    skipped = f" ({grid - len(summaries)} skipped: a step needs more examples than the task has)" if grid > len(summaries) else ""
+    print(f"{len(summaries)} runs{skipped}; wrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- bench
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/<script>`` of the source checkout (the benchmarks are not installed)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.which]
+    if not script.is_file():
+        raise ConfigError(f"benchmark {args.which!r} needs {script} (a source checkout)")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
+# ------------------------------------------------------------------------------------ demo
+
+#: Momentum SGD at the learning rate that suits one worker; Adasum needs no retuning for 4.
+DEMO = RunConfig(task="digits-mlp", optimizer="momentum", lr=0.05, batch=32, target=0.95)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adasum import simulate
+    from adasum.experiments.train import train_worker
+    from adasum.launch import spawn
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    out = Path(args.out)
+    summaries, curves = [], []
+    for combiner in ("adasum", "average"):
+        config = DEMO.with_(combiner=combiner, epochs=args.epochs).validated()
+        print(f"training digits on {args.nproc} worker processes with {combiner} ...", file=sys.stderr)
+        result = spawn(train_worker, args.nproc, config, str(out / combiner), None, False, timeout=600)[0]
+        summaries.append({**result["summary"], "run": len(summaries)})
+        curves.extend({"run": len(summaries) - 1, **r} for r in result["history"])
+    simulate.write_report(summaries, curves, out, f"digits MLP, {args.nproc} workers, momentum lr {DEMO.lr}")
+    _print_summaries(summaries)
+    print(f"plot: {out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

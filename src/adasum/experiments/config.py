@@ -1,0 +1,146 @@
+"""What one training run is: the options ``adasum train`` and ``adasum simulate`` share, their
+validation, and the schedule of steps, evaluations and learning rates both follow.
+
+Both programs walk the same plan so that a simulated run and a real one with the same seed see
+the same examples in the same order, step for step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+__all__ = [
+    "COMBINERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
+    "ConfigError", "RunConfig", "Plan",
+]
+
+COMBINERS = ("adasum", "average", "sum")
+OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
+#: Optimizers whose parameter updates (not gradients) are combined, as in the paper.
+DELTA_MODE = frozenset({"adam", "lamb"})
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """An option value no run can use."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run. ``batch`` is per worker and per micro-batch; a worker accumulates ``accum``
+    micro-batches before the workers combine, so a step consumes workers x batch x accum
+    examples (the paper's "examples before communication")."""
+
+    task: str = "digits-mlp"
+    data: str | None = None
+    samples: int | None = None
+    combiner: str = "adasum"
+    optimizer: str = "momentum"
+    lr: float = 0.05
+    schedule: str = "constant"
+    warmup: int = 0
+    batch: int = 32
+    accum: int = 1
+    epochs: int = 5
+    seed: int = 0
+    target: float | None = None
+    evals_per_epoch: int = 8
+
+    def validated(self) -> RunConfig:
+        """Self, or ConfigError naming the first bad option."""
+        if self.combiner not in COMBINERS:
+            raise ConfigError(f"unknown combiner {self.combiner!r} (choose from {', '.join(COMBINERS)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"the learning rate must be a positive number, got {self.lr}")
+        for name in ("batch", "accum", "epochs", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.target is not None and not 0 < self.target <= 1:
+            # Accuracy and R^2 are at most 1: a larger target can never be reached.
+            raise ConfigError(f"the target score must be in (0, 1] (accuracy or R^2), got {self.target}")
+        return self
+
+    def with_(self, **changes) -> RunConfig:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The step schedule of ``config`` for ``workers`` workers on ``train_size`` examples."""
+
+    config: RunConfig
+    workers: int
+    train_size: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"one step needs {self.per_step} examples (workers x batch x accum) but the "
+                f"training set has {self.train_size}"
+            )
+
+    @property
+    def per_worker(self) -> int:
+        return self.config.batch * self.config.accum
+
+    @property
+    def per_step(self) -> int:
+        return self.workers * self.per_worker
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.per_step
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs of data consumed after ``step`` steps (an incomplete last step is dropped)."""
+        return step * self.per_step / self.train_size
+
+    def evaluates_after(self, step: int) -> bool:
+        """Whether the test score is measured after step ``step`` (1-based): a few times per
+        epoch and after the last step."""
+        every = max(1, self.steps_per_epoch // self.config.evals_per_epoch)
+        return step % every == 0 or step == self.total_steps
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """``[steps_per_epoch, per_step]`` example indices of epoch ``epoch``; worker r takes
+        columns ``r * per_worker`` on, micro-batch k the ``batch`` columns after that."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.train_size, generator=g)
+        return perm[: self.steps_per_epoch * self.per_step].view(self.steps_per_epoch, self.per_step)
+
+    def batches(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(step, example indices)`` for every 0-based step from ``start`` to the end."""
+        spe = self.steps_per_epoch
+        for epoch in range(start // spe, self.config.epochs):
+            order = self.epoch_order(epoch)
+            for i in range(max(0, start - epoch * spe), spe):
+                yield epoch * spe + i, order[i]
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based step ``step``: linear warm-up, then the schedule's decay."""
+        c = self.config
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        progress = (step - c.warmup) / max(1, self.total_steps - c.warmup)
+        if c.schedule == "cosine":
+            return c.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        if c.schedule == "linear":
+            return c.lr * (1 - progress)
+        return c.lr

@@ -1,0 +1,69 @@
+"""Measuring a run and writing what it measured: the test evaluation, the per-step history,
+the run's summary (final score, steps and epochs to the target) and the CSV/JSON files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adasum.experiments.config import Plan
+from adasum.experiments.tasks import Task
+
+__all__ = ["evaluate", "summarize", "write_csv", "write_json"]
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module) -> dict[str, float]:
+    """Test loss and test score (accuracy or R^2) of ``model``."""
+    out = model(task.x_test)
+    return {"test_loss": task.loss(out, task.y_test).item(), "score": task.score(out, task.y_test)}
+
+
+def summarize(history: Sequence[dict], plan: Plan) -> dict:
+    """One line per run: where it ended and when it first reached the target score.
+
+    ``train_loss`` is the mean training loss over the last epoch's steps (one step's loss is
+    too noisy to compare runs by); a run whose loss stopped being finite is ``diverged``.
+    """
+    cfg = plan.config
+    last_epoch = [r["loss"] for r in history[-plan.steps_per_epoch:]]
+    evaluated = [r for r in history if "score" in r]
+    reached = None
+    if cfg.target is not None:
+        reached = next((r["step"] for r in evaluated if r["score"] >= cfg.target), None)
+    final = evaluated[-1] if evaluated else {}
+    return {
+        "task": cfg.task, "combiner": cfg.combiner, "optimizer": cfg.optimizer,
+        "workers": plan.workers, "batch": cfg.batch, "accum": cfg.accum,
+        "examples_per_step": plan.per_step, "lr": cfg.lr, "seed": cfg.seed,
+        "steps": len(history), "epochs": plan.epoch_of(len(history)),
+        "diverged": not all(math.isfinite(r["loss"]) for r in history),
+        "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
+        "test_loss": final.get("test_loss", math.nan), "score": final.get("score", math.nan),
+        "target": cfg.target,
+        "steps_to_target": reached,
+        "epochs_to_target": None if reached is None else plan.epoch_of(reached),
+    }
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """Rows of dicts as CSV; the header is the union of the keys in first-seen order."""
+    fields: dict[str, None] = {}
+    for row in rows:
+        fields.update(dict.fromkeys(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n")

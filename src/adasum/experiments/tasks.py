@@ -1,0 +1,218 @@
+"""The task registry: datasets, the model each one trains, its loss and its score.
+
+Every task fits in memory and needs no download: scikit-learn's bundled digits (1,797 8x8
+images), synthetic linear and multinomial logistic regression (drawn from a fixed teacher, so
+the problem does not change with the run's seed), and the user's own ``.npz`` / ``.csv`` file.
+The score is test accuracy for classification and R^2 for regression; both are at most 1, which
+is what makes a target above 1 unreachable.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adasum.experiments.models import build_model
+
+__all__ = ["Task", "TaskError", "TASKS", "load_task"]
+
+TASKS = ("digits-mlp", "digits-cnn", "linear", "logistic", "file")
+#: The split and the synthetic teachers use this seed, not the run's: the data stay fixed
+#: while the seed varies the model's initialisation and the data order.
+_DATA_SEED = 12345
+_TEST_FRACTION = 0.2
+
+
+class TaskError(ValueError):
+    """The task cannot be built from what the user gave (unknown name, bad data file)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset split into train and test, and the model family that learns it."""
+
+    name: str
+    kind: str  # "classification" or "regression"
+    model: str  # "mlp", "cnn" or "linear"
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def outputs(self) -> int:
+        return int(self.y_train.max().item()) + 1 if self.kind == "classification" else 1
+
+    def build_model(self, seed: int) -> nn.Module:
+        """The model at its initialisation for ``seed`` (identical on every worker)."""
+        torch.manual_seed(seed)
+        return build_model(self.model, self.x_train.shape[1], self.outputs)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over a batch: cross-entropy or mean squared error."""
+        if self.kind == "classification":
+            return F.cross_entropy(output, target)
+        return F.mse_loss(output.squeeze(-1), target)
+
+    def score(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        """Accuracy (classification) or R^2 (regression) of ``output`` against ``target``."""
+        if self.kind == "classification":
+            return (output.argmax(-1) == target).double().mean().item()
+        residual = ((output.squeeze(-1) - target) ** 2).sum()
+        total = ((target - target.mean()) ** 2).sum().clamp_min(1e-30)
+        return (1.0 - residual / total).item()
+
+
+def load_task(name: str, data: str | None = None, samples: int | None = None) -> Task:
+    """Build task ``name``; ``data`` is the file for the ``file`` task, ``samples`` the size of
+    a synthetic training set. Raises :class:`TaskError` on anything the user can fix."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
+    if samples is not None and samples < 1:
+        raise TaskError(f"--samples must be at least 1, got {samples}")
+    if name == "file":
+        if data is None:
+            raise TaskError("task 'file' needs --data PATH (.npz or .csv)")
+        return _file_task(Path(data))
+    if data is not None:
+        raise TaskError(f"--data is only for task 'file', not {name!r}")
+    if name.startswith("digits"):
+        return _digits(name)
+    return _synthetic(name, samples or 16384)
+
+
+def _split(name: str, kind: str, model: str, x: np.ndarray, y: np.ndarray) -> Task:
+    """A fixed random 80/20 split."""
+    perm = np.random.default_rng(_DATA_SEED).permutation(len(x))
+    n_test = max(1, int(round(len(x) * _TEST_FRACTION)))
+    test, train = perm[:n_test], perm[n_test:]
+    return _make(name, kind, model, x[train], y[train], x[test], y[test])
+
+
+def _make(name, kind, model, x_train, y_train, x_test, y_test) -> Task:
+    label_dtype = torch.int64 if kind == "classification" else torch.float32
+    return Task(
+        name, kind, model,
+        torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=label_dtype),
+        torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=label_dtype),
+    )
+
+
+def _digits(name: str) -> Task:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixels are 0..16; scaling to 0..1 keeps the default learning rates sensible.
+    return _split(name, "classification", name.split("-")[1], digits.data / 16.0, digits.target)
+
+
+def _synthetic(name: str, samples: int) -> Task:
+    """Linear regression (32 features, noise 0.5) or 10-class logistic regression (64
+    features); the test set has a quarter as many examples, at least 1,024."""
+    rng = np.random.default_rng(_DATA_SEED)
+    n_test = max(1024, samples // 4)
+    if name == "linear":
+        d = 32
+        w = rng.standard_normal(d) / np.sqrt(d)
+        x = rng.standard_normal((samples + n_test, d))
+        y = x @ w + 0.5 * rng.standard_normal(samples + n_test)
+        kind, model = "regression", "linear"
+    else:
+        d, classes = 64, 10
+        w = rng.standard_normal((d, classes)) * (8.0 / np.sqrt(d))
+        x = rng.standard_normal((samples + n_test, d))
+        logits = x @ w
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        # Labels are drawn from the teacher's softmax, so even the teacher is not 100% right.
+        y = (p.cumsum(1) > rng.random((len(x), 1))).argmax(1)
+        kind, model = "classification", "linear"
+    return _make(name, kind, model, x[:samples], y[:samples], x[samples:], y[samples:])
+
+
+def _file_task(path: Path) -> Task:
+    if not path.is_file():
+        raise TaskError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".npz":
+        x, y, test = _read_npz(path)
+    elif path.suffix == ".csv":
+        x, y, test = (*_read_csv(path), None)
+    else:
+        raise TaskError(f"data file {str(path)!r} must end in .npz or .csv")
+    kind = _kind_of(y if test is None else np.concatenate([y, test[1]]))
+    model = "mlp" if kind == "classification" else "linear"
+    if test is None:
+        return _split(path.name, kind, model, x, y)
+    return _make(path.name, kind, model, x, y, *test)
+
+
+def _read_npz(path: Path):
+    """Arrays ``x`` and ``y`` (features [n, d], labels [n]), optionally ``x_test``, ``y_test``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # numpy raises several types for a file that is not an archive
+        raise TaskError(f"cannot read {str(path)!r} as .npz: {e}") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise TaskError(f"{str(path)!r} needs arrays 'x' and 'y', has {sorted(arrays)}")
+    x, y = _checked(path, arrays["x"], arrays["y"])
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise TaskError(f"{str(path)!r} must have both 'x_test' and 'y_test' or neither")
+    if "x_test" in arrays:
+        xt, yt = _checked(path, arrays["x_test"], arrays["y_test"])
+        if xt.shape[1] != x.shape[1]:
+            raise TaskError(f"{str(path)!r}: x_test has {xt.shape[1]} features, x has {x.shape[1]}")
+        return x, y, (xt, yt)
+    return x, y, None
+
+
+def _read_csv(path: Path):
+    """Numbers only, the last column is the label; a first row that is not numeric is a header."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and not _numeric(rows[0]):
+        rows = rows[1:]
+    if not rows:
+        raise TaskError(f"{str(path)!r} has no data rows")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1 or widths.pop() < 2:
+        raise TaskError(f"{str(path)!r}: every row needs the same number (>= 2) of columns")
+    bad = next((i for i, r in enumerate(rows) if not _numeric(r)), None)
+    if bad is not None:
+        raise TaskError(f"{str(path)!r}: row {bad + 1} of the data is not all numbers")
+    table = np.asarray(rows, dtype=np.float64)
+    return _checked(path, table[:, :-1], table[:, -1])
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) < 2:
+        raise TaskError(
+            f"{str(path)!r}: need features [n, d] and labels [n] with n >= 2, got {x.shape} and {y.shape}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise TaskError(f"{str(path)!r}: features and labels must be numbers")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise TaskError(f"{str(path)!r}: features and labels must be finite")
+    return x.astype(np.float32), y
+
+
+def _kind_of(y: np.ndarray) -> str:
+    """Non-negative whole-number labels (at most 1,000 classes) mean classification."""
+    whole = np.issubdtype(y.dtype, np.integer) or bool(np.all(y == np.round(y)))
+    if whole and y.min() >= 0 and y.max() < 1000:
+        return "classification"
+    return "regression"

@@ -1,0 +1,289 @@
+r"""Delta mode: every rank steps its own optimizer, and the parameter updates are combined.
+
+This is how the paper applies Adasum to Adam and LAMB. With x the parameters (identical on all
+ranks), g_r rank r's gradient and opt_r rank r's optimizer (its own moments):
+
+.. math::
+
+    \delta_r = \mathrm{opt}_r(x, g_r) - x, \qquad
+    x \leftarrow x + \mathrm{Adasum}(\delta_0, \ldots, \delta_{N-1})
+
+with Adasum per parameter tensor in the order of :mod:`adasum.order`. The wrapped optimizer steps
+once over all its parameters (so optimizers that look across parameters, like LAMB's per-layer
+trust ratio or a global clip inside the optimizer, see everything), and the deltas of all
+parameters travel in one fused :func:`adasum.all_reduce`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import adasum
+from adasum.diagnostics import summarize
+from adasum.hierarchical import Hierarchy
+
+__all__ = ["DistributedOptimizer", "broadcast_parameters"]
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that each :meth:`step` combines the ranks' parameter deltas with
+    Adasum (delta mode, see the module docstring).
+
+    Use it on a model whose gradients are NOT averaged by DDP (a plain module, or DDP with every
+    backward inside ``no_sync()``), after making the parameters equal on all ranks with
+    :func:`broadcast_parameters`. The loop is the usual one::
+
+        opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; its state (moments) stays local to this rank.
+        process_group: the ranks to combine over (default: the world).
+        backward_passes_per_step: gradients of this many backward passes are accumulated before
+            an update. The passes are counted (hooks on the parameters), so :meth:`step` and
+            :meth:`zero_grad` may be called after every pass: they do nothing until the last
+            pass of the cycle. :attr:`ready` tells whether the next step updates.
+        grad_scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any. Needed so
+            that an overflow on one rank makes every rank skip the step and every rank's scaler
+            back off (see :meth:`step`).
+        diagnostics: record per-layer orthogonality of the deltas each step in
+            :attr:`last_diagnostics` (see :mod:`adasum.diagnostics`); costs one small
+            all-gather per step, nothing when off.
+        named_parameters: ``model.named_parameters()`` to name the layers in the diagnostics.
+        hierarchy: an :class:`adasum.hierarchical.Hierarchy` to average inside nodes and apply
+            Adasum across them instead of across all ranks (``process_group`` is then unused
+            for the combination).
+    """
+
+    # GradScaler.step then calls step() on every rank, handing over found_inf and grad_scale,
+    # instead of deciding on this rank alone whether to call it: the ranks must agree first.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        process_group: dist.ProcessGroup | None = None,
+        backward_passes_per_step: int = 1,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        diagnostics: bool = False,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        hierarchy: Hierarchy | None = None,
+    ) -> None:
+        # torch.optim.Optimizer.__init__ is not called: the wrapped optimizer owns the parameter
+        # groups and the state, which this class exposes through properties.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DistributedOptimizer):
+            raise TypeError("the optimizer is already a DistributedOptimizer")
+        if int(backward_passes_per_step) < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        self.optimizer = optimizer
+        self.process_group = process_group
+        self.backward_passes_per_step = int(backward_passes_per_step)
+        self.grad_scaler = grad_scaler
+        self.diagnostics = diagnostics
+        self.hierarchy = hierarchy
+        self.last_diagnostics: dict[str, float] = {}
+        self._names = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
+        self._passes: dict[int, int] = {}
+        self._hooked: set[int] = set()
+        self._start: list[torch.Tensor] = []
+        self._start_for: list[torch.Tensor] = []
+        for group in optimizer.param_groups:
+            self._count_passes_of(group["params"])
+
+    # -- the wrapped optimizer's face -------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._count_passes_of(self.optimizer.param_groups[-1]["params"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer state (the wrapped optimizer's ``state_dict``): in delta mode
+        every rank has its own moments, so every rank saves and loads its own."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    # -- accumulation -----------------------------------------------------------------------
+
+    def _count_passes_of(self, params: Iterable[torch.Tensor]) -> None:
+        if self.backward_passes_per_step == 1:
+            return  # nothing to count: every step() updates
+        for p in params:
+            if p.requires_grad and id(p) not in self._hooked:
+                self._hooked.add(id(p))
+                self._passes[id(p)] = 0
+                p.register_post_accumulate_grad_hook(self._count_pass)
+
+    def _count_pass(self, param: torch.Tensor) -> None:
+        self._passes[id(param)] += 1
+
+    @property
+    def passes(self) -> int:
+        """Backward passes accumulated since the last update (the most any parameter saw, so
+        parameters unused in some passes do not hold the count back)."""
+        return max(self._passes.values(), default=0)
+
+    @property
+    def ready(self) -> bool:
+        """True when the next :meth:`step` updates the parameters (always without accumulation,
+        so gradients computed before the wrapper existed count too)."""
+        return self.backward_passes_per_step == 1 or self.passes >= self.backward_passes_per_step
+
+    def _end_cycle(self) -> None:
+        for key in self._passes:
+            self._passes[key] = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients, except in the middle of an accumulation cycle (then it does
+        nothing, so that a loop calling it every pass accumulates)."""
+        if self.passes == 0 or self.ready:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Accumulate, or update: local step, Adasum of the deltas, parameters = start + result.
+
+        With a closure, the closure is one backward pass: before the last pass of a cycle it is
+        only evaluated; on the last it goes to the wrapped optimizer's step. Returns the
+        closure's value (None without one, or when a step is skipped).
+
+        Under ``GradScaler.step`` (which sets ``found_inf`` and ``grad_scale`` on this object
+        first), the ranks take the maximum of their overflow flags: if any rank overflowed,
+        every rank skips the update and its scaler records the overflow, so ``scaler.update()``
+        backs off identically everywhere. Gradients the user did not unscale are unscaled here.
+        """
+        found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
+        if closure is not None and self.passes + 1 < self.backward_passes_per_step:
+            with torch.enable_grad():
+                return closure()
+        if closure is None and not self.ready:
+            if found_inf is not None:
+                raise RuntimeError(
+                    f"GradScaler.step was called after {self.passes} of "
+                    f"{self.backward_passes_per_step} backward passes; with accumulation, call "
+                    "scaler.unscale_/step/update only when DistributedOptimizer.ready is True"
+                )
+            return None
+        if found_inf is not None:
+            if self._overflow_anywhere(found_inf):
+                self._end_cycle()
+                return None
+            if grad_scale is not None:
+                self._unscale(grad_scale)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        start = self._snapshot(params)
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self._combine(params, start)
+        self._end_cycle()
+        return loss
+
+    def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The copies of the parameters are kept between steps: allocating 1x the model every
+        # step costs more than the copy itself.
+        if len(params) != len(self._start_for) or any(a is not b for a, b in zip(params, self._start_for)):
+            self._start = [torch.empty_like(p) for p in params]
+            self._start_for = list(params)
+        with torch.no_grad():
+            torch._foreach_copy_(self._start, [p.detach() for p in params])
+        return self._start
+
+    @torch.no_grad()
+    def _combine(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+        # Parameters are turned into their deltas in place, combined in place and shifted back,
+        # so delta mode needs no memory beyond the snapshot.
+        deltas = [p.detach() for p in params]
+        torch._foreach_sub_(deltas, start)
+        try:
+            if self.hierarchy is not None:
+                stats = self.hierarchy.all_reduce(deltas, stats=self.diagnostics)
+            else:
+                stats = adasum.all_reduce(deltas, self.process_group, stats=self.diagnostics)
+        except BaseException:
+            # Leave usable parameters behind (the values before this step), not deltas.
+            torch._foreach_copy_(deltas, start)
+            raise
+        torch._foreach_add_(deltas, start)
+        if stats is not None:
+            names = [self._names.get(id(p), str(i)) for i, p in enumerate(params)]
+            self.last_diagnostics = summarize(stats, names)
+
+    def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
+        if self.grad_scaler is None:
+            raise RuntimeError(
+                "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
+                "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
+                "makes every rank's scaler back off and the scalers stay identical"
+            )
+        flag = found_inf.detach().float().reshape(1).clone()
+        group = self.hierarchy.world if self.hierarchy is not None else self.process_group
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        # GradScaler.update() reads the per-device flags it recorded for this optimizer, not the
+        # summed copy handed to step(); they must hold the agreed value or the scalers diverge.
+        # GradScaler offers no public way to set them.
+        per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        for t in per_device.values():
+            t.copy_(flag.to(t.device).reshape(t.shape))
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def _unscale(self, grad_scale: torch.Tensor) -> None:
+        # The same arithmetic as GradScaler.unscale_: multiply by the float32 reciprocal.
+        inv = grad_scale.double().reciprocal().float()
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, _), grads in by_kind.items():
+            ignored = torch.zeros(1, device=device)  # the overflow is already known
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, ignored, inv.to(device))
+
+
+@torch.no_grad()
+def broadcast_parameters(
+    params: torch.nn.Module | Iterable[torch.Tensor],
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Make every rank's parameters (and, for a module, buffers) equal to those of rank ``src``
+    of ``group``. Delta mode needs equal starting points; DDP does this in its constructor."""
+    tensors = (
+        list(params.parameters()) + list(params.buffers())
+        if isinstance(params, torch.nn.Module)
+        else list(params)
+    )
+    root = src if group is None else dist.get_global_rank(group, src)
+    for t in tensors:
+        dist.broadcast(t.detach(), src=root, group=group)

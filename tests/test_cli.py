@@ -1,0 +1,148 @@
+"""The ``adasum`` program: every subcommand at a tiny size, and bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adasum.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(args: list[str], capsys, fragment: str) -> None:
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    assert err.count("\n") == 1 and err.startswith("adasum"), err
+    assert "Traceback" not in err and fragment in err, err
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, str]:
+    text_csv = tmp_path / "text.csv"
+    text_csv.write_text("a,b,label\n1,2,0\n3,x,1\n")
+    ragged_csv = tmp_path / "ragged.csv"
+    ragged_csv.write_text("1,2,0\n3,1\n")
+    not_npz = tmp_path / "junk.npz"
+    not_npz.write_bytes(b"not a zip archive")
+    wrong_keys = tmp_path / "keys.npz"
+    np.savez(wrong_keys, features=np.zeros((4, 2)), labels=np.zeros(4))
+    other = tmp_path / "data.txt"
+    other.write_text("1,2\n")
+    return {"text": str(text_csv), "ragged": str(ragged_csv), "junk": str(not_npz),
+            "keys": str(wrong_keys), "txt": str(other), "missing": str(tmp_path / "nope.npz")}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--task", "imagenet"], "unknown task"),
+    (["train", "--optimizer", "adagrad"], "unknown optimizer"),
+    (["train", "--combiner", "max"], "unknown combiner"),
+    (["train", "--nproc", "0"], "--nproc"),
+    (["train", "--lr", "0"], "learning rate"),
+    (["train", "--lr", "-0.1"], "learning rate"),
+    (["train", "--lr", "nan"], "learning rate"),
+    (["train", "--target", "1.5"], "target"),
+    (["train", "--batch", "2000", "--nproc", "1"], "training set"),
+    (["train", "--task", "file"], "--data"),
+    (["simulate", "--optimizers", "sgd,rmsprop"], "unknown optimizer"),
+    (["simulate", "--lrs", "0.1,-1"], "learning rate"),
+    (["simulate", "--lrs", "fast"], "--lrs"),
+    (["simulate", "--workers", "0,4"], "--workers"),
+    (["simulate", "--target", "2"], "target"),
+    (["demo", "--nproc", "0"], "--nproc"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragment, capsys):
+    assert_usage_error(args, capsys, fragment)
+
+
+@pytest.mark.parametrize("which, fragment", [
+    ("missing", "does not exist"), ("text", "not all numbers"), ("ragged", "same number"),
+    ("junk", "cannot read"), ("keys", "needs arrays"), ("txt", ".npz or .csv"),
+])
+def test_bad_data_file_is_one_line_and_exit_2(which, fragment, bad_files, capsys):
+    assert_usage_error(["train", "--task", "file", "--data", bad_files[which]], capsys, fragment)
+
+
+def test_console_script_reports_without_traceback():
+    """The installed program, not just main(): exit status and stderr as the user sees them."""
+    proc = subprocess.run([sys.executable, "-m", "adasum.cli", "train", "--lr", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "adasum: error: the learning rate must be a positive number, got -1.0"]
+
+
+@pytest.mark.timeout(120)
+def test_train_on_a_csv_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 3))
+    y = (x[:, 0] > 0).astype(int)
+    path = tmp_path / "data.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["f0", "f1", "f2", "label"])
+        w.writerows([[*row, label] for row, label in zip(x, y)])
+    code, out, _ = run_cli(["train", "--task", "file", "--data", str(path), "--nproc", "2",
+                            "--batch", "8", "--epochs", "3", "--lr", "0.2", "--target", "0.8",
+                            "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert len(rows) == 3 * (160 // 16)
+    assert float(rows[-1]["score"]) >= 0.8, rows[-1]
+    assert "| adasum | momentum | 2 | 16 |" in out
+
+
+def test_simulate_tiny_sweep(tmp_path, capsys):
+    out_dir = tmp_path / "sim"
+    code, out, _ = run_cli(["simulate", "--workers", "1,2,2048", "--lrs", "0.05,0.1", "--epochs", "1",
+                            "--batch", "16", "--target", "0.5", "--out", str(out_dir),
+                            "--batches", "16"], capsys)
+    assert code == 0
+    summary = list(csv.DictReader(open(out_dir / "summary.csv")))
+    # 2048 workers x 16 examples do not fit digits' 1,438 training examples: skipped, said so.
+    assert len(summary) == 2 * 3 * 2 and "12 runs (6 skipped" in out
+    for name in ("curves.csv", "table.md", "curves.png", "lr_range.png", "sequential_distance.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    one_worker = [r for r in summary if r["workers"] == "1" and r["lr"] == "0.05"]
+    # With one worker every combiner is the identity: the runs are the same run.
+    assert len({r["train_loss"] for r in one_worker}) == 1
+
+
+def test_simulate_geometry(tmp_path, capsys):
+    code, out, _ = run_cli(["simulate", "--geometry", "--workers", "2,8", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "geometry.csv")))
+    orthogonal = [r for r in rows if float(r["cosine"]) == 0]
+    parallel = [r for r in rows if float(r["cosine"]) == 1]
+    assert all(float(r["dist_to_sum"]) < 1e-12 for r in orthogonal)
+    assert all(float(r["dist_to_average"]) < 1e-12 for r in parallel)
+    assert "| 8 | 0.5 |" in out
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_the_collective_benchmark(capfd):
+    code = main(["bench", "collective", "--quick"])
+    out = capfd.readouterr().out
+    assert code == 0 and "adasum.all_reduce ms" in out
+
+
+@pytest.mark.timeout(300)
+def test_demo_tiny(tmp_path, capsys):
+    code, out, _ = run_cli(["demo", "--nproc", "2", "--epochs", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "| adasum | momentum | 2 |" in out and "| average | momentum | 2 |" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "adasum" / "history.csv").is_file()

@@ -1,0 +1,127 @@
+"""The simulator's parts: combining stacked workers, the sequential-SGD distance, delta mode,
+the step plan and the task registry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import adasum
+from adasum.experiments.config import ConfigError, Plan, RunConfig
+from adasum.experiments.tasks import TaskError, load_task
+from adasum.simulate import combine_stacked, simulate_run, sweep
+
+
+def test_combine_stacked_matches_the_reducer_and_the_mean():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(5, 3, 4, generator=g), torch.randn(5, 7, generator=g)]
+    per_rank = [[t[r] for t in layers] for r in range(5)]
+    for got, want in zip(combine_stacked(layers, "adasum"), adasum.reduce(per_rank)):
+        assert torch.equal(got, want)
+    assert torch.allclose(combine_stacked(layers, "average")[1], sum(r[1] for r in per_rank) / 5)
+    assert torch.allclose(combine_stacked(layers, "sum")[0], sum(r[0] for r in per_rank))
+
+
+def test_one_worker_update_is_sequential_sgd():
+    """With one worker, sequential SGD is one SGD step: every combiner is at distance 0."""
+    task = load_task("digits-mlp")
+    history, summary = simulate_run(task, RunConfig(optimizer="sgd", epochs=1, batch=64), 1)
+    for key in ("dist_adasum", "dist_average", "dist_sum"):
+        assert summary[key] < 1e-5, summary
+    assert summary["adasum_scale"] == pytest.approx(1.0)
+
+
+def test_adasum_is_closer_to_sequential_sgd_than_average_with_many_workers():
+    task = load_task("digits-mlp")
+    _, summary = simulate_run(task, RunConfig(optimizer="sgd", lr=0.1, epochs=1, batch=8), 32)
+    assert summary["dist_adasum"] < summary["dist_average"]
+    assert 1.0 < summary["adasum_scale"] < 32.0
+
+
+def test_delta_mode_with_one_worker_is_the_plain_optimizer():
+    task = load_task("logistic", samples=512)
+    config = RunConfig(task="logistic", samples=512, optimizer="adam", lr=0.01, epochs=1, batch=64)
+    history, _ = simulate_run(task, config, 1, distances=False)
+    model = task.build_model(config.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    plan = Plan(config, 1, len(task.x_train))
+    for (step, idx), row in zip(plan.batches(), history):
+        opt.zero_grad()
+        loss = task.loss(model(task.x_train[idx]), task.y_train[idx])
+        loss.backward()
+        opt.step()
+        assert row["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_sum_diverges_where_adasum_does_not():
+    task = load_task("digits-mlp")
+    runs = {c: simulate_run(task, RunConfig(combiner=c, lr=0.5, epochs=2, batch=8), 32, distances=False)[1]
+            for c in ("adasum", "sum")}
+    assert runs["sum"]["diverged"] or runs["sum"]["score"] < 0.5
+    assert not runs["adasum"]["diverged"]
+
+
+def test_steps_to_target_is_the_first_evaluation_at_the_target():
+    task = load_task("digits-mlp")
+    config = RunConfig(epochs=3, batch=16, target=0.8)
+    history, summary = simulate_run(task, config, 4, distances=False)
+    scored = [r for r in history if "score" in r]
+    first = next(r for r in scored if r["score"] >= 0.8)
+    assert summary["steps_to_target"] == first["step"]
+    assert summary["epochs_to_target"] == pytest.approx(first["step"] * 64 / len(task.x_train))
+
+
+def test_sweep_skips_settings_larger_than_the_training_set():
+    task = load_task("linear", samples=256)
+    base = RunConfig(task="linear", samples=256, epochs=1, target=0.5, lr=0.05)
+    summaries, curves = sweep(task, base, workers=[2, 64], combiners=["adasum"], optimizers=["sgd"],
+                              lrs=[0.05], batches=[8], accums=[1, 4], distances=False)
+    assert [(s["workers"], s["accum"]) for s in summaries] == [(2, 1), (2, 4)]
+    assert {r["run"] for r in curves} == {0, 1}
+
+
+def test_plan_orders_examples_by_seed_and_epoch():
+    plan = Plan(RunConfig(batch=10, epochs=2, seed=3), 4, 1000)
+    steps = list(plan.batches())
+    assert len(steps) == plan.total_steps == 2 * 25
+    first_epoch = torch.cat([idx for _, idx in steps[:25]])
+    assert len(set(first_epoch.tolist())) == 1000
+    assert [s for s, _ in plan.batches(start=30)] == list(range(30, 50))
+    assert not torch.equal(steps[0][1], Plan(RunConfig(batch=10, seed=4), 4, 1000).epoch_order(0)[0])
+    with pytest.raises(ConfigError, match="training set"):
+        Plan(RunConfig(batch=300), 4, 1000)
+
+
+def test_lr_schedules():
+    plan = Plan(RunConfig(lr=1.0, batch=10, epochs=1, warmup=2, schedule="cosine"), 1, 100)
+    lrs = [plan.lr_at(s) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] < 0.05
+    assert Plan(RunConfig(lr=1.0, batch=10, epochs=1, schedule="linear"), 1, 100).lr_at(5) == 0.5
+
+
+def test_file_tasks(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "r.npz", x=rng.standard_normal((50, 3)), y=rng.standard_normal(50))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((50, 3)), y=rng.integers(0, 3, 50),
+             x_test=rng.standard_normal((7, 3)), y_test=rng.integers(0, 3, 7))
+    reg, cls = load_task("file", str(tmp_path / "r.npz")), load_task("file", str(tmp_path / "c.npz"))
+    assert (reg.kind, reg.model, len(reg.x_test)) == ("regression", "linear", 10)
+    assert (cls.kind, cls.model, len(cls.x_test), cls.outputs) == ("classification", "mlp", 7, 3)
+    with pytest.raises(TaskError, match="only for task 'file'"):
+        load_task("digits-mlp", str(tmp_path / "r.npz"))
+
+
+def test_regression_score_is_r2():
+    task = load_task("linear", samples=1024)
+    perfect = task.score(task.y_test.unsqueeze(-1), task.y_test)
+    constant = task.score(torch.full((len(task.y_test), 1), task.y_test.mean().item()), task.y_test)
+    assert perfect == 1.0 and math.isclose(constant, 0.0, abs_tol=1e-6)
+
+
+def test_cnn_task_trains_under_vmap():
+    task = load_task("digits-cnn")
+    _, summary = simulate_run(task, RunConfig(task="digits-cnn", epochs=1, batch=16, lr=0.05), 4)
+    assert summary["train_loss"] < 2.3 and not summary["diverged"]
