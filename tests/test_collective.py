@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import adasum
+import adasum.order
 from adasum.launch import spawn
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 7, 8]
@@ -91,6 +92,8 @@ def _scenarios(rank: int, world: int) -> dict:
     count = 2 if rank == 1 else 1
     out["count_error"] = _catch(lambda: adasum.all_reduce([torch.ones(2)] * count))
     out["type_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3, dtype=torch.int32)]))
+    # Nothing to combine: every rank passes an empty list.
+    out["empty_list"] = adasum.all_reduce([], stats=True).stages
     # Still usable after the errors.
     z = torch.full((3,), float(rank))
     adasum.all_reduce(z)
@@ -175,6 +178,12 @@ def test_mismatches_raise_on_every_rank(run):
     assert_identical(results, "after")
     ref = adasum.reduce([torch.full((3,), float(r)) for r in range(world)])
     assert rel_err(results[0]["after"], ref) <= 1e-6
+
+
+def test_empty_list(run):
+    world, results = run
+    expected = [len(stage) for stage in adasum.order.schedule(world)]
+    assert [s.shape for s in results[0]["empty_list"]] == [(n, 3, 0) for n in expected]
 
 
 def _world_one(rank: int, world: int):

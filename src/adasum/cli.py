@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser"]
 
 USAGE_ERROR = 2
 #: The benchmark scripts of a source checkout, by ``adasum bench`` name.
-BENCHMARKS = {"collective": "bench_collective.py", "training": "bench_training.py"}
+BENCHMARKS = {"collective": "bench_collective.py", "training": "bench_training.py", "jax": "bench_jax.py"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -60,6 +60,8 @@ def all_reduce(
         return TreeStats(()) if stats else None
     device = tensor_list[0].device if tensor_list else torch.device("cpu")
     _check_layout(layout, group, device, stats)
+    if not tensor_list:  # nothing to combine, but every rank still walks the same steps
+        return _vhdd([torch.empty(0, device=device)], _NO_LAYERS, 0, group, stats)
     flats = [_flat_view_or_pack(layout, tensor_list, g) for g in layout.groups]
     result = _vhdd(flats, layout.groups, len(layout), group, stats)
     for flat, g in zip(flats, layout.groups):
@@ -86,8 +88,11 @@ def all_reduce_flat(
     if dist.get_world_size(group) == 1:
         return TreeStats(()) if stats else None
     _check_layout(layout, group, buffer.device, stats)
-    groups = layout.groups or (DtypeGroup(buffer.dtype, (), torch.zeros(1, dtype=torch.int64)),)
-    return _vhdd([buffer], groups, len(layout), group, stats)
+    return _vhdd([buffer], layout.groups or _NO_LAYERS, len(layout), group, stats)
+
+
+# The layout of an empty list of layers, for calls with nothing to combine.
+_NO_LAYERS = (DtypeGroup(torch.float32, (), torch.zeros(1, dtype=torch.int64)),)
 
 
 def _check_one_device(tensors: list[torch.Tensor]) -> None:
@@ -97,9 +102,10 @@ def _check_one_device(tensors: list[torch.Tensor]) -> None:
 
 
 def _flat_view_or_pack(layout: Layout, tensors: list[torch.Tensor], g: DtypeGroup) -> torch.Tensor:
-    if len(g.layers) == 1 and tensors[g.layers[0]].is_contiguous():
-        return tensors[g.layers[0]].view(-1)  # a single contiguous tensor is reduced where it lies
-    return layout.pack(tensors, g)
+    first = tensors[g.layers[0]]
+    if len(g.layers) == 1 and first.is_contiguous():
+        return first.view(-1)  # a single contiguous tensor is reduced where it lies
+    return layout.pack(tensors, g, out=_workspace("pack", first, g.numel))
 
 
 def _check_layout(layout: Layout, group, device: torch.device, stats: bool) -> None:
@@ -189,7 +195,7 @@ def _vhdd(
         if me is None:
             peer.exchange(flats, [])
         else:
-            theirs = [_workspace(f, f.numel()) for f in flats]
+            theirs = [_workspace("recv", f, f.numel()) for f in flats]
             peer.exchange([], theirs)
             parts = []
             for f, t, g in zip(flats, theirs, groups):
@@ -216,7 +222,7 @@ def _vhdd(
                 mid = lo + (hi - lo) // 2
                 keeps.append((lo, mid) if lower else (mid, hi))
                 sends.append((mid, hi) if lower else (lo, mid))
-            theirs = [_workspace(f, hi - lo) for f, (lo, hi) in zip(flats, keeps)]
+            theirs = [_workspace("recv", f, hi - lo) for f, (lo, hi) in zip(flats, keeps)]
             _Peer(group, leaf_ranks[me ^ d]).exchange(
                 [f[lo:hi] for f, (lo, hi) in zip(flats, sends)], theirs
             )
@@ -267,14 +273,15 @@ def _vhdd(
     return TreeStats(tuple(stage_stats)) if stats else None
 
 
-_WORKSPACES: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+_WORKSPACES: dict[tuple[str, torch.dtype, torch.device, int], torch.Tensor] = {}
 
 
-def _workspace(like: torch.Tensor, numel: int) -> torch.Tensor:
-    """A receive buffer of ``numel`` elements, reused across calls: a fresh allocation of tens of
+def _workspace(purpose: str, like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A buffer of ``numel`` elements reused across calls: a fresh allocation of tens of
     megabytes costs page faults on every step, about as much as the arithmetic. Holds one buffer
-    per dtype, device and calling thread, as large as the largest slice received so far."""
-    key = (like.dtype, like.device, threading.get_ident())
+    per purpose ("pack" or "recv"), dtype, device and calling thread, as large as the largest
+    one asked for so far."""
+    key = (purpose, like.dtype, like.device, threading.get_ident())
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WORKSPACES[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
