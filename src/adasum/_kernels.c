@@ -37,20 +37,35 @@ static inline uint16_t float_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-/* Sums (a.b, a.a, b.b) in float64 over one segment. The simd reduction lets the compiler keep
-   several accumulators; the order is fixed by the binary, so a result is reproducible. */
+/* Sums (a.b, a.a, b.b) in float64 over one segment. LANES independent running sums per quantity
+   keep the additions from waiting on each other (one sum per quantity would be bound by the
+   latency of a float64 add); the lanes are added in a fixed order at the end, so a result is
+   reproducible. */
+#define LANES 16
 #define DEFINE_PARTIALS(NAME, T, LOAD)                                                  \
   MULTIVERSION static void NAME(const T *a, const T *b, int64_t n, double *out) {       \
-    double d = 0.0, aa = 0.0, bb = 0.0;                                                 \
-    _Pragma("omp simd reduction(+ : d, aa, bb)") for (int64_t i = 0; i < n; i++) {      \
-      double x = (double)LOAD(a[i]), y = (double)LOAD(b[i]);                            \
-      d += x * y;                                                                       \
-      aa += x * x;                                                                      \
-      bb += y * y;                                                                      \
+    double d[LANES] = {0}, aa[LANES] = {0}, bb[LANES] = {0};                            \
+    int64_t i = 0;                                                                      \
+    for (; i + LANES <= n; i += LANES) {                                                \
+      for (int k = 0; k < LANES; k++) {                                                 \
+        double x = (double)LOAD(a[i + k]), y = (double)LOAD(b[i + k]);                  \
+        d[k] += x * y;                                                                  \
+        aa[k] += x * x;                                                                 \
+        bb[k] += y * y;                                                                 \
+      }                                                                                 \
     }                                                                                   \
-    out[0] = d;                                                                         \
-    out[1] = aa;                                                                        \
-    out[2] = bb;                                                                        \
+    for (int k = 0; i < n; i++, k++) {                                                  \
+      double x = (double)LOAD(a[i]), y = (double)LOAD(b[i]);                            \
+      d[k] += x * y;                                                                    \
+      aa[k] += x * x;                                                                   \
+      bb[k] += y * y;                                                                   \
+    }                                                                                   \
+    out[0] = out[1] = out[2] = 0.0;                                                     \
+    for (int k = 0; k < LANES; k++) {                                                   \
+      out[0] += d[k];                                                                   \
+      out[1] += aa[k];                                                                  \
+      out[2] += bb[k];                                                                  \
+    }                                                                                   \
   }
 
 /* out = ca * a + cb * b in the compute type C (float64 for float32 and float64 tensors, float32
