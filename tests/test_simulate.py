@@ -125,3 +125,18 @@ def test_cnn_task_trains_under_vmap():
     task = load_task("digits-cnn")
     _, summary = simulate_run(task, RunConfig(task="digits-cnn", epochs=1, batch=16, lr=0.05), 4)
     assert summary["train_loss"] < 2.3 and not summary["diverged"]
+
+
+def test_lr_grid_table_has_a_column_per_learning_rate():
+    from adasum.simulate import lr_grid_table
+
+    base = {"optimizer": "sgd", "combiner": "sum", "workers": 4, "batch": 8, "accum": 1,
+            "examples_per_step": 32, "target": 0.9, "score": 0.5, "epochs_to_target": None,
+            "diverged": False}
+    rows = [{**base, "lr": 0.1, "score": 0.95, "epochs_to_target": 1.5},
+            {**base, "lr": 1.0, "diverged": True},
+            {**base, "combiner": "adasum", "lr": 1.0}]
+    lines = lr_grid_table(rows).splitlines()
+    assert lines[0].endswith("| lr 0.1 | lr 1 |")
+    assert lines[2] == "| sgd | adasum | 4 | 8 | 1 | 32 |  | - (0.5) |"
+    assert lines[3] == "| sgd | sum | 4 | 8 | 1 | 32 | 1.5 (0.95) | div |"

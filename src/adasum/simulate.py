@@ -31,7 +31,8 @@ from adasum.experiments.optimizers import make_optimizer, set_lr
 from adasum.experiments.records import evaluate, summarize, write_csv
 from adasum.experiments.tasks import Task
 
-__all__ = ["combine_stacked", "simulate_run", "sweep", "geometry", "write_report", "lr_grid_table"]
+__all__ = ["combine_stacked", "simulate_run", "sweep", "geometry", "write_report", "lr_grid_table",
+           "distance_table"]
 
 
 def combine_stacked(stacked: Sequence[torch.Tensor], combiner: str) -> list[torch.Tensor]:
@@ -260,6 +261,24 @@ def lr_grid_table(summaries: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n" + (note if any(s["target"] is not None for s in summaries) else "")
 
 
+def _has_distances(summaries: Sequence[dict]) -> bool:
+    """Whether any run measured the distance to sequential SGD (``adasum train`` runs and
+    ``--no-distances`` sweeps do not)."""
+    return any(not math.isnan(s.get("dist_adasum", math.nan)) for s in summaries)
+
+
+def distance_table(summaries: Sequence[dict]) -> str:
+    """Per run (workers, learning rate): the mean distance of each combiner's update to
+    sequential SGD, the closest combiner, and Adasum's length relative to the average."""
+    lines = ["| workers | lr | dist_adasum | dist_average | dist_sum | closest | adasum_scale |",
+             "|---|---|---|---|---|---|---|"]
+    for s in sorted(summaries, key=lambda s: (s["lr"], s["workers"])):
+        closest = min(COMBINERS, key=lambda c: s[f"dist_{c}"]) if s["workers"] > 1 else "(all equal)"
+        cells = [s["workers"], s["lr"], *(s[f"dist_{c}"] for c in COMBINERS), closest, s["adasum_scale"]]
+        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(summaries: list[dict], curves: list[dict], out: Path, title: str) -> list[Path]:
     """``summary.csv``, ``curves.csv``, ``table.md`` and the plots that the sweep's varying
     dimensions make meaningful; returns the files written."""
@@ -269,6 +288,9 @@ def write_report(summaries: list[dict], curves: list[dict], out: Path, title: st
     (out / "table.md").write_text(f"# {title}\n\n" + markdown_table(summaries, _TABLE_COLUMNS))
     (out / "by_lr.md").write_text(f"# {title}\n\n" + lr_grid_table(summaries))
     written = [out / "summary.csv", out / "curves.csv", out / "table.md", out / "by_lr.md"]
+    if _has_distances(summaries):
+        (out / "distances.md").write_text(f"# {title}\n\n" + distance_table(summaries))
+        written.append(out / "distances.md")
     written += _plots(summaries, curves, out, title)
     return written
 
@@ -282,7 +304,7 @@ def _plots(summaries: list[dict], curves: list[dict], out: Path, title: str) -> 
         written.append(_plot_by(summaries, "lr", "score", out / "lr_range.png", title, logx=True))
     if len({s["examples_per_step"] for s in summaries}) > 1:
         written.append(_plot_scaling(summaries, out / "scaling.png", title))
-    if len({s["workers"] for s in summaries}) > 1 and any(s["dist_adasum"] == s["dist_adasum"] for s in summaries):
+    if len({s["workers"] for s in summaries}) > 1 and _has_distances(summaries):
         written.append(_plot_distances(summaries, out / "sequential_distance.png", title))
     return written
 
@@ -324,35 +346,54 @@ def _plot_curves(summaries, curves, path: Path, title: str) -> Path:
 
 
 def _plot_by(summaries, x: str, y: str, path: Path, title: str, logx: bool) -> Path:
-    """Final ``y`` against ``x``, one line per optimizer/combiner (and worker count)."""
+    """Final ``y`` against ``x``. One panel when the sweep has one setting per combiner (lines:
+    optimizer/combiner); otherwise one panel per optimizer/combiner, a line per setting (E, N)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[tuple, list[dict]] = {}
-    for s in summaries:
-        lines.setdefault((s["optimizer"], s["combiner"], s["examples_per_step"]), []).append(s)
-    for (opt, comb, e), runs in sorted(lines.items()):
-        runs.sort(key=lambda s: s[x])
-        ax.plot([s[x] for s in runs], [0.0 if s["diverged"] else s[y] for s in runs], "o-",
-                label=f"{opt}/{comb} E={e}")
-    ax.set(xlabel=x, ylabel=f"final {y} (diverged = 0)", title=title)
-    if logx:
-        ax.set_xscale("log")
-    ax.legend(fontsize=7)
+    series = _series(summaries)
+    settings = sorted({(s["examples_per_step"], s["workers"]) for s in summaries})
+    panels = [("", list(series))] if len(settings) == 1 else [(f"{o}/{c}", [(o, c)]) for o, c in series]
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(4.0 + 2.2 * (len(panels) - 1), 11), 3.8),
+                             sharey=True, squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for ax, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            for i, (e, n) in enumerate(settings):
+                runs = sorted((s for s in series[key] if (s["examples_per_step"], s["workers"]) == (e, n)),
+                              key=lambda s: s[x])
+                if not runs:
+                    continue
+                label = "/".join(key) if len(settings) == 1 else f"E={e} N={n}"
+                color = None if len(settings) == 1 else colors(i / max(1, len(settings) - 1))
+                ax.plot([s[x] for s in runs], [0.0 if s["diverged"] else s[y] for s in runs], "o-",
+                        ms=3, color=color, label=label)
+        ax.set(xlabel=x, title=name)
+        ax.title.set_fontsize(9)
+        if logx:
+            ax.set_xscale("log")
+    axes[0][0].set_ylabel(f"final {y} (diverged = 0)")
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 
 def _plot_scaling(summaries, path: Path, title: str) -> Path:
-    """Epochs to the target at the best learning rate, against examples before communication."""
+    """Epochs to the target at the best learning rate, against examples before communication;
+    an x at the epoch budget marks an E at which no learning rate reached the target."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    budget = max(s["epochs"] for s in summaries)
     for (opt, comb), runs in sorted(_series(summaries).items()):
         best = _best_per(runs, "examples_per_step")
-        ax.plot(list(best), [b["epochs_to_target"] if b else math.nan for b in best.values()],
-                "o-", label=f"{opt}/{comb}")
-    ax.set(xlabel="examples before communication", ylabel="epochs to target (best lr)",
-           xscale="log", title=title)
+        line, = ax.plot(list(best), [b["epochs_to_target"] if b else math.nan for b in best.values()],
+                        "o-", label=f"{opt}/{comb}")
+        missed = [e for e, b in best.items() if b is None]
+        ax.plot(missed, [budget] * len(missed), "x", ms=10, mew=2, color=line.get_color())
+    ax.axhline(budget, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="examples before communication (E)",
+           ylabel="epochs to target (best lr; x = none reached)", title=title)
+    ax.title.set_fontsize(9)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -371,7 +412,8 @@ def _best_per(runs: Sequence[dict], key: str) -> dict:
 
 def _plot_distances(summaries, path: Path, title: str) -> Path:
     """Mean relative distance of each combined update to sequential SGD, against workers; one
-    line per combiner and learning rate (the sequential update depends on the learning rate)."""
+    line per combiner and learning rate (the sequential update depends on the learning rate).
+    One worker is left out: every combiner is sequential SGD there (distance 0 up to rounding)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -380,7 +422,7 @@ def _plot_distances(summaries, path: Path, title: str) -> Path:
     for i, lr in enumerate(lrs):
         by_n: dict[int, list[dict]] = {}
         for s in summaries:
-            if s["lr"] == lr:
+            if s["lr"] == lr and s["workers"] > 1:
                 by_n.setdefault(s["workers"], []).append(s)
         ns = sorted(by_n)
         for c, color in zip(COMBINERS, ("C0", "C1", "C2")):
