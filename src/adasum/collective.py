@@ -109,16 +109,15 @@ def _flat_view_or_pack(layout: Layout, tensors: list[torch.Tensor], g: DtypeGrou
 
 
 def _check_layout(layout: Layout, group, device: torch.device, stats: bool) -> None:
-    """Agree on the layout before any data moves: one all-gather of two integers, and only on a
-    mismatch a second one that names it, so that every rank raises the same clear error instead
-    of hanging or exchanging garbage."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor([layout.signature, int(stats)], dtype=torch.int64, device=device)
-    everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-    all_gather_single(everyone, mine, group=group)
-    if bool((everyone.view(world, 2) == mine).all()):
+    """Agree on the layout before any data moves: the maximum over the ranks of (signature,
+    stats) and of their negatives shows whether all ranks passed the same; only on a mismatch a
+    second round names it, so that every rank raises the same clear error instead of hanging or
+    exchanging garbage."""
+    header = torch.tensor([layout.signature, int(stats)], dtype=torch.int64, device=device)
+    agreed = _everyone_max(torch.cat([header, -header]), group)
+    if torch.equal(agreed[:2], -agreed[2:]):
         return
-    described = [None] * world
+    described = [None] * dist.get_world_size(group)
     dist.all_gather_object(
         described, ([layout.describe(i) for i in range(len(layout))], stats), group=group
     )
@@ -214,7 +213,8 @@ def _vhdd(
     d = 1
     while d < p:
         if me is None:
-            everyone = _all_gather(torch.zeros(3, num_layers, dtype=torch.float64, device=device), world, group)
+            if stats:
+                everyone = _all_gather(torch.zeros(3, num_layers, dtype=torch.float64, device=device), world, group)
         else:
             lower = (me & d) == 0
             keeps, sends = [], []
@@ -230,9 +230,13 @@ def _vhdd(
             local = [_local_offsets(g, lo, hi) for g, (lo, hi) in zip(groups, keeps)]
             lefts, rights = (mine_kept, theirs) if lower else (theirs, mine_kept)
             parts = [segment_partials(a, b, off) for a, b, off in zip(lefts, rights, local)]
-            everyone = _all_gather(partials_row(parts), world, group)
-            block = me - me % (2 * d)
-            total = _ordered_sum(everyone, [leaf_ranks[j] for j in range(block, block + 2 * d)])
+            row = partials_row(parts)
+            if stats:
+                everyone = _all_gather(row, world, group)
+                block = me - me % (2 * d)
+                total = _ordered_sum(everyone, [leaf_ranks[j] for j in range(block, block + 2 * d)])
+            else:
+                total = _leaf_reduce(row, me, 2 * d, leaf_ranks, group, torch.add)
             ca, cb = coefficients(total)
             for a, b, out, off, ids in zip(lefts, rights, mine_kept, local, layer_ids):
                 segment_combine(a, b, out, off, ca[ids], cb[ids])
@@ -292,6 +296,43 @@ def _all_gather(row: torch.Tensor, world: int, group) -> torch.Tensor:
     out = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
     all_gather_single(out, row.contiguous().view(-1), group=group)
     return out.view((world,) + tuple(row.shape))
+
+
+def _leaf_reduce(t: torch.Tensor, me: int, span: int, leaf_ranks: list[int], group, op) -> torch.Tensor:
+    """``op`` (an elementwise, commutative function like torch.add) of ``t`` over the ``span``
+    leaves of my aligned block, by recursive doubling: log2(span) exchanges with one partner each
+    instead of an all-gather that waits for every rank. Partners apply ``op`` to the same two
+    operands (a + b == b + a in IEEE arithmetic), so the block's members end with identical
+    results."""
+    e = 1
+    while e < span:
+        theirs = torch.empty_like(t)
+        _Peer(group, leaf_ranks[me ^ e]).exchange([t], [theirs])
+        t = op(t, theirs)
+        e *= 2
+    return t
+
+
+def _everyone_max(t: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over all ranks of ``group``, on every rank: the fold, the
+    butterfly among the leaves, the unfold, as the data travel."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    p = order.largest_power_of_two(world)
+    me = order.leaf_index(rank, world)
+    paired = rank < 2 * (world - p)
+    if paired:
+        peer = _Peer(group, rank ^ 1)
+        if me is None:
+            peer.exchange([t], [])
+            peer.exchange([], [t])
+            return t
+        theirs = torch.empty_like(t)
+        peer.exchange([], [theirs])
+        t = torch.maximum(t, theirs)
+    t = _leaf_reduce(t, me, p, order.leaves(world), group, torch.maximum)
+    if paired:
+        peer.exchange([t], [])
+    return t
 
 
 def _ordered_sum(rows: torch.Tensor, which: list[int]) -> torch.Tensor:
