@@ -7,15 +7,16 @@ the fold of :mod:`adasum.order` for world sizes that are not powers of two:
 2. *reduce-scatter*: among the p leaves, at distance d = 1, 2, 4, ... leaf v pairs with v ^ d;
    the slice both hold is halved by element count, each keeps one half and receives the
    partner's values of it. Each computes float64 (a.b, |a|^2, |b|^2) per layer over its half;
-   these partials are all-gathered (one small message for all layers of all dtypes) and summed,
-   in leaf order, over the 2d leaves that hold pieces of the two vectors being combined; then
-   each combines its half with the resulting per-layer coefficients.
+   these partials (one small message for all layers of all dtypes) are summed over the 2d
+   leaves that hold pieces of the two vectors being combined, by recursive doubling with one
+   partner at a time; then each combines its half with the resulting per-layer coefficients.
 3. *all-gather*: the halves travel back in reverse order, so every leaf holds the whole result.
 4. *unfold*: rank 2i sends the result to rank 2i+1.
 
 Each rank sends 2 S (p-1)/p bytes for a buffer of S bytes, as a ring allreduce does, plus
-log2(p) + 1 tiny all-gathers. Every element of the result is computed by exactly one rank and
-copied to the others, so all ranks hold bit-identical results.
+tiny messages: log2(2d) at level d for the partials and log2(p) (+2 with the fold) for the
+layout check. No step waits for all ranks at once. Every element of the result is computed by
+exactly one rank and copied to the others, so all ranks hold bit-identical results.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def all_reduce(
     float64 rounding of the dot products, to ``adasum.reduce`` of all ranks' inputs. Tensors may be
     non-contiguous or empty; they must share one device (CPU for Gloo, CUDA for NCCL).
 
-    With ``stats=True`` returns a :class:`~adasum.TreeStats` on every rank (one extra small
-    all-gather for world sizes that are not powers of two); otherwise None.
+    With ``stats=True`` returns a :class:`~adasum.TreeStats` on every rank (the partials then
+    travel by all-gathers, so that every rank sees every pair's); otherwise None.
     """
     tensor_list = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     layout = Layout.of(tensor_list)
