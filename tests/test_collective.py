@@ -55,7 +55,15 @@ def _catch(fn):
     return None
 
 
-def _scenarios(rank: int, world: int) -> dict:
+def _choose_path(path: str) -> None:
+    # Small buffers normally take the gather path; these tests pin each algorithm in turn.
+    import adasum.collective
+
+    adasum.collective._GATHER_BYTES = {"vhdd": -1, "gather": 1 << 62}[path]
+
+
+def _scenarios(rank: int, world: int, path: str) -> dict:
+    _choose_path(path)
     out = {}
     # Many layers, mixed dtypes, one non-contiguous tensor, stats.
     tensors = rank_inputs(rank)
@@ -101,10 +109,14 @@ def _scenarios(rank: int, world: int) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
+@pytest.fixture(
+    scope="module",
+    params=[(n, "vhdd") for n in WORLD_SIZES] + [(n, "gather") for n in (2, 3, 4, 6)],
+    ids=lambda p: f"world{p[0]}-{p[1]}",
+)
 def run(request):
-    world = request.param
-    return world, spawn(_scenarios, world, timeout=TIMEOUT)
+    world, path = request.param
+    return world, spawn(_scenarios, world, path, timeout=TIMEOUT)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -199,10 +211,11 @@ def test_world_size_one_is_the_identity():
 
 
 def _without_kernels(rank: int, world: int) -> list[torch.Tensor]:
-    # The PyTorch arithmetic that CUDA tensors use, exercised here on CPU.
+    # The PyTorch arithmetic that CUDA tensors use (always with VHDD), exercised here on CPU.
     import adasum.ops
 
     adasum.ops._kernels = None
+    _choose_path("vhdd")
     tensors = rank_inputs(rank)
     adasum.all_reduce(tensors)
     return tensors
@@ -215,3 +228,18 @@ def test_pytorch_fallback_arithmetic(world):
     expected = adasum.reduce([rank_inputs(r) for r in range(world)])
     for got, ref, (_, dtype) in zip(results[0], expected, LAYERS):
         assert rel_err(got, ref) <= TOL[dtype]
+
+
+def _gathered(rank: int, world: int) -> list[torch.Tensor]:
+    _choose_path("gather")
+    tensors = rank_inputs(rank)
+    adasum.all_reduce(tensors)
+    return tensors
+
+
+def test_gather_path_equals_the_reducer_bit_for_bit():
+    world = 5
+    results = spawn(_gathered, world, timeout=TIMEOUT)
+    expected = adasum.reduce([rank_inputs(r) for r in range(world)])
+    for got, ref in zip(results[0], expected):
+        assert torch.equal(got, ref)

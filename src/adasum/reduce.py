@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from adasum import order
-from adasum.layout import Layout
+from adasum.layout import DtypeGroup, Layout
 from adasum.ops import coefficients, segment_combine, segment_partials
 
-__all__ = ["reduce", "TreeStats"]
+__all__ = ["reduce", "reduce_rows", "TreeStats"]
 
 _ROWS_BUDGET = 1 << 26  # elements in flight at once, all ranks together
 
@@ -78,14 +78,22 @@ def reduce(
         rows = workspace[group.dtype][: n * group.numel].view(n, group.numel)
         for row, tensors in zip(rows, ranks):
             layout.pack(tensors, group, out=row)
-        layer_index = torch.tensor(group.layers, dtype=torch.int64)
-        for s, stage in enumerate(schedule):
-            for k, (left, right) in enumerate(stage):
-                partials = segment_partials(rows[left], rows[right], group.offsets)
-                ca, cb = coefficients(partials)
-                segment_combine(rows[left], rows[right], rows[left], group.offsets, ca, cb)
-                if stats:
-                    stage_stats[s][k][:, layer_index] = partials.cpu()
+        reduce_rows(rows, group, stage_stats if stats else None)
         layout.unpack(rows[0], result, group)
     out = result[0] if single else result
     return (out, TreeStats(tuple(stage_stats))) if stats else out
+
+
+def reduce_rows(rows: torch.Tensor, group: DtypeGroup, stage_stats: list[torch.Tensor] | None = None) -> None:
+    """Adasum of the rows of ``rows`` (``[ranks, numel]``, one rank's layers of ``group`` end to
+    end per row) in the order of rule 4, into ``rows[0]``; the other rows are overwritten.
+    With ``stage_stats`` (one ``[pairs, 3, layers]`` tensor per stage, as in TreeStats) each
+    combination's partials are written to the group's layers."""
+    layer_index = torch.tensor(group.layers, dtype=torch.int64)
+    for s, stage in enumerate(order.schedule(rows.shape[0])):
+        for k, (left, right) in enumerate(stage):
+            partials = segment_partials(rows[left], rows[right], group.offsets)
+            ca, cb = coefficients(partials)
+            segment_combine(rows[left], rows[right], rows[left], group.offsets, ca, cb)
+            if stage_stats is not None:
+                stage_stats[s][k][:, layer_index] = partials.cpu()
