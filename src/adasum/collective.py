@@ -203,17 +203,19 @@ def _gather_and_reduce(
 ) -> TreeStats | None:
     """Every rank gathers every rank's buffers and runs the reducer on them."""
     world = dist.get_world_size(group)
-    stage_stats = [
-        torch.zeros(len(stage), 3, num_layers, dtype=torch.float64) for stage in order.schedule(world)
-    ]
+    stage_stats = (
+        [torch.zeros(len(stage), 3, num_layers, dtype=torch.float64) for stage in order.schedule(world)]
+        if stats
+        else None
+    )
     for flat, g in zip(flats, groups):
         rows = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
         if flat.numel():
             all_gather_single(rows, flat, group=group)
         rows = rows.view(world, flat.numel())
-        reduce_rows(rows, g, stage_stats if stats else None)
+        reduce_rows(rows, g, stage_stats)
         flat.copy_(rows[0])
-    return TreeStats(tuple(stage_stats)) if stats else None
+    return TreeStats(tuple(stage_stats)) if stage_stats is not None else None
 
 
 def _vhdd(
