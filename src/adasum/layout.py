@@ -7,6 +7,7 @@ all layers of a dtype, and the offsets keep each layer's dot products apart.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,7 +55,7 @@ class Layout:
         for i, dtype in enumerate(self.dtypes):
             order.setdefault(dtype, []).append(i)
         return tuple(
-            DtypeGroup(dtype, tuple(idx), offsets_of([_numel(self.shapes[i]) for i in idx]))
+            DtypeGroup(dtype, tuple(idx), offsets_of([math.prod(self.shapes[i]) for i in idx]))
             for dtype, idx in order.items()
         )
 
@@ -102,13 +103,6 @@ class Layout:
         for k, i in enumerate(group.layers):
             lo, hi = int(group.offsets[k]), int(group.offsets[k + 1])
             tensors[i].copy_(flat[lo:hi].view(self.shapes[i]))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 _LAYOUTS: dict[tuple, Layout] = {}
