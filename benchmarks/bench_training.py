@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.launch import spawn
+from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer
 
 WIDTHS = [1024, 2048, 2048, 1024, 1024, 512]  # about 10.0M parameters

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adasum.cli import main
+from adasum.lab.cli import main
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -78,7 +78,7 @@ def test_bad_data_file_is_one_line_and_exit_2(which, fragment, bad_files, capsys
 
 def test_console_script_reports_without_traceback():
     """The installed program, not just main(): exit status and stderr as the user sees them."""
-    proc = subprocess.run([sys.executable, "-m", "adasum.cli", "train", "--lr", "-1"],
+    proc = subprocess.run([sys.executable, "-m", "adasum.lab.cli", "train", "--lr", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

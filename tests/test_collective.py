@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 import adasum
-import adasum.order
-from adasum.launch import spawn
+import adasum._order
+from adasum.lab.launch import spawn
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 7, 8]
 TIMEOUT = 120
@@ -57,9 +57,9 @@ def _catch(fn):
 
 def _choose_path(path: str) -> None:
     # Small buffers normally take the gather path; these tests pin each algorithm in turn.
-    import adasum.collective
+    import adasum._collective
 
-    adasum.collective._GATHER_BYTES = {"vhdd": -1, "gather": 1 << 62}[path]
+    adasum._collective._GATHER_BYTES = {"vhdd": -1, "gather": 1 << 62}[path]
 
 
 def _scenarios(rank: int, world: int, path: str) -> dict:
@@ -194,7 +194,7 @@ def test_mismatches_raise_on_every_rank(run):
 
 def test_empty_list(run):
     world, results = run
-    expected = [len(stage) for stage in adasum.order.schedule(world)]
+    expected = [len(stage) for stage in adasum._order.schedule(world)]
     assert [s.shape for s in results[0]["empty_list"]] == [(n, 3, 0) for n in expected]
 
 
@@ -212,9 +212,9 @@ def test_world_size_one_is_the_identity():
 
 def _without_kernels(rank: int, world: int) -> list[torch.Tensor]:
     # The PyTorch arithmetic that CUDA tensors use (always with VHDD), exercised here on CPU.
-    import adasum.ops
+    import adasum._ops
 
-    adasum.ops._kernels = None
+    adasum._ops._kernels = None
     _choose_path("vhdd")
     tensors = rank_inputs(rank)
     adasum.all_reduce(tensors)

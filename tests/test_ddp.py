@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.diagnostics import summarize
-from adasum.launch import spawn
+from adasum._stats import summarize
+from adasum.lab.launch import spawn
 
 WORLD = 4
 TIMEOUT = 120

@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.hierarchical import Hierarchy, split_layers
-from adasum.launch import spawn
+from adasum._hierarchical import Hierarchy, split_layers
+from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer
 
 TIMEOUT = 120

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adasum
-from adasum import ops
+from adasum import _ops as ops
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # Relative tolerance of the result against a float64 reference, per dtype: a few roundings.

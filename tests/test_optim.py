@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import adasum
-from adasum.diagnostics import summarize
-from adasum.launch import spawn
+from adasum._stats import summarize
+from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
 
 WORLD = 3

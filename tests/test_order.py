@@ -2,7 +2,7 @@
 
 import pytest
 
-from adasum import order
+from adasum import _order as order
 
 
 @pytest.mark.parametrize(

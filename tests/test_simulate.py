@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import adasum
-from adasum.experiments.config import ConfigError, Plan, RunConfig
-from adasum.experiments.tasks import TaskError, load_task
-from adasum.simulate import combine_stacked, simulate_run, sweep
+from adasum.lab.config import ConfigError, Plan, RunConfig
+from adasum.lab.tasks import TaskError, load_task
+from adasum.lab.simulate import combine_stacked, simulate_run, sweep
 
 
 def test_combine_stacked_matches_the_reducer_and_the_mean():
@@ -128,7 +128,7 @@ def test_cnn_task_trains_under_vmap():
 
 
 def test_lr_grid_table_has_a_column_per_learning_rate():
-    from adasum.simulate import lr_grid_table
+    from adasum.lab.simulate import lr_grid_table
 
     base = {"optimizer": "sgd", "combiner": "sum", "workers": 4, "batch": 8, "accum": 1,
             "examples_per_step": 32, "target": 0.9, "score": 0.5, "epochs_to_target": None,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from adasum.cli import main
-from adasum.experiments.config import RunConfig
-from adasum.experiments.tasks import load_task
-from adasum.simulate import simulate_run
+from adasum.lab.cli import main
+from adasum.lab.config import RunConfig
+from adasum.lab.tasks import load_task
+from adasum.lab.simulate import simulate_run
 
 
 def losses(path: Path) -> list[float]:
@@ -42,7 +42,7 @@ def assert_same_curve(real: list[float], sim: list[float]) -> None:
 def test_torchrun_four_workers_follow_the_simulator(tmp_path):
     """The issue's check: 4 real processes under torchrun, Adasum, momentum SGD."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node=4", "-m", "adasum.cli", "train",
+    cmd = [torchrun, "--standalone", "--nproc-per-node=4", "-m", "adasum.lab.cli", "train",
            "--epochs", "2", "--batch", "16", "--out", str(tmp_path), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,9 +7,9 @@
 See ``adasum.ops`` for the math and ``adasum.order`` for the combination order.
 """
 
-from adasum.collective import all_reduce, all_reduce_flat
-from adasum.ops import combine
-from adasum.reduce import TreeStats, reduce
+from adasum._collective import all_reduce, all_reduce_flat
+from adasum._ops import combine
+from adasum._reduce import TreeStats, reduce
 
 __all__ = ["combine", "reduce", "all_reduce", "all_reduce_flat", "TreeStats"]
 __version__ = "0.1.0"

@@ -26,10 +26,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from adasum.collective import all_reduce_flat
-from adasum.diagnostics import concat_layers, summarize
-from adasum.hierarchical import Hierarchy
-from adasum.reduce import TreeStats
+from adasum._collective import all_reduce_flat
+from adasum._stats import concat_layers, summarize
+from adasum._hierarchical import Hierarchy
+from adasum._reduce import TreeStats
 
 __all__ = ["AdasumState", "adasum_hook"]
 

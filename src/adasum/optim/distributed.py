@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import adasum
-from adasum.diagnostics import summarize
-from adasum.hierarchical import Hierarchy
+from adasum._stats import summarize
+from adasum._hierarchical import Hierarchy
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adasum.experiments.config import Plan
-from adasum.experiments.tasks import Task
+from adasum.lab.config import Plan
+from adasum.lab.tasks import Task
 
 __all__ = ["evaluate", "summarize", "write_csv", "write_json"]
 

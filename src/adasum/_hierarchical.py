@@ -32,12 +32,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from adasum import order
-from adasum._dist import all_gather_single
-from adasum.collective import all_reduce_flat
-from adasum.layout import Layout
-from adasum.ops import offsets_of
-from adasum.reduce import TreeStats
+from adasum import _order as order
+from adasum._groups import all_gather_single
+from adasum._collective import all_reduce_flat
+from adasum._layout import Layout
+from adasum._ops import offsets_of
+from adasum._reduce import TreeStats
 
 __all__ = ["Hierarchy", "split_layers"]
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.experiments.config import COMBINERS, OPTIMIZERS, SCHEDULES, ConfigError, Plan, RunConfig
-from adasum.experiments.tasks import TASKS, TaskError, load_task
+from adasum.lab.config import COMBINERS, OPTIMIZERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.lab.tasks import TASKS, TaskError, load_task
 
 __all__ = ["main", "build_parser"]
 
@@ -136,7 +136,7 @@ def _torchrun_world() -> tuple[int, int] | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adasum.experiments.train import check_resume, train_worker
+    from adasum.lab.train import check_resume, train_worker
 
     config = _config(args, combiner=args.combiner, optimizer=args.optimizer, lr=args.lr,
                      batch=args.batch, accum=args.accum)
@@ -154,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
     if launched:
         result = _run_under_torchrun(train_worker, launched, config, args, progress)
     else:
-        from adasum.launch import spawn
+        from adasum.lab.launch import spawn
 
         result = spawn(train_worker, workers, config, args.out, args.resume, progress,
                        timeout=args.timeout)[0]
@@ -183,7 +183,7 @@ _SUMMARY_COLUMNS = ("combiner", "optimizer", "workers", "examples_per_step", "lr
 
 
 def _print_summaries(summaries: Sequence[dict]) -> None:
-    from adasum.simulate import markdown_table
+    from adasum.lab.simulate import markdown_table
 
     print(markdown_table(summaries, _SUMMARY_COLUMNS), end="")
 
@@ -191,7 +191,7 @@ def _print_summaries(summaries: Sequence[dict]) -> None:
 # -------------------------------------------------------------------------------- simulate
 
 def _simulate(args: argparse.Namespace) -> int:
-    from adasum import simulate
+    from adasum.lab import simulate
 
     out = Path(args.out)
     if args.geometry:
@@ -235,7 +235,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     """Run ``benchmarks/<script>`` of the source checkout (the benchmarks are not installed)."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[args.which]
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / BENCHMARKS[args.which]
     if not script.is_file():
         raise ConfigError(f"benchmark {args.which!r} needs {script} (a source checkout)")
     return subprocess.call([sys.executable, str(script), *args.args])
@@ -248,9 +248,9 @@ DEMO = RunConfig(task="digits-mlp", optimizer="momentum", lr=0.05, batch=32, tar
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adasum import simulate
-    from adasum.experiments.train import train_worker
-    from adasum.launch import spawn
+    from adasum.lab import simulate
+    from adasum.lab.train import train_worker
+    from adasum.lab.launch import spawn
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")

@@ -18,7 +18,7 @@ per leaf,
                           + \Bigl(1 - \frac{a\cdot b}{2\lVert b\rVert^2}\Bigr) b ,
 
 a squared norm below ``ZERO_GUARD`` gets the coefficient 1, the N devices are combined in the
-order of :func:`adasum.order.schedule` for any N, and every device ends with the same bits.
+order of :func:`adasum._order.schedule` for any N, and every device ends with the same bits.
 
 **Algorithm.** With p the largest power of two <= N and r = N - p:
 
@@ -68,8 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adasum import order
-from adasum.ops import ZERO_GUARD
+from adasum import _order as order
+from adasum._ops import ZERO_GUARD
 
 __all__ = ["all_reduce", "adasum", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"]
 
@@ -311,7 +311,7 @@ def _from_rows(rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _tree_distances(n: int) -> list[int]:
-    """Leaf distance of each tree stage of :func:`adasum.order.schedule` (1, 2, 4, ...)."""
+    """Leaf distance of each tree stage of :func:`adasum._order.schedule` (1, 2, 4, ...)."""
     stages = order.schedule(n)[1 if n != order.largest_power_of_two(n) else 0 :]
     firsts = [stage[0] for stage in stages]
     return [order.leaf_index(right, n) - order.leaf_index(left, n) for left, right in firsts]
@@ -387,7 +387,7 @@ def all_reduce(tree: Any, axis_name: Hashable) -> Any:
 
     Call it inside ``jax.shard_map`` or ``jax.pmap`` (under ``jit`` or not). Each leaf is one
     layer (rule 1); leaf x of device r is ``x_r``, and every device receives
-    ``Adasum(x_0, ..., x_{N-1})`` combined in the order of :func:`adasum.order.schedule`, with
+    ``Adasum(x_0, ..., x_{N-1})`` combined in the order of :func:`adasum._order.schedule`, with
     identical bits on every device. Leaves must have the same shape and dtype on every device;
     supported dtypes are float16, bfloat16, float32 and float64. Empty leaves are returned as
     they are; one device is the identity. See the module docstring for the algorithm and the

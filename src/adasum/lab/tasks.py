@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adasum.experiments.models import build_model
+from adasum.lab.models import build_model
 
 __all__ = ["Task", "TaskError", "TASKS", "load_task"]
 

@@ -26,10 +26,10 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import adasum
-from adasum.experiments.config import COMBINERS, DELTA_MODE, Plan, RunConfig
-from adasum.experiments.optimizers import make_optimizer, set_lr
-from adasum.experiments.records import evaluate, summarize, write_csv
-from adasum.experiments.tasks import Task
+from adasum.lab.config import COMBINERS, DELTA_MODE, Plan, RunConfig
+from adasum.lab.optimizers import make_optimizer, set_lr
+from adasum.lab.records import evaluate, summarize, write_csv
+from adasum.lab.tasks import Task
 
 __all__ = ["combine_stacked", "simulate_run", "sweep", "geometry", "write_report", "lr_grid_table",
            "distance_table"]

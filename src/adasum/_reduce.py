@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adasum import order
-from adasum.layout import DtypeGroup, Layout
-from adasum.ops import coefficients, segment_combine, segment_partials
+from adasum import _order as order
+from adasum._layout import DtypeGroup, Layout
+from adasum._ops import coefficients, segment_combine, segment_partials
 
 __all__ = ["reduce", "reduce_rows", "TreeStats"]
 

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from adasum import order
-from adasum._dist import all_gather_single
-from adasum.layout import DtypeGroup, Layout, _cached_layout
-from adasum.ops import coefficients, segment_combine, segment_partials
-from adasum.reduce import TreeStats, reduce_rows
+from adasum import _order as order
+from adasum._groups import all_gather_single
+from adasum._layout import DtypeGroup, Layout, _cached_layout
+from adasum._ops import coefficients, segment_combine, segment_partials
+from adasum._reduce import TreeStats, reduce_rows
 
 __all__ = ["all_reduce", "all_reduce_flat"]
 

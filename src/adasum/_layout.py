@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-from adasum.ops import check_dtype, offsets_of
+from adasum._ops import check_dtype, offsets_of
 
 __all__ = ["Layout", "DtypeGroup"]
 

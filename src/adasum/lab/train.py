@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.experiments.config import DELTA_MODE, ConfigError, Plan, RunConfig
-from adasum.experiments.optimizers import make_optimizer, set_lr
-from adasum.experiments.records import evaluate, summarize, write_csv, write_json
-from adasum.experiments.tasks import Task, load_task
+from adasum.lab.config import DELTA_MODE, ConfigError, Plan, RunConfig
+from adasum.lab.optimizers import make_optimizer, set_lr
+from adasum.lab.records import evaluate, summarize, write_csv, write_json
+from adasum.lab.tasks import Task, load_task
 from adasum.optim import DistributedOptimizer
 
 __all__ = ["train_worker", "check_resume", "combine_", "sum_hook", "data_parallel"]

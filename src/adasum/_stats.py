@@ -30,8 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from adasum.ops import coefficients
-from adasum.reduce import TreeStats
+from adasum._ops import coefficients
+from adasum._reduce import TreeStats
 
 __all__ = ["pair_metrics", "summarize", "concat_layers"]
 
@@ -73,7 +73,7 @@ def summarize(
 
     * ``{prefix}/scale``, ``{prefix}/cos``: over every pair, layer and tree level;
     * ``{prefix}/level{s}/scale``, ``{prefix}/level{s}/cos``: per stage s of
-      :func:`adasum.order.schedule` (the fold, if any, is stage 0);
+      :func:`adasum._order.schedule` (the fold, if any, is stage 0);
     * ``{prefix}/layer/{name}/scale``, ``{prefix}/layer/{name}/cos``: per layer over all levels,
       ``name`` from ``names`` (in the reduced tensors' order) or the layer's index.
 
