@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv if needed and installs into it: torch==2.13.0 first (the CPU build the project
 # is tested with; a looser requirement would pull a multi-GB CUDA build), then the project with
-# the extras named in $ADASUM_EXTRAS (default: experiments). Sourced by demo.sh and test.sh.
+# the extras named in $ADASUM_EXTRAS (default: lab, what the program needs). Sourced by demo.sh
+# and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -9,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e ".[${ADASUM_EXTRAS:-experiments}]"
+python -m pip install --quiet --disable-pip-version-check -e ".[${ADASUM_EXTRAS:-lab}]"

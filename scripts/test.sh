@@ -3,6 +3,6 @@
 # the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ADASUM_EXTRAS="experiments,jax,test" . scripts/setup.sh
-python -c "import adasum.ops as o; print('adasum C kernels:', 'built' if o._kernels else 'NOT built, using the PyTorch fallback')"
+ADASUM_EXTRAS="lab,jax,test" . scripts/setup.sh
+python -c "import importlib.util as u; print('adasum C kernels:', 'built' if u.find_spec('adasum._kernels') else 'NOT built, using the PyTorch fallback')"
 python -m pytest -q "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import adasum.lab
 from adasum.lab.cli import main
 
 
@@ -48,7 +50,7 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize("args, fragment", [
     (["train", "--task", "imagenet"], "unknown task"),
     (["train", "--optimizer", "adagrad"], "unknown optimizer"),
-    (["train", "--combiner", "max"], "unknown combiner"),
+    (["train", "--reducer", "max"], "unknown reducer"),
     (["train", "--nproc", "0"], "--nproc"),
     (["train", "--lr", "0"], "learning rate"),
     (["train", "--lr", "-0.1"], "learning rate"),
@@ -85,6 +87,45 @@ def test_console_script_reports_without_traceback():
         "adasum: error: the learning rate must be a positive number, got -1.0"]
 
 
+def test_the_console_script_is_the_light_entry():
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "adasum"]
+    assert script.value == "adasum.lab:main"
+
+
+@pytest.mark.parametrize("module", adasum.lab.LAB_MODULES)
+def test_missing_lab_extra_is_one_line_and_exit_2(module, monkeypatch, capsys):
+    # A None entry in sys.modules is how Python marks a module unimportable; find_spec then
+    # reports it missing, as it would in an environment without the package.
+    monkeypatch.setitem(sys.modules, module, None)
+    assert adasum.lab.main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "adasum: the program needs the lab extra: pip install 'adasum[lab]'\n"
+
+
+def test_missing_lab_extra_as_the_user_sees_it():
+    """A fresh interpreter without scikit-learn: the entry says what to install before the
+    program imports anything of the lab."""
+    code = ("import sys; sys.modules['sklearn'] = None; import adasum.lab; "
+            "sys.exit(adasum.lab.main(['train', '--nproc', '2']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["adasum: the program needs the lab extra: pip install 'adasum[lab]'"]
+
+
+def test_the_core_never_imports_the_lab():
+    """Importing the library and the lab's entry module loads neither the program nor the lab's
+    heavy dependencies (torch itself may import numpy and tqdm, so they are not checked here;
+    the core's sources do not import them)."""
+    code = ("import sys, adasum, adasum.ddp, adasum.optim; "
+            "core = sorted(m for m in sys.modules if m.startswith('adasum.lab')); "
+            "import adasum.lab; "
+            "heavy = sorted(m for m in ('adasum.lab.cli', 'sklearn', 'matplotlib') if m in sys.modules); "
+            "print(core, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[] []"
+
+
 @pytest.mark.timeout(120)
 def test_train_on_a_csv_file(tmp_path, capsys):
     rng = np.random.default_rng(0)
@@ -117,7 +158,7 @@ def test_simulate_tiny_sweep(tmp_path, capsys):
     for name in ("curves.csv", "table.md", "curves.png", "lr_range.png", "sequential_distance.png"):
         assert (out_dir / name).stat().st_size > 0, name
     one_worker = [r for r in summary if r["workers"] == "1" and r["lr"] == "0.05"]
-    # With one worker every combiner is the identity: the runs are the same run.
+    # With one worker every reducer is the identity: the runs are the same run.
     assert len({r["train_loss"] for r in one_worker}) == 1
 
 

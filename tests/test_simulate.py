@@ -1,4 +1,4 @@
-"""The simulator's parts: combining stacked workers, the sequential-SGD distance, delta mode,
+"""The simulator's parts: reducing stacked workers, the sequential-SGD distance, delta mode,
 the step plan and the task registry."""
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ import torch
 import adasum
 from adasum.lab.config import ConfigError, Plan, RunConfig
 from adasum.lab.tasks import TaskError, load_task
-from adasum.lab.simulate import combine_stacked, simulate_run, sweep
+from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
 
-def test_combine_stacked_matches_the_reducer_and_the_mean():
+def test_reduce_stacked_matches_the_reducer_and_the_mean():
     g = torch.Generator().manual_seed(0)
     layers = [torch.randn(5, 3, 4, generator=g), torch.randn(5, 7, generator=g)]
     per_rank = [[t[r] for t in layers] for r in range(5)]
-    for got, want in zip(combine_stacked(layers, "adasum"), adasum.reduce(per_rank)):
+    for got, want in zip(reduce_stacked(layers, "adasum"), adasum.reduce(per_rank)):
         assert torch.equal(got, want)
-    assert torch.allclose(combine_stacked(layers, "average")[1], sum(r[1] for r in per_rank) / 5)
-    assert torch.allclose(combine_stacked(layers, "sum")[0], sum(r[0] for r in per_rank))
+    assert torch.allclose(reduce_stacked(layers, "average")[1], sum(r[1] for r in per_rank) / 5)
+    assert torch.allclose(reduce_stacked(layers, "sum")[0], sum(r[0] for r in per_rank))
 
 
 def test_one_worker_update_is_sequential_sgd():
-    """With one worker, sequential SGD is one SGD step: every combiner is at distance 0."""
+    """With one worker, sequential SGD is one SGD step: every reducer is at distance 0."""
     task = load_task("digits-mlp")
     history, summary = simulate_run(task, RunConfig(optimizer="sgd", epochs=1, batch=64), 1)
     for key in ("dist_adasum", "dist_average", "dist_sum"):
@@ -58,7 +58,7 @@ def test_delta_mode_with_one_worker_is_the_plain_optimizer():
 
 def test_sum_diverges_where_adasum_does_not():
     task = load_task("digits-mlp")
-    runs = {c: simulate_run(task, RunConfig(combiner=c, lr=0.5, epochs=2, batch=8), 32, distances=False)[1]
+    runs = {c: simulate_run(task, RunConfig(reducer=c, lr=0.5, epochs=2, batch=8), 32, distances=False)[1]
             for c in ("adasum", "sum")}
     assert runs["sum"]["diverged"] or runs["sum"]["score"] < 0.5
     assert not runs["adasum"]["diverged"]
@@ -77,7 +77,7 @@ def test_steps_to_target_is_the_first_evaluation_at_the_target():
 def test_sweep_skips_settings_larger_than_the_training_set():
     task = load_task("linear", samples=256)
     base = RunConfig(task="linear", samples=256, epochs=1, target=0.5, lr=0.05)
-    summaries, curves = sweep(task, base, workers=[2, 64], combiners=["adasum"], optimizers=["sgd"],
+    summaries, curves = sweep(task, base, workers=[2, 64], reducers=["adasum"], optimizers=["sgd"],
                               lrs=[0.05], batches=[8], accums=[1, 4], distances=False)
     assert [(s["workers"], s["accum"]) for s in summaries] == [(2, 1), (2, 4)]
     assert {r["run"] for r in curves} == {0, 1}
@@ -128,14 +128,14 @@ def test_cnn_task_trains_under_vmap():
 
 
 def test_lr_grid_table_has_a_column_per_learning_rate():
-    from adasum.lab.simulate import lr_grid_table
+    from adasum.lab.report import lr_grid_table
 
-    base = {"optimizer": "sgd", "combiner": "sum", "workers": 4, "batch": 8, "accum": 1,
+    base = {"optimizer": "sgd", "reducer": "sum", "workers": 4, "batch": 8, "accum": 1,
             "examples_per_step": 32, "target": 0.9, "score": 0.5, "epochs_to_target": None,
             "diverged": False}
     rows = [{**base, "lr": 0.1, "score": 0.95, "epochs_to_target": 1.5},
             {**base, "lr": 1.0, "diverged": True},
-            {**base, "combiner": "adasum", "lr": 1.0}]
+            {**base, "reducer": "adasum", "lr": 1.0}]
     lines = lr_grid_table(rows).splitlines()
     assert lines[0].endswith("| lr 0.1 | lr 1 |")
     assert lines[2] == "| sgd | adasum | 4 | 8 | 1 | 32 |  | - (0.5) |"

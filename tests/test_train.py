@@ -46,23 +46,23 @@ def test_torchrun_four_workers_follow_the_simulator(tmp_path):
            "--epochs", "2", "--batch", "16", "--out", str(tmp_path), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    sim = simulated(4, epochs=2, batch=16, combiner="adasum", optimizer="momentum")
+    sim = simulated(4, epochs=2, batch=16, reducer="adasum", optimizer="momentum")
     assert_same_curve(losses(tmp_path / "history.csv"), sim)
     # The simulator is not trivially close to anything: averaging gives another curve.
-    other = simulated(4, epochs=2, batch=16, combiner="average", optimizer="momentum")
+    other = simulated(4, epochs=2, batch=16, reducer="average", optimizer="momentum")
     assert max(abs(a - b) for a, b in zip(sim, other)) > 1e-2
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("options", [
     # delta mode, accumulation, three workers (not a power of two)
-    {"workers": 3, "optimizer": "adam", "combiner": "adasum", "lr": 0.003, "batch": 8, "accum": 2},
-    {"workers": 2, "optimizer": "lamb", "combiner": "sum", "lr": 0.01, "batch": 16, "accum": 1},
+    {"workers": 3, "optimizer": "adam", "reducer": "adasum", "lr": 0.003, "batch": 8, "accum": 2},
+    {"workers": 2, "optimizer": "lamb", "reducer": "sum", "lr": 0.01, "batch": 16, "accum": 1},
     # gradient mode through DDP: the Adasum hook on three ranks with accumulation (no_sync),
     # the summing hook, and DDP's own averaging allreduce
-    {"workers": 3, "optimizer": "momentum", "combiner": "adasum", "lr": 0.05, "batch": 8, "accum": 2},
-    {"workers": 2, "optimizer": "sgd", "combiner": "sum", "lr": 0.02, "batch": 16, "accum": 2},
-    {"workers": 3, "optimizer": "momentum", "combiner": "average", "lr": 0.1, "batch": 16, "accum": 1},
+    {"workers": 3, "optimizer": "momentum", "reducer": "adasum", "lr": 0.05, "batch": 8, "accum": 2},
+    {"workers": 2, "optimizer": "sgd", "reducer": "sum", "lr": 0.02, "batch": 16, "accum": 2},
+    {"workers": 3, "optimizer": "momentum", "reducer": "average", "lr": 0.1, "batch": 16, "accum": 1},
 ])
 def test_spawned_workers_follow_the_simulator(options, tmp_path):
     o = dict(options)

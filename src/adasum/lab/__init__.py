@@ -1,3 +1,44 @@
-"""The experiment side of the project: tasks, models, the real training loop of ``adasum
-train`` and the shared run configuration. Only the programs (``adasum.cli``,
-``adasum.simulate``) import this package; the library never does."""
+"""The lab: everything built on top of the Adasum library to find out what it buys.
+
+* the ``adasum`` program (:mod:`adasum.lab.cli`): ``train`` (real data-parallel training on
+  local Gloo workers or under torchrun), ``simulate``, ``bench`` and ``demo``;
+* the simulator (:mod:`adasum.lab.simulate`): N workers in one process, step for step what
+  ``adasum train`` does, plus the distance of each reducer's update to sequential SGD;
+* the experiments: tasks, models, optimizers and the run configuration they share
+  (:mod:`~adasum.lab.tasks`, :mod:`~adasum.lab.models`, :mod:`~adasum.lab.optimizers`,
+  :mod:`~adasum.lab.config`, :mod:`~adasum.lab.train`), and what a run measures
+  (:mod:`~adasum.lab.records`);
+* the reports: tables (:mod:`adasum.lab.report`) and plots (:mod:`adasum.lab.plots`).
+
+The lab lies outside the core: it uses the library only through its public API (the reducers,
+``adasum.ddp`` and ``adasum.optim``), and the core never imports it. It needs the ``lab`` extra
+(numpy, tqdm, scikit-learn, matplotlib), which ``pip install adasum`` leaves out; the core needs
+torch only.
+
+This module stays free of imports beyond the standard library, because the ``adasum`` command
+runs :func:`main` before it knows whether the extra is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "LAB_MODULES", "MISSING_EXTRA"]
+
+#: What the lab imports beyond torch and the core, by import name (scikit-learn is ``sklearn``).
+LAB_MODULES = ("numpy", "tqdm", "sklearn", "matplotlib")
+MISSING_EXTRA = "adasum: the program needs the lab extra: pip install 'adasum[lab]'"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``adasum`` command: one line on stderr and exit status 2 when the lab extra is not
+    installed (rather than an ImportError traceback from deep inside a subcommand), otherwise
+    :func:`adasum.lab.cli.main`."""
+    if any(importlib.util.find_spec(name) is None for name in LAB_MODULES):
+        print(MISSING_EXTRA, file=sys.stderr)
+        return 2
+    from adasum.lab.cli import main as run
+
+    return run(argv)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.lab.config import COMBINERS, OPTIMIZERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.lab.config import OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
 from adasum.lab.tasks import TASKS, TaskError, load_task
 
 __all__ = ["main", "build_parser"]
@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="real data-parallel training on N local workers or under torchrun")
     _add_run_options(train)
-    train.add_argument("--combiner", default="adasum", help=f"{', '.join(COMBINERS)} (default adasum)")
+    train.add_argument("--reducer", default="adasum", help=f"{', '.join(REDUCERS)} (default adasum)")
     train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)}; adam and lamb run in delta mode")
     train.add_argument("--lr", type=float, default=0.05)
     train.add_argument("--batch", type=int, default=32, help="examples per worker per micro-batch")
-    train.add_argument("--accum", type=int, default=1, help="micro-batches per worker before combining")
+    train.add_argument("--accum", type=int, default=1, help="micro-batches per worker before the workers reduce")
     train.add_argument("--nproc", type=int, help="start this many local Gloo workers (default: torchrun's, else 1)")
     train.add_argument("--out", default="runs/train", help="history.csv/json and checkpoint.pt go here")
     train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="the convergence study with N simulated workers in one process")
     _add_run_options(sim)
     sim.add_argument("--workers", type=_list_of(int, "--workers"), default=[1, 2, 4, 8, 16, 32, 64])
-    sim.add_argument("--combiners", type=_names(COMBINERS, "combiner"), default=list(COMBINERS))
+    sim.add_argument("--reducers", type=_names(REDUCERS, "reducer"), default=list(REDUCERS))
     sim.add_argument("--optimizers", type=_names(OPTIMIZERS, "optimizer"), default=["momentum"])
     sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
@@ -138,7 +138,7 @@ def _torchrun_world() -> tuple[int, int] | None:
 def _train(args: argparse.Namespace) -> int:
     from adasum.lab.train import check_resume, train_worker
 
-    config = _config(args, combiner=args.combiner, optimizer=args.optimizer, lr=args.lr,
+    config = _config(args, reducer=args.reducer, optimizer=args.optimizer, lr=args.lr,
                      batch=args.batch, accum=args.accum)
     launched = _torchrun_world()
     if args.nproc is not None and args.nproc < 1:
@@ -178,12 +178,12 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
         dist.destroy_process_group()
 
 
-_SUMMARY_COLUMNS = ("combiner", "optimizer", "workers", "examples_per_step", "lr", "steps",
+_SUMMARY_COLUMNS = ("reducer", "optimizer", "workers", "examples_per_step", "lr", "steps",
                     "train_loss", "test_loss", "score", "steps_to_target", "epochs_to_target")
 
 
 def _print_summaries(summaries: Sequence[dict]) -> None:
-    from adasum.lab.simulate import markdown_table
+    from adasum.lab.report import markdown_table
 
     print(markdown_table(summaries, _SUMMARY_COLUMNS), end="")
 
@@ -191,13 +191,15 @@ def _print_summaries(summaries: Sequence[dict]) -> None:
 # -------------------------------------------------------------------------------- simulate
 
 def _simulate(args: argparse.Namespace) -> int:
-    from adasum.lab import simulate
+    from adasum.lab.records import write_csv
+    from adasum.lab.report import markdown_table, write_report
+    from adasum.lab.simulate import geometry, sweep
 
     out = Path(args.out)
     if args.geometry:
-        rows = simulate.geometry(args.workers, [0.0, 0.25, 0.5, 0.75, 1.0])
-        simulate.write_csv(rows, out / "geometry.csv")
-        table = simulate.markdown_table(rows, list(rows[0]))
+        rows = geometry(args.workers, [0.0, 0.25, 0.5, 0.75, 1.0])
+        write_csv(rows, out / "geometry.csv")
+        table = markdown_table(rows, list(rows[0]))
         (out / "geometry.md").write_text(table)
         print(table, end="")
         return 0
@@ -213,19 +215,19 @@ def _simulate(args: argparse.Namespace) -> int:
     Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), len(task.x_train))
 
     def report(summary: dict) -> None:
-        print(f"  {summary['optimizer']}/{summary['combiner']} N={summary['workers']} "
+        print(f"  {summary['optimizer']}/{summary['reducer']} N={summary['workers']} "
               f"E={summary['examples_per_step']} lr={summary['lr']:g}: score {summary['score']:.4f}, "
               f"epochs to target {summary['epochs_to_target']}", file=sys.stderr)
 
-    summaries, curves = simulate.sweep(
-        task, base, workers=args.workers, combiners=args.combiners, optimizers=args.optimizers,
+    summaries, curves = sweep(
+        task, base, workers=args.workers, reducers=args.reducers, optimizers=args.optimizers,
         lrs=args.lrs, batches=args.batches, accums=args.accums,
         distances=not args.no_distances, on_run=report,
     )
-    written = simulate.write_report(summaries, curves, out, args.title)
+    written = write_report(summaries, curves, out, args.title)
     _print_summaries(summaries)
     grid = (len(args.optimizers) * len(args.batches) * len(args.accums) * len(args.workers)
-            * len(args.combiners) * len(args.lrs))
+            * len(args.reducers) * len(args.lrs))
     skipped = f" ({grid - len(summaries)} skipped: a step needs more examples than the task has)" if grid > len(summaries) else ""
     print(f"{len(summaries)} runs{skipped}; wrote {', '.join(p.name for p in written)} to {out}/")
     return 0
@@ -248,21 +250,21 @@ DEMO = RunConfig(task="digits-mlp", optimizer="momentum", lr=0.05, batch=32, tar
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adasum.lab import simulate
-    from adasum.lab.train import train_worker
     from adasum.lab.launch import spawn
+    from adasum.lab.report import write_report
+    from adasum.lab.train import train_worker
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     out = Path(args.out)
     summaries, curves = [], []
-    for combiner in ("adasum", "average"):
-        config = DEMO.with_(combiner=combiner, epochs=args.epochs).validated()
-        print(f"training digits on {args.nproc} worker processes with {combiner} ...", file=sys.stderr)
-        result = spawn(train_worker, args.nproc, config, str(out / combiner), None, False, timeout=600)[0]
+    for reducer in ("adasum", "average"):
+        config = DEMO.with_(reducer=reducer, epochs=args.epochs).validated()
+        print(f"training digits on {args.nproc} worker processes with {reducer} ...", file=sys.stderr)
+        result = spawn(train_worker, args.nproc, config, str(out / reducer), None, False, timeout=600)[0]
         summaries.append({**result["summary"], "run": len(summaries)})
         curves.extend({"run": len(summaries) - 1, **r} for r in result["history"])
-    simulate.write_report(summaries, curves, out, f"digits MLP, {args.nproc} workers, momentum lr {DEMO.lr}")
+    write_report(summaries, curves, out, f"digits MLP, {args.nproc} workers, momentum lr {DEMO.lr}")
     _print_summaries(summaries)
     print(f"plot: {out / 'curves.png'}")
     return 0

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 __all__ = [
-    "COMBINERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
+    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
     "ConfigError", "RunConfig", "Plan",
 ]
 
-COMBINERS = ("adasum", "average", "sum")
+REDUCERS = ("adasum", "average", "sum")
 OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
-#: Optimizers whose parameter updates (not gradients) are combined, as in the paper.
+#: Optimizers whose parameter updates (not gradients) are reduced, as in the paper.
 DELTA_MODE = frozenset({"adam", "lamb"})
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -32,13 +32,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     """One run. ``batch`` is per worker and per micro-batch; a worker accumulates ``accum``
-    micro-batches before the workers combine, so a step consumes workers x batch x accum
+    micro-batches before the workers reduce, so a step consumes workers x batch x accum
     examples (the paper's "examples before communication")."""
 
     task: str = "digits-mlp"
     data: str | None = None
     samples: int | None = None
-    combiner: str = "adasum"
+    reducer: str = "adasum"
     optimizer: str = "momentum"
     lr: float = 0.05
     schedule: str = "constant"
@@ -52,8 +52,8 @@ class RunConfig:
 
     def validated(self) -> RunConfig:
         """Self, or ConfigError naming the first bad option."""
-        if self.combiner not in COMBINERS:
-            raise ConfigError(f"unknown combiner {self.combiner!r} (choose from {', '.join(COMBINERS)})")
+        if self.reducer not in REDUCERS:
+            raise ConfigError(f"unknown reducer {self.reducer!r} (choose from {', '.join(REDUCERS)})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:

@@ -39,7 +39,7 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
         reached = next((r["step"] for r in evaluated if r["score"] >= cfg.target), None)
     final = evaluated[-1] if evaluated else {}
     return {
-        "task": cfg.task, "combiner": cfg.combiner, "optimizer": cfg.optimizer,
+        "task": cfg.task, "reducer": cfg.reducer, "optimizer": cfg.optimizer,
         "workers": plan.workers, "batch": cfg.batch, "accum": cfg.accum,
         "examples_per_step": plan.per_step, "lr": cfg.lr, "seed": cfg.seed,
         "steps": len(history), "epochs": plan.epoch_of(len(history)),

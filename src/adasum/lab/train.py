@@ -106,10 +106,10 @@ def train_worker(
     optimizer = make_optimizer(config.optimizer, params, config.lr)
     if config.optimizer not in DELTA_MODE:
         # Gradient mode: DDP combines the gradients (the checkpoint keeps the bare model).
-        net = data_parallel(model, config.combiner)
+        net = data_parallel(model, config.reducer)
     else:
         net = model
-        if config.combiner == "adasum":
+        if config.reducer == "adasum":
             # The library's delta-mode wrapper; averaging and summing deltas are done in _step.
             optimizer = DistributedOptimizer(optimizer)
     start, history = 0, []
@@ -119,7 +119,7 @@ def train_worker(
         optimizer.load_state_dict(state["optimizers"][rank])
         start, history = state["step"], state["history"]
     bar = tqdm(total=plan.total_steps, initial=start, disable=not (progress and rank == 0),
-               desc=f"{config.combiner}/{config.optimizer}", unit="step", leave=False)
+               desc=f"{config.reducer}/{config.optimizer}", unit="step", leave=False)
     for step, examples in plan.batches(start):
         set_lr(optimizer, plan.lr_at(step))
         mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
@@ -168,7 +168,7 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         old = [p.detach().clone() for p in params]
         optimizer.step()
         deltas = [p.detach() - o for p, o in zip(params, old)]
-        combine_(deltas, config.combiner)
+        combine_(deltas, config.reducer)
         with torch.no_grad():
             for p, o, d in zip(params, old, deltas):
                 p.copy_(o + d)
