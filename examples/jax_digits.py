@@ -3,7 +3,7 @@
     python examples/jax_digits.py
 
 Each of the 8 devices takes its own batch, runs its own Adam step, and the 8 parameter deltas
-are combined with Adasum (delta mode, the way the paper uses Adam). The parameters stay
+are reduced with Adasum (delta mode, the way the paper uses Adam). The parameters stay
 identical on every device; the Adam moments stay per device.
 """
 
@@ -58,7 +58,7 @@ def loss_fn(params, x, y):
 # --- the optimizer: Adam on each device, Adasum of the deltas ------------------------------
 mesh = jax.make_mesh((DEVICES,), ("data",))
 optimizer = adasum.jax.adasum(optax.adam(LEARNING_RATE), "data")
-# For SGD-style training, combine the gradients instead (gradient mode):
+# For SGD-style training, reduce the gradients instead (gradient mode):
 #   optimizer = optax.chain(adasum.jax.adasum_gradients("data"), optax.sgd(0.1))
 
 params = init_params(jax.random.key(0))

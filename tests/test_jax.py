@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import adasum  # noqa: E402
 from adasum import jax as adasum_jax  # noqa: E402
+from adasum.jax._sums import compensated_sums  # noqa: E402
 
 if jax.device_count() < 8:
     pytest.skip(
@@ -228,7 +229,7 @@ def test_float32_accumulation_is_compensated() -> None:
     rng = np.random.default_rng(6)
     length = (1 << 20) + 3  # not a multiple of the run count either
     terms = [rng.random(length).astype(np.float32), rng.standard_normal(length).astype(np.float32) + 0.01]
-    hi, lo = jax.jit(adasum_jax._compensated_sums)([jnp.asarray(t) for t in terms])
+    hi, lo = jax.jit(compensated_sums)([jnp.asarray(t) for t in terms])
     for t, h, lo_t in zip(terms, np.asarray(hi, np.float64), np.asarray(lo, np.float64)):
         exact = math.fsum(t.astype(np.float64).tolist())
         sequential = np.cumsum(t, dtype=np.float32)[-1]
@@ -287,6 +288,12 @@ def test_x64_accumulates_in_float64_and_matches_the_reference_bitwise() -> None:
     assert done.returncode == 0 and "x64 ok" in done.stdout, done.stderr[-3000:]
 
 
+def test_public_names() -> None:
+    public = {"all_reduce", "adasum", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"}
+    assert set(adasum_jax.__all__) == public
+    assert {name for name in vars(adasum_jax) if not name.startswith("_")} == public
+
+
 def test_importing_adasum_does_not_import_jax() -> None:
     code = "import sys, adasum; assert 'jax' not in sys.modules and 'optax' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -302,8 +309,8 @@ def _grads_and_params(n: int, rng: np.random.Generator):
     return params, grads
 
 
-def test_delta_mode_combines_each_devices_optimizer_step() -> None:
-    """adasum(adam): every device takes its own Adam step; the deltas are combined by Adasum;
+def test_delta_mode_reduces_each_devices_optimizer_step() -> None:
+    """adasum(adam): every device takes its own Adam step; the deltas are reduced by Adasum;
     the Adam moments stay per device. Two steps against an independent per-device computation."""
     n, lr = 3, 0.01
     rng = np.random.default_rng(9)
@@ -333,8 +340,8 @@ def test_delta_mode_combines_each_devices_optimizer_step() -> None:
             delta, local[r] = inner.update(jax.tree.map(lambda g: g[r], grads), local[r], ref_params)
             deltas.append(delta)
         names = sorted(ref_params)
-        combined = adasum.reduce([[torch.from_numpy(np.array(d[k])) for k in names] for d in deltas])
-        ref_params = {k: ref_params[k] + c.numpy() for k, c in zip(names, combined)}
+        reduced = adasum.reduce([[torch.from_numpy(np.array(d[k])) for k in names] for d in deltas])
+        ref_params = {k: ref_params[k] + c.numpy() for k, c in zip(names, reduced)}
     for k in ref_params:
         np.testing.assert_allclose(np.asarray(jax_params[k]), ref_params[k], rtol=0, atol=1e-6)
     # Moments are per device: device r's first moment is Adam's on device r's gradients alone.
@@ -422,9 +429,9 @@ def test_digits_training_agrees_with_the_pytorch_simulation() -> None:
             rows = idx[t, r]
             loss = _torch_loss(tparams, torch.from_numpy(x[rows]), torch.from_numpy(y[rows]).long())
             per_rank.append(torch.autograd.grad(loss, [tparams[k] for k in names]))
-        combined = adasum.reduce(per_rank)
+        reduced = adasum.reduce(per_rank)
         with torch.no_grad():
-            for k, g in zip(names, combined):
+            for k, g in zip(names, reduced):
                 tparams[k] -= lr * g
 
     for k in names:

@@ -1,0 +1,125 @@
+"""Exact and compensated float32 arithmetic: the sums behind the coefficients without x64.
+
+Without x64 JAX has no float64, yet a dot product of a long float32 vector, summed plainly,
+loses many digits to rounding. These helpers keep the rounding errors instead:
+
+- :func:`compensated_sums` sums a few 1-D float32 arrays as ``hi + lo`` pairs, with an error of
+  about one rounding of the result for any practical length;
+- :func:`compensated_sum` adds such pairs along an axis (the devices' partial sums);
+- :func:`times_pow2` and :func:`exponent` scale by powers of two, exactly, so that squares of
+  very large or very small float32 values neither overflow nor underflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["compensated_sum", "compensated_sums", "exponent", "times_pow2"]
+
+#: Independent running sums per array in the first pass of :func:`compensated_sums`.
+_RUNS = 1024
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``s = fl(a + b)`` and its rounding error ``e``, with ``a + b = s + e`` exactly (Knuth).
+
+    Branch-free, so it vectorizes; XLA does not reassociate floating-point arithmetic, so the
+    error terms survive compilation.
+    """
+    s = a + b
+    b_part = s - a
+    a_part = s - b_part
+    return s, (a - a_part) + (b - b_part)
+
+
+def compensated_sum(x: jax.Array, lo: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sum over the last axis as an unevaluated pair ``(hi, lo)``, ``sum ~= hi + lo``.
+
+    Pairwise: the first and second halves are added elementwise with :func:`_two_sum`; the
+    rounding errors are added to ``lo`` (which may carry earlier errors of the same terms), and
+    ``lo`` is halved alongside in plain arithmetic. ``hi`` is the plain pairwise sum and the
+    errors it made are all in ``lo``, so ``hi + lo`` is as accurate as a pairwise sum in twice
+    the precision. The last axis must not be empty.
+    """
+    if lo is None:
+        lo = jnp.zeros_like(x)
+    while x.shape[-1] > 1:
+        size = x.shape[-1]
+        half = size // 2
+        hi, err = _two_sum(x[..., :half], x[..., half : 2 * half])
+        err = lo[..., :half] + lo[..., half : 2 * half] + err
+        if size % 2:  # an odd element waits for the next level
+            hi = jnp.concatenate([hi, x[..., -1:]], axis=-1)
+            err = jnp.concatenate([err, lo[..., -1:]], axis=-1)
+        x, lo = hi, err
+    return x[..., 0], lo[..., 0]
+
+
+def _two_sum_reducer(left: tuple, right: tuple) -> tuple:
+    """Reducer on k (hi, lo) pairs, laid out (hi_1..hi_k, lo_1..lo_k): the hi parts are added
+    with :func:`_two_sum` and the errors go to lo. Valid in any order XLA chooses: hi + lo stays
+    the exact sum of the terms up to the plain rounding of the small lo sums."""
+    k = len(left) // 2
+    his, los = [], []
+    for i in range(k):
+        s, e = _two_sum(left[i], right[i])
+        his.append(s)
+        los.append(left[k + i] + right[k + i] + e)
+    return (*his, *los)
+
+
+def compensated_sums(terms: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Compensated sums of k 1-D float32 arrays of one length: ``(hi[k], lo[k])``.
+
+    One pass over memory: each array is cut into :data:`_RUNS` consecutive runs, which XLA's
+    reduce sums with :func:`_two_sum_reducer`; the run totals and the few elements left over
+    are then added by :func:`compensated_sum`. The error is about eps |sum| plus
+    (length / _RUNS) eps**2 sum |x_i| from the plain sums of the error terms.
+    """
+    length = terms[0].shape[0]
+    # Runs need two elements or more to save anything over the pairwise cascade alone.
+    runs = _RUNS if length >= 2 * _RUNS else 0
+    main = length - length % runs if runs else 0
+    his = [t[main:] for t in terms]
+    los = [jnp.zeros_like(h) for h in his]
+    if runs:
+        zero = np.float32(0)
+        blocks = [t[:main].reshape(runs, -1) for t in terms]
+        out = jax.lax.reduce(
+            (*blocks, *[jnp.zeros_like(b) for b in blocks]),
+            (zero,) * (2 * len(terms)),
+            _two_sum_reducer,
+            (1,),
+        )
+        his = [jnp.concatenate([o, h]) for o, h in zip(out[: len(terms)], his)]
+        los = [jnp.concatenate([o, lo]) for o, lo in zip(out[len(terms) :], los)]
+    return compensated_sum(jnp.stack(his), jnp.stack(los))
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """``2.0**k`` as float32 for integer k in [-126, 127], built from its exponent bits (exact,
+    and far cheaper than ``ldexp``, which also handles subnormals)."""
+    return jax.lax.bitcast_convert_type((k + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
+def times_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
+    """``x * 2**k`` for integer ``k`` (broadcast against x), exact unless the result underflows.
+
+    Two factors, so that each stays a normal float32 for |k| up to 252; a larger negative k gives
+    0, which only ever scales terms too small to matter.
+    """
+    k = jnp.clip(k.astype(jnp.int32), -252, 252)
+    half = k // 2
+    return x * _pow2(half) * _pow2(k - half)
+
+
+def exponent(x: jax.Array) -> jax.Array:
+    """Integer e with ``max|x|`` in ``[2**(e-1), 2**e)``; 0 for a zero or non-finite maximum, so
+    that NaN and Inf reach the sums unchanged and propagate into the coefficients."""
+    top = jnp.max(jnp.abs(x))
+    _, e = jnp.frexp(top)
+    return jnp.where(jnp.isfinite(top) & (top > 0), e, 0).astype(jnp.int32)
