@@ -1,7 +1,7 @@
-"""adasum.all_reduce in real Gloo process groups for world sizes 2 to 8.
+"""The Adasum collective in real Gloo process groups for world sizes 2 to 8, both algorithms.
 
-One group is started per world size; its workers run every scenario and send back what they
-saw, and the tests compare that with adasum.reduce computed here in the parent.
+One group is started per world size and algorithm; its workers run every scenario and send back
+what they saw, and the tests compare that with adasum.reduce computed here in the parent.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import torch
 import torch.distributed as dist
 
 import adasum
-import adasum._order
 from adasum.lab.launch import spawn
+from conftest import TIMEOUT, caught, rel_err, same_bits
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 7, 8]
-TIMEOUT = 120
 # Relative L2 error allowed against the reducer (issue 2).
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 100 * 2**-10, torch.bfloat16: 100 * 2**-7}
 
@@ -47,64 +46,60 @@ def flat_inputs(rank: int) -> tuple[torch.Tensor, list[int]]:
     return torch.randn(sum(numels), generator=g), numels
 
 
-def _catch(fn):
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _choose_path(path: str) -> None:
-    # Small buffers normally take the gather path; these tests pin each algorithm in turn.
-    import adasum._collective
-
-    adasum._collective._GATHER_BYTES = {"vhdd": -1, "gather": 1 << 62}[path]
-
-
-def _scenarios(rank: int, world: int, path: str) -> dict:
-    _choose_path(path)
+def _scenarios(rank: int, world: int, algorithm: str) -> dict:
     out = {}
+    reducer = adasum.Adasum(algorithm=algorithm)  # small buffers would take the gather on "auto"
     # Many layers, mixed dtypes, one non-contiguous tensor, stats.
     tensors = rank_inputs(rank)
     tensors[0] = tensors[0].t()  # a non-contiguous view
-    out["stats"] = adasum.all_reduce(tensors, stats=True)
+    out["stats"] = reducer.all_reduce(tensors, stats=True)
     tensors[0] = tensors[0].t()
     out["layers"] = tensors
+    # Statistics never change the result.
+    quiet = rank_inputs(rank)
+    reducer.all_reduce(quiet)
+    out["without_stats"] = quiet
     # One tensor, reduced where it lies.
     single = rank_inputs(rank)[6]
-    adasum.all_reduce(single)
+    reducer.all_reduce(single)
     out["single"] = single
-    # One flat buffer with layer boundaries.
+    # One flat buffer with layer boundaries, with and without stats.
     buf, numels = flat_inputs(rank)
-    adasum.all_reduce_flat(buf, numels)
+    out["flat_stats"] = reducer.all_reduce_flat(buf, numels, stats=True)
     out["flat"] = buf
+    buf, numels = flat_inputs(rank)
+    reducer.all_reduce_flat(buf, numels)
+    out["flat_without_stats"] = buf
+    # The one-call function with the same algorithm gives the same bits.
+    again = rank_inputs(rank)
+    adasum.all_reduce(again, algorithm=algorithm)
+    out["function"] = again
     # A subgroup of the odd ranks only (every rank creates it, members call it).
     members = list(range(1, world, 2))
     sub = dist.new_group(members)
     if rank in members:
         x = rank_inputs(rank)[2]
-        adasum.all_reduce(x, group=sub)
+        adasum.all_reduce(x, group=sub, algorithm=algorithm)
         out["sub"] = x
     # Non-finite values propagate to every rank.
     y = torch.ones(10)
     if rank == world - 1:
         y[3] = float("inf")
-    adasum.all_reduce(y)
+    reducer.all_reduce(y)
     out["nonfinite"] = bool(torch.isfinite(y).all())
     # Bad input: mismatched layouts raise on every rank instead of hanging.
     shape = (4, 5) if rank == world - 1 else (5, 4)
-    out["shape_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3), torch.ones(shape)]))
+    out["shape_error"] = caught(lambda: reducer.all_reduce([torch.ones(3), torch.ones(shape)]))
     dtype = torch.float64 if rank == 0 else torch.float32
-    out["dtype_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3, dtype=dtype)]))
+    out["dtype_error"] = caught(lambda: reducer.all_reduce([torch.ones(3, dtype=dtype)]))
     count = 2 if rank == 1 else 1
-    out["count_error"] = _catch(lambda: adasum.all_reduce([torch.ones(2)] * count))
-    out["type_error"] = _catch(lambda: adasum.all_reduce([torch.ones(3, dtype=torch.int32)]))
-    # Nothing to combine: every rank passes an empty list.
-    out["empty_list"] = adasum.all_reduce([], stats=True).stages
+    out["count_error"] = caught(lambda: reducer.all_reduce([torch.ones(2)] * count))
+    out["type_error"] = caught(lambda: reducer.all_reduce([torch.ones(3, dtype=torch.int32)]))
+    # Nothing to reduce: every rank passes an empty list.
+    out["empty_list"] = reducer.all_reduce([], stats=True).stages
     # Still usable after the errors.
     z = torch.full((3,), float(rank))
-    adasum.all_reduce(z)
+    reducer.all_reduce(z)
     out["after"] = z
     return out
 
@@ -119,18 +114,9 @@ def run(request):
     return world, spawn(_scenarios, world, path, timeout=TIMEOUT)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double().flatten(), ref.double().flatten()
-    return float((x - ref).norm() / ref.norm()) if ref.norm() > 0 else float(x.norm())
-
-
 def assert_identical(results: list[dict], key: str) -> None:
-    first = results[0][key]
     for r, res in enumerate(results[1:], start=1):
-        others = res[key] if isinstance(first, list) else [res[key]]
-        mine = first if isinstance(first, list) else [first]
-        for a, b in zip(mine, others):
-            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (key, r)
+        assert same_bits(results[0][key], res[key]), (key, r)
 
 
 def test_layers_equal_the_reducer_and_are_bit_identical(run):
@@ -141,6 +127,14 @@ def test_layers_equal_the_reducer_and_are_bit_identical(run):
         assert got.shape == shape and got.dtype == dtype
         assert rel_err(got, ref) <= TOL[dtype], (shape, dtype)
     assert torch.equal(results[0]["layers"][5], torch.zeros(4, 4))
+
+
+def test_stats_do_not_change_the_bits(run):
+    _, results = run
+    for res in results:
+        assert same_bits(res["layers"], res["without_stats"])
+        assert same_bits(res["flat"], res["flat_without_stats"])
+        assert same_bits(res["layers"], res["function"])
 
 
 def test_stats_equal_the_reducers(run):
@@ -183,10 +177,10 @@ def test_non_finite_propagates(run):
 def test_mismatches_raise_on_every_rank(run):
     world, results = run
     for res in results:
-        assert res["shape_error"] == f"ValueError: adasum.all_reduce: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
-        assert res["dtype_error"].startswith("ValueError: adasum.all_reduce: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
-        assert res["count_error"] == "ValueError: adasum.all_reduce: rank 1 passed 2 tensors, rank 0 passed 1"
-        assert res["type_error"].startswith("TypeError: ")
+        assert res["shape_error"] == f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
+        assert res["dtype_error"].startswith("ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
+        assert res["count_error"] == "ValueError: adasum: rank 1 passed 2 tensors, rank 0 passed 1"
+        assert res["type_error"] == "TypeError: adasum: rank 0: tensor 0 is int32; Adasum needs float16, bfloat16, float32 or float64 tensors"
     assert_identical(results, "after")
     ref = adasum.reduce([torch.full((3,), float(r)) for r in range(world)])
     assert rel_err(results[0]["after"], ref) <= 1e-6
@@ -194,7 +188,7 @@ def test_mismatches_raise_on_every_rank(run):
 
 def test_empty_list(run):
     world, results = run
-    expected = [len(stage) for stage in adasum._order.schedule(world)]
+    expected = [len(stage) for stage in adasum.schedule(world)]
     assert [s.shape for s in results[0]["empty_list"]] == [(n, 3, 0) for n in expected]
 
 
@@ -215,9 +209,8 @@ def _without_kernels(rank: int, world: int) -> list[torch.Tensor]:
     import adasum._ops
 
     adasum._ops._kernels = None
-    _choose_path("vhdd")
     tensors = rank_inputs(rank)
-    adasum.all_reduce(tensors)
+    adasum.all_reduce(tensors, algorithm="vhdd")
     return tensors
 
 
@@ -231,9 +224,8 @@ def test_pytorch_fallback_arithmetic(world):
 
 
 def _gathered(rank: int, world: int) -> list[torch.Tensor]:
-    _choose_path("gather")
     tensors = rank_inputs(rank)
-    adasum.all_reduce(tensors)
+    adasum.all_reduce(tensors, algorithm="gather")
     return tensors
 
 

@@ -18,11 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum._stats import summarize
 from adasum.lab.launch import spawn
+from conftest import TIMEOUT, bits
 
 WORLD = 4
-TIMEOUT = 120
 # (micro-batches per step) for each step: accumulation with no_sync on the later steps.
 MICRO = [1, 1, 2, 3]
 LR, MOMENTUM = 0.05, 0.9
@@ -67,7 +66,7 @@ def _train(rank: int, world: int) -> dict:
     model = MixedNet()
     # Tiny buckets: layers of one model land in several buckets.
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.0005)
-    state = AdasumState(diagnostics=True, named_parameters=model.named_parameters())
+    state = AdasumState(stats=True, named_parameters=model.named_parameters())
     seen: set[int] = set()
 
     def counting_hook(st, bucket):  # unannotated: DDP checks annotations against real types
@@ -95,20 +94,32 @@ def _train(rank: int, world: int) -> dict:
         out["combined"].append(grads_or_zeros(model))
         opt.step()
         out["params"].append([p.detach().clone() for p in model.parameters()])
-    out["diagnostics"] = dict(state.last_diagnostics)
+    out["diagnostics"] = state.last_stats.summary()
+    state.close()
     out["buckets"] = len(seen)
     out["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     out["world"] = dist.get_world_size()
+    out["baselines"] = {name: _baseline_step(rank, name) for name in ("average", "sum")}
     return out
+
+
+def _baseline_step(rank: int, name: str) -> dict:
+    """One step through the same hook with a baseline reducer: its local and reduced gradients."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    shadow = copy.deepcopy(model)
+    loss_of(shadow, rank, 0, 0).backward()
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.0005)
+    reducer = {"average": adasum.Average(), "sum": adasum.Sum()}[name]
+    with AdasumState(reducer) as state:
+        ddp.register_comm_hook(state, adasum_hook)
+        loss_of(ddp, rank, 0, 0).backward()
+    return {"local": grads_or_zeros(shadow), "reduced": grads_or_zeros(model)}
 
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict]:
     return spawn(_train, WORLD, timeout=TIMEOUT)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
 
 
 def test_combined_gradients_are_adasum_of_local_ones(runs):
@@ -155,7 +166,7 @@ def test_parameters_follow_momentum_sgd_on_the_reduced_gradients(runs):
 def test_diagnostics_match_the_reducers_stats(runs):
     names = [n for n, _ in MixedNet().named_parameters()]
     _, tree = adasum.reduce([r["local"][-1] for r in runs], stats=True)
-    expected = summarize(tree, names)
+    expected = tree.named(names).summary()
     got = runs[0]["diagnostics"]
     assert set(got) == set(expected)
     for key, value in expected.items():
@@ -164,10 +175,21 @@ def test_diagnostics_match_the_reducers_stats(runs):
     assert all(r["diagnostics"] == got for r in runs[1:])
 
 
+@pytest.mark.parametrize("name", ["average", "sum"])
+def test_baselines_run_through_the_same_hook(runs, name):
+    reducer = {"average": adasum.Average(), "sum": adasum.Sum()}[name]
+    expected = reducer.reduce([r["baselines"][name]["local"] for r in runs])
+    for got, ref in zip(runs[0]["baselines"][name]["reduced"], expected):
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    for r in runs[1:]:
+        for a, b in zip(runs[0]["baselines"][name]["reduced"], r["baselines"][name]["reduced"]):
+            assert torch.equal(bits(a), bits(b))
+
+
 def test_state_pickles_without_its_process_group():
-    state = AdasumState(process_group=object(), diagnostics=True)
-    state.last_diagnostics = {"adasum/scale": 0.7}
+    state = AdasumState(adasum.Adasum(group=object(), algorithm="vhdd"), stats=True)
+    state.last_stats = adasum.Stats(())
     copy_ = pickle.loads(pickle.dumps(state))
-    assert copy_.process_group is None and copy_.diagnostics is True
-    assert copy_.last_diagnostics == {}
+    assert copy_.reducer.group is None and copy_.reducer.algorithm == "vhdd" and copy_.stats is True
+    assert copy_.last_stats is None
     assert not hasattr(state, "__dict__")  # slots

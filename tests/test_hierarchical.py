@@ -17,11 +17,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum._hierarchical import Hierarchy, split_layers
+from adasum._hierarchical import split_layers
 from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer
-
-TIMEOUT = 120
+from conftest import TIMEOUT, bits, caught
 SHAPES = [((7, 5), torch.float32), ((13,), torch.float64), ((4, 4), torch.bfloat16),
           ((3,), torch.float32), ((50,), torch.float32), ((2, 3), torch.float64)]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2}
@@ -54,23 +53,31 @@ def definition(inputs: list[list[torch.Tensor]], local_size: int, stats: bool = 
 def _layouts(rank: int, world: int, local_sizes: list[int]) -> dict:
     out = {}
     for local_size in local_sizes:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            h = Hierarchy(local_size)
+        h = adasum.Hierarchical(local_size)
         tensors = rank_inputs(rank)
-        tree = h.all_reduce(tensors, stats=True)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            tree = h.all_reduce(tensors, stats=True)
+        quiet = rank_inputs(rank)
+        h.all_reduce(quiet)
         flat = torch.cat([t.reshape(-1) for t in rank_inputs(rank) if t.dtype == torch.float32])
         numels = [t.numel() for t in rank_inputs(rank) if t.dtype == torch.float32]
         h.all_reduce_flat(flat, numels)
         out[local_size] = {
-            "result": tensors, "stats": tree.stages, "flat": flat, "nodes": h.nodes,
-            "single_node": h.single_node, "warnings": [str(w.message) for w in caught],
+            "result": tensors, "without_stats": quiet, "stats": tree.stages, "flat": flat, "nodes": h.nodes,
+            "single_node": h.single_node, "warnings": [str(w.message) for w in warned],
         }
-    try:
-        Hierarchy(4)
-        out["bad_layout"] = None
-    except ValueError as e:
-        out["bad_layout"] = str(e)
+    out["bad_layout"] = caught(lambda: adasum.Hierarchical(4).all_reduce(torch.ones(2)))
+    # The same validation as the flat collective, before any data moves.
+    h = adasum.Hierarchical(local_sizes[0])
+    shape = (4, 5) if rank == world - 1 else (5, 4)
+    out["shape_error"] = caught(lambda: h.all_reduce([torch.ones(3), torch.ones(shape)]))
+    dtype = torch.float64 if rank == 0 else torch.float32
+    out["dtype_error"] = caught(lambda: h.all_reduce([torch.ones(3, dtype=dtype)]))
+    out["count_error"] = caught(lambda: h.all_reduce([torch.ones(2)] * (2 if rank == 1 else 1)))
+    out["empty_error"] = caught(lambda: h.all_reduce([] if rank == 1 else [torch.ones(2)]))
+    out["stats_error"] = caught(lambda: h.all_reduce(torch.ones(2), stats=rank == 0))
+    out["type_error"] = caught(lambda: h.all_reduce([torch.ones(3, dtype=torch.int32) if rank == 2 else torch.ones(3)]))
     return out
 
 
@@ -80,7 +87,7 @@ def _six(rank: int, world: int) -> dict:
 
 def _training(rank: int, world: int) -> dict:
     out = _layouts(rank, world, [2])
-    h = Hierarchy()  # LOCAL_WORLD_SIZE=2 from the environment
+    h = adasum.Hierarchical()  # LOCAL_WORLD_SIZE=2 from the environment
     out["env_layout"] = (h.nodes, h.local_size, h.node, h.local_rank)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
@@ -90,14 +97,14 @@ def _training(rank: int, world: int) -> dict:
     torch.nn.functional.mse_loss(shadow(x), y).backward()
     out["local"] = [p.grad.clone() for p in shadow.parameters()]
     ddp = DDP(model, bucket_cap_mb=0.0001)
-    ddp.register_comm_hook(AdasumState(hierarchy=h), adasum_hook)
+    ddp.register_comm_hook(AdasumState(h), adasum_hook)
     torch.nn.functional.mse_loss(ddp(x), y).backward()
     out["hook"] = [p.grad.clone() for p in model.parameters()]
     # Delta mode over the hierarchy with plain SGD: the delta is -lr * local gradient.
     plain = copy.deepcopy(shadow)
     for p, grad in zip(plain.parameters(), out["local"]):
         p.grad = grad.clone()  # deepcopy leaves gradients behind
-    opt = DistributedOptimizer(torch.optim.SGD(plain.parameters(), lr=0.5), hierarchy=h)
+    opt = DistributedOptimizer(torch.optim.SGD(plain.parameters(), lr=0.5), h)
     out["start"] = [p.detach().clone() for p in plain.parameters()]
     opt.step()
     out["delta_mode"] = [p.detach().clone() for p in plain.parameters()]
@@ -114,14 +121,12 @@ def four() -> list[dict]:
     return spawn(_training, 4, timeout=TIMEOUT, env={"LOCAL_WORLD_SIZE": "2"})
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
 def check_layout(runs: list[dict], local_size: int, expect_local: int) -> None:
     world = len(runs)
     res = [r[local_size] for r in runs]
     assert res[0]["nodes"] == world // expect_local
+    for r in res:
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(r["result"], r["without_stats"]))
     for r in res[1:]:
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(res[0]["result"], r["result"]))
         assert torch.equal(bits(res[0]["flat"]), bits(r["flat"]))
@@ -151,7 +156,18 @@ def test_single_node_warns_and_applies_adasum_across_ranks(six):
 
 
 def test_layout_must_divide_the_world(six):
-    assert "cannot be split" in six[0]["bad_layout"]
+    assert all("cannot be split" in r["bad_layout"] for r in six)
+
+
+def test_bad_input_raises_the_same_error_on_every_rank(six):
+    world = len(six)
+    for r in six:
+        assert r["shape_error"] == f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
+        assert r["dtype_error"].startswith("ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
+        assert r["count_error"] == "ValueError: adasum: rank 1 passed 2 tensors, rank 0 passed 1"
+        assert r["empty_error"] == "ValueError: adasum: rank 1 passed 0 tensors, rank 0 passed 1"
+        assert r["stats_error"] == "ValueError: adasum: stats=False on rank 1 but stats=True on rank 0"
+        assert r["type_error"].startswith("TypeError: adasum: rank 2: tensor 0 is int32")
 
 
 def test_two_by_two_and_training_paths(four):

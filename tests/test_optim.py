@@ -15,12 +15,11 @@ import pytest
 import torch
 
 import adasum
-from adasum._stats import summarize
 from adasum.lab.launch import spawn
+from conftest import TIMEOUT, bits, caught
 from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
 
 WORLD = 3
-TIMEOUT = 120
 STEPS = 3
 
 
@@ -72,7 +71,7 @@ def _run_scenario(rank: int, name: str, passes: int) -> dict:
     broadcast_parameters(model)
     opt = DistributedOptimizer(
         make_optimizer(name, list(model.parameters())), backward_passes_per_step=passes,
-        diagnostics=name == "adam", named_parameters=model.named_parameters(),
+        stats=name == "adam", named_parameters=model.named_parameters(),
     )
     out = {"initial": params(model), "grads": [], "params": []}
     for micro in range(STEPS * passes):
@@ -92,7 +91,7 @@ def _run_scenario(rank: int, name: str, passes: int) -> dict:
         if opt.passes == 0:  # an update happened: the gradients are still there
             out["grads"].append(grads(model))
             out["params"].append(params(model))
-    out["diagnostics"] = opt.last_diagnostics
+    out["diagnostics"] = opt.last_stats.summary() if opt.last_stats is not None else {}
     return out
 
 
@@ -152,12 +151,38 @@ def _grad_scaler(rank: int, overflow_step: int) -> dict:
     return out
 
 
+def _baselines(rank: int) -> dict:
+    """One SGD step through the wrapper with each baseline reducer: the deltas are -lr * grad."""
+    out = {}
+    for reducer in (adasum.Average(), adasum.Sum()):
+        model = new_model(0)
+        loss_of(model, rank, 0).backward()
+        out[reducer.name] = {"initial": params(model), "grads": grads(model)}
+        DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), reducer).step()
+        out[reducer.name]["params"] = params(model)
+    return out
+
+
+def _mismatch(rank: int) -> dict:
+    """Rank 1 has one parameter more: every rank raises before its local step."""
+    model = new_model(0)
+    extra = [torch.nn.Parameter(torch.ones(3))] if rank == 1 else []
+    opt = DistributedOptimizer(torch.optim.Adam(list(model.parameters()) + extra, lr=0.01))
+    loss_of(model, rank, 0).backward()
+    before = params(model)
+    error = caught(opt.step)
+    return {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
+            "adam_state": len(opt.state)}
+
+
 def _all(rank: int, world: int) -> dict:
     torch.manual_seed(1234)
     return {
         "scenarios": {(n, k): _run_scenario(rank, n, k) for n, k in SCENARIOS},
         "round_trip": _state_dict_round_trip(rank),
         "scaler": _grad_scaler(rank, overflow_step=2),
+        "baselines": _baselines(rank),
+        "mismatch": _mismatch(rank),
     }
 
 
@@ -190,10 +215,6 @@ def replay(name: str, initial: list[torch.Tensor], per_rank_grads: list[list[lis
             deltas_seen.append(deltas)
         history.append([t.clone() for t in x])
     return history, deltas_seen
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
 
 
 def assert_runs_match(runs: list[dict], name: str, skipped: frozenset[int] = frozenset()) -> list:
@@ -238,8 +259,23 @@ def test_diagnostics_of_the_deltas(runs):
     _, tree = adasum.reduce(deltas[-1], stats=True)
     got = scenario[0]["diagnostics"]
     assert "adasum/layer/0.weight/cos" in got and "adasum/level1/scale" in got
-    for key, value in summarize(tree, ["0.weight", "0.bias", "2.weight", "2.bias"]).items():
+    for key, value in tree.named(["0.weight", "0.bias", "2.weight", "2.bias"]).summary().items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["average", "sum"])
+def test_baselines_run_through_the_same_wrapper(runs, name):
+    reducer = {"average": adasum.Average(), "sum": adasum.Sum()}[name]
+    moved = reducer.reduce([[-0.5 * g for g in r["baselines"][name]["grads"]] for r in runs])
+    for r in runs:
+        for got, start, step in zip(r["baselines"][name]["params"], r["baselines"][name]["initial"], moved):
+            assert torch.allclose(got, start + step, rtol=1e-6, atol=1e-7)
+
+
+def test_a_parameter_mismatch_raises_everywhere_before_the_step(runs):
+    for r in runs:
+        assert r["mismatch"]["error"] == "ValueError: adasum: rank 1 passed 5 tensors, rank 0 passed 4"
+        assert r["mismatch"]["unchanged"] and r["mismatch"]["adam_state"] == 0
 
 
 def test_state_dict_round_trip(runs):

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import torch
 
-from adasum._ops import check_dtype, offsets_of
+from adasum._ops import offsets_of
 
-__all__ = ["Layout", "DtypeGroup"]
+__all__ = ["Layout", "DtypeGroup", "Flats"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,13 @@ class Layout:
 
     @classmethod
     def of(cls, tensors: list[torch.Tensor]) -> Layout:
-        for t in tensors:
-            check_dtype(t)
-        return _cached_layout(tuple(tuple(t.shape) for t in tensors), tuple(t.dtype for t in tensors))
+        """The layout of ``tensors`` (checked by the caller: see :mod:`adasum._check`)."""
+        return _cached(tuple(tuple(t.shape) for t in tensors), tuple(t.dtype for t in tensors))
+
+    @classmethod
+    def of_flat(cls, numels: tuple[int, ...], dtype: torch.dtype) -> Layout:
+        """The layout of a flat buffer holding 1-D layers of ``numels`` elements end to end."""
+        return _cached(tuple((n,) for n in numels), (dtype,) * len(numels))
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -105,16 +110,29 @@ class Layout:
             tensors[i].copy_(flat[lo:hi].view(self.shapes[i]))
 
 
-_LAYOUTS: dict[tuple, Layout] = {}
+@dataclass
+class Flats:
+    """The buffers being reduced: one flat buffer per dtype and where its layers lie."""
+
+    buffers: Sequence[torch.Tensor]
+    groups: Sequence[DtypeGroup]
+    num_layers: int
+    layer_ids: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        device = self.buffers[0].device
+        self.layer_ids = [torch.tensor(g.layers, dtype=torch.int64, device=device) for g in self.groups]
+
+    def partials_row(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-dtype ``[3, layers of the dtype]`` partials as one ``[3, num_layers]`` row."""
+        row = torch.zeros(3, self.num_layers, dtype=torch.float64, device=self.buffers[0].device)
+        for ids, part in zip(self.layer_ids, parts):
+            row[:, ids] = part.to(row.device)
+        return row
 
 
-def _cached_layout(shapes: tuple, dtypes: tuple) -> Layout:
-    # Training calls the same layout every step; building offsets once per layout keeps the
-    # per-call cost to a dict lookup.
-    key = (shapes, dtypes)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        if len(_LAYOUTS) > 256:
-            _LAYOUTS.clear()
-        layout = _LAYOUTS[key] = Layout(shapes, dtypes)
-    return layout
+
+# Training asks for the same layout every step: offsets are built once per layout.
+@lru_cache(maxsize=256)
+def _cached(shapes: tuple, dtypes: tuple) -> Layout:
+    return Layout(shapes, dtypes)

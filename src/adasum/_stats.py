@@ -1,7 +1,7 @@
-r"""How orthogonal the combined vectors were: numbers a training loop can log.
+r"""Statistics of the pairwise combinations: what each Adasum saw, per layer.
 
-For each pair (a, b) that Adasum combines, per layer, two numbers are derived from the float64
-partials (a.b, |a|^2, |b|^2) that :class:`~adasum.TreeStats` records:
+For every pair (a, b) that the reduction combines, per layer, the float64 partials
+(a.b, |a|^2, |b|^2) from which its coefficients came are kept. Two numbers follow from them:
 
 * the cosine  :math:`c = a\cdot b / (\lVert a\rVert \lVert b\rVert)`;
 * the effective scaling of the sum,
@@ -9,31 +9,36 @@ partials (a.b, |a|^2, |b|^2) that :class:`~adasum.TreeStats` records:
   .. math::  s = \frac{\langle \mathrm{Adasum}(a, b),\, a + b\rangle}{\lVert a + b\rVert^2}
                = \frac{c_a (|a|^2 + a\cdot b) + c_b (a\cdot b + |b|^2)}{|a|^2 + 2 a\cdot b + |b|^2},
 
-  with the coefficients :math:`c_a, c_b` of :func:`adasum.ops.coefficients`. Parallel vectors give
-  s = 0.5 (Adasum averaged them), orthogonal ones s = 1 (Adasum summed them); for two vectors of
-  equal norm s = 1 - c/2 exactly.
+  with the coefficients :math:`c_a, c_b` of the operator. Parallel vectors give s = 0.5 (Adasum
+  averaged them), orthogonal ones s = 1 (Adasum summed them); for two vectors of equal norm
+  s = 1 - c/2 exactly.
 
-Reading them for the learning rate: scalings near 0.5 at every tree level mean the ranks'
-gradients agree and Adasum behaves like averaging, so the learning rate tuned for averaging
-(the per-rank batch's rate) is already right; scalings near 1 mean Adasum adds the ranks'
-contributions up, so one step does the work of up to N single-rank steps and the per-rank
-learning rate should not be scaled up further.
+Reading them for the learning rate: scalings near 0.5 at every level mean the ranks agree and
+Adasum behaves like averaging, so the learning rate tuned for one rank's batch is already right;
+scalings near 1 mean Adasum adds the ranks' contributions up, so one step does the work of up to
+N single-rank steps and that rate should not be scaled up further.
 
-Nothing here runs unless asked for: the collectives compute the partials anyway, and keeping
-them (``stats=True``) costs one small all-gather per step.
+Statistics never change the result: a reduction computes the partials anyway, and asking for
+them only keeps them (and, in the distributed algorithm, sends them once to every rank).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from adasum import _order
 from adasum._ops import coefficients
-from adasum._reduce import TreeStats
 
-__all__ = ["pair_metrics", "summarize", "concat_layers"]
+__all__ = ["Stats", "empty_stages", "pair_metrics"]
+
+
+def empty_stages(ranks: int, num_layers: int) -> list[torch.Tensor]:
+    """Zeroed ``[pairs, 3, layers]`` float64 tensors, one per stage of the schedule of ``ranks``."""
+    return [torch.zeros(len(stage), 3, num_layers, dtype=torch.float64) for stage in _order.schedule(ranks)]
 
 
 def pair_metrics(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,50 +55,70 @@ def pair_metrics(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cosine, scale
 
 
-def concat_layers(parts: Sequence[TreeStats]) -> TreeStats:
-    """Join TreeStats of disjoint sets of layers reduced over the same ranks (one per DDP bucket,
-    say) into one, layers in the given order."""
-    parts = [p for p in parts if p.stages]
-    if not parts:
-        return TreeStats(())
-    return TreeStats(tuple(torch.cat(stage, dim=2) for stage in zip(*(p.stages for p in parts))))
-
-
 def _mean(values: torch.Tensor) -> float:
     finite = values[~torch.isnan(values)]
     return float(finite.mean()) if finite.numel() else math.nan
 
 
-def summarize(
-    stats: TreeStats, names: Sequence[str] | None = None, prefix: str = "adasum"
-) -> dict[str, float]:
-    """Flatten :class:`~adasum.TreeStats` into ``{name: float}`` for a logger.
+@dataclass(frozen=True)
+class Stats:
+    """What each combination saw, per layer.
 
-    Keys (means over the pairs combined, ignoring undefined values, NaN when nothing is defined):
-
-    * ``{prefix}/scale``, ``{prefix}/cos``: over every pair, layer and tree level;
-    * ``{prefix}/level{s}/scale``, ``{prefix}/level{s}/cos``: per stage s of
-      :func:`adasum._order.schedule` (the fold, if any, is stage 0);
-    * ``{prefix}/layer/{name}/scale``, ``{prefix}/layer/{name}/cos``: per layer over all levels,
-      ``name`` from ``names`` (in the reduced tensors' order) or the layer's index.
-
-    One rank (no combinations) gives an empty dict.
+    ``stages[s]`` is a float64 tensor ``[pairs, 3, layers]`` holding a.b, |a|^2 and |b|^2 of
+    every pair that stage s of :func:`adasum.schedule` combined (the fold, if any, is stage 0),
+    for every layer in the order the layers were given. ``names`` optionally names the layers.
+    A reduction without pairwise combinations (one rank, averaging, summing) has no stages.
     """
-    if not stats.stages:
-        return {}
-    num_layers = stats.stages[0].shape[-1]
-    if names is None:
-        names = [str(i) for i in range(num_layers)]
-    elif len(names) != num_layers:
-        raise ValueError(f"{len(names)} names for {num_layers} layers")
-    per_stage = [pair_metrics(stage) for stage in stats.stages]  # each [pairs, layers]
-    cosines = torch.cat([c for c, _ in per_stage], dim=0)
-    scales = torch.cat([s for _, s in per_stage], dim=0)
-    out = {f"{prefix}/scale": _mean(scales), f"{prefix}/cos": _mean(cosines)}
-    for s, (cos, scale) in enumerate(per_stage):
-        out[f"{prefix}/level{s}/scale"] = _mean(scale)
-        out[f"{prefix}/level{s}/cos"] = _mean(cos)
-    for i, name in enumerate(names):
-        out[f"{prefix}/layer/{name}/scale"] = _mean(scales[:, i])
-        out[f"{prefix}/layer/{name}/cos"] = _mean(cosines[:, i])
-    return out
+
+    stages: tuple[torch.Tensor, ...]
+    names: tuple[str, ...] | None = None
+
+    def cosines(self) -> list[torch.Tensor]:
+        """Per stage, ``[pairs, layers]`` cosine between the combined vectors (NaN where one
+        of them is zero)."""
+        return [pair_metrics(s)[0] for s in self.stages]
+
+    def named(self, names: Sequence[str]) -> Stats:
+        """The same statistics with the layers named (``names`` in layer order)."""
+        if self.stages and len(names) != self.stages[0].shape[-1]:
+            raise ValueError(f"{len(names)} names for {self.stages[0].shape[-1]} layers")
+        return Stats(self.stages, tuple(names))
+
+    @staticmethod
+    def concat(parts: Sequence[Stats]) -> Stats:
+        """Join statistics of disjoint sets of layers reduced over the same ranks (one per DDP
+        bucket, say) into one, layers in the given order."""
+        parts = [p for p in parts if p.stages]
+        if not parts:
+            return Stats(())
+        stages = tuple(torch.cat(stage, dim=2) for stage in zip(*(p.stages for p in parts)))
+        names = None
+        if all(p.names is not None for p in parts):
+            names = tuple(n for p in parts for n in p.names)
+        return Stats(stages, names)
+
+    def summary(self, prefix: str = "adasum") -> dict[str, float]:
+        """``{name: float}`` for a logger: means over the pairs combined, ignoring undefined
+        values (NaN when nothing is defined).
+
+        * ``{prefix}/scale``, ``{prefix}/cos``: over every pair, layer and stage;
+        * ``{prefix}/level{s}/scale``, ``.../cos``: per stage s;
+        * ``{prefix}/layer/{name}/scale``, ``.../cos``: per layer over all stages, ``name`` from
+          :attr:`names` or the layer's index.
+
+        No stages give an empty dict.
+        """
+        if not self.stages:
+            return {}
+        names = self.names or [str(i) for i in range(self.stages[0].shape[-1])]
+        per_stage = [pair_metrics(stage) for stage in self.stages]  # each ([pairs, layers],) * 2
+        cosines = torch.cat([c for c, _ in per_stage], dim=0)
+        scales = torch.cat([s for _, s in per_stage], dim=0)
+        out = {f"{prefix}/scale": _mean(scales), f"{prefix}/cos": _mean(cosines)}
+        for s, (cos, scale) in enumerate(per_stage):
+            out[f"{prefix}/level{s}/scale"] = _mean(scale)
+            out[f"{prefix}/level{s}/cos"] = _mean(cos)
+        for i, name in enumerate(names):
+            out[f"{prefix}/layer/{name}/scale"] = _mean(scales[:, i])
+            out[f"{prefix}/layer/{name}/cos"] = _mean(cosines[:, i])
+        return out

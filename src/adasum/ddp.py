@@ -5,15 +5,16 @@
     model = DDP(model)
     model.register_comm_hook(AdasumState(), adasum_hook)
 
-replaces DDP's gradient averaging: each bucket's gradients become, per parameter, the Adasum of
-all ranks' local gradients (order of :mod:`adasum.order`), bit-identical on every rank. Layer
-boundaries come from the bucket's parameters, so each parameter gets its own dot products
-whatever the bucketing.
+replaces DDP's gradient averaging: each bucket's gradients become, per parameter, the reduction
+of all ranks' local gradients by the state's reducer (:class:`adasum.Adasum` by default, in the
+order of :func:`adasum.schedule`, bit-identical on every rank; :class:`adasum.Hierarchical`,
+:class:`adasum.Average` and :class:`adasum.Sum` run through the same hook). Layer boundaries come
+from the bucket's parameters, so each parameter gets its own dot products whatever the bucketing.
 
 The result is NOT divided by the world size. Adasum of N equal gradients is that gradient (as an
 average would be) and of N orthogonal ones their sum, so the step lies between what averaging and
 summing would give: start from the learning rate tuned for one rank's batch (not scaled up by N
-as for averaging), and see :mod:`adasum.diagnostics` for where between the two a model sits.
+as for averaging), and see :class:`adasum.Stats` for where between the two a model sits.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations against the
@@ -26,10 +27,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from adasum._collective import all_reduce_flat
-from adasum._stats import concat_layers, summarize
-from adasum._hierarchical import Hierarchy
-from adasum._reduce import TreeStats
+from adasum._adasum import Adasum
+from adasum._groups import new_group_like
+from adasum._reducer import Reducer
+from adasum._stats import Stats
 
 __all__ = ["AdasumState", "adasum_hook"]
 
@@ -40,94 +41,99 @@ class AdasumState:
     """State of :func:`adasum_hook`.
 
     Args:
-        process_group: the ranks to combine over (default: DDP's, i.e. the world).
-        diagnostics: record how orthogonal the ranks' gradients were at every synchronising
-            backward pass, per layer and tree level, in :attr:`last_diagnostics` (a dict of
-            floats, see :func:`adasum.diagnostics.summarize`); one small all-gather per bucket
-            when on, nothing when off.
-        named_parameters: ``model.named_parameters()`` to key the diagnostics by parameter name
-            (otherwise keys are ``b{bucket}.{position}``).
-        hierarchy: a :class:`adasum.hierarchical.Hierarchy` to average inside nodes and apply
-            Adasum across nodes instead (combined on the autograd thread, blocking).
-        overlap: combine buckets on a background thread so that communication overlaps the rest
-            of the backward pass, as DDP's own allreduce does. The thread talks over a process
-            group of its own (same ranks, created by the first hook call), so its messages never
-            interleave with DDP's or the training loop's collectives on ``process_group``.
+        reducer: what to reduce the gradients with (default :class:`adasum.Adasum` over the
+            default group; its group must be DDP's).
+        stats: record, at every synchronising backward pass, what each combination saw per
+            layer, in :attr:`last_stats` (:class:`adasum.Stats`, layers named by parameter;
+            ``last_stats.summary()`` gives floats for a logger). Never changes the gradients.
+        named_parameters: ``model.named_parameters()`` to name the layers in the statistics
+            (otherwise ``b{bucket}.{position}``).
+        overlap: reduce buckets on a background thread so that communication overlaps the rest
+            of the backward pass, as DDP's own all-reduce does. The thread talks over a process
+            group of its own (same ranks and timeout, created by the first hook call), so its
+            messages never interleave with DDP's or the training loop's on the reducer's group.
 
-    Pickling keeps the settings and drops the process group, the hierarchy, the names and the
-    thread (they do not survive a process boundary); an unpickled state combines over the
-    default group.
+    :meth:`close` (or ``with``) ends the thread and frees the group and buffers. Pickling keeps
+    the settings and the reducer's options and drops every process group, the names and the
+    thread; an unpickled state reduces over the default group.
     """
 
-    __slots__ = (
-        "process_group",
-        "diagnostics",
-        "hierarchy",
-        "overlap",
-        "last_diagnostics",
-        "_names",
-        "_pending",
-        "_comm_group",
-        "_executor",
-    )
+    __slots__ = ("reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_group", "_worker", "_executor")
 
     def __init__(
         self,
-        process_group: Optional[dist.ProcessGroup] = None,
+        reducer: Optional[Reducer] = None,
         *,
-        diagnostics: bool = False,
+        stats: bool = False,
         named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
-        hierarchy: Optional[Hierarchy] = None,
         overlap: bool = True,
     ) -> None:
-        self.process_group = process_group
-        self.diagnostics = diagnostics
-        self.hierarchy = hierarchy
+        self.reducer = reducer if reducer is not None else Adasum()
+        self.stats = stats
         self.overlap = overlap
-        self.last_diagnostics: dict[str, float] = {}
-        self._names: dict[int, str] = (
-            {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
-        )
-        self._pending: list[tuple[TreeStats, list[str]]] = []
-        self._comm_group: Optional[dist.ProcessGroup] = None
+        self.last_stats: Optional[Stats] = None
+        self._names: dict[int, str] = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
+        self._pending: list[tuple[Stats, list[str]]] = []
+        self._group: Optional[dist.ProcessGroup] = None
+        self._worker: Optional[Reducer] = None
         self._executor: Optional[ThreadPoolExecutor] = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"diagnostics": self.diagnostics, "overlap": self.overlap}
+        return {"reducer": self.reducer, "stats": self.stats, "overlap": self.overlap}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        logger.warning(
-            "AdasumState unpickled without its process group: it combines over the default group"
-        )
-        self.__init__(None, diagnostics=state["diagnostics"], overlap=state["overlap"])
+        logger.warning("AdasumState unpickled without its process group: it reduces over the default group")
+        self.__init__(state["reducer"], stats=state["stats"], overlap=state["overlap"])
 
-    def _background(self) -> tuple[ThreadPoolExecutor, dist.ProcessGroup]:
+    def __enter__(self) -> "AdasumState":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish pending buckets, end the background thread and free the buffers; destroy the
+        thread's process group where that is safe (below). The state stays usable: a later hook
+        call starts the thread again."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        if self._group is not None and self._spans_world():
+            # A group over every rank was made collectively and has a name never used again. A
+            # subgroup's name is a hash that a new group of the same ranks could repeat after a
+            # destroy (and then meet the old group's addresses), so it is kept for reuse.
+            dist.destroy_process_group(self._group)
+            self._group = None
+        self.reducer.close()
+
+    def _spans_world(self) -> bool:
+        return dist.get_world_size(self.reducer.group) == dist.get_world_size()
+
+    def _background(self) -> tuple[ThreadPoolExecutor, Reducer]:
         if self._executor is None:
-            ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-            # Only the group's members meet here (in their first hook call), hence local sync.
-            self._comm_group = dist.new_group(ranks, use_local_synchronization=True)
-            # One thread: buckets are combined in the order DDP hands them over, the same on
+            if self._group is None:
+                # Every member calls the hook at this point; only they do for a subgroup.
+                self._group = new_group_like(self.reducer.group, local=not self._spans_world())
+            self._worker = self.reducer.with_group(self._group)
+            # One thread: buckets are reduced in the order DDP hands them over, the same on
             # every rank, which is what keeps the ranks' messages paired.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adasum-ddp")
-        return self._executor, self._comm_group
+        return self._executor, self._worker
 
-    def _combine(self, job: "_Bucket", group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-        if self.hierarchy is not None:
-            stats = self.hierarchy.all_reduce_flat(job.flat, job.numels, stats=self.diagnostics)
-        else:
-            stats = all_reduce_flat(job.flat, job.numels, group, stats=self.diagnostics)
+    def _reduce(self, job: "_Bucket", reducer: Reducer) -> torch.Tensor:
+        stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats)
         if stats is not None:
             self._record(job, stats)
         return job.buffer
 
-    def _record(self, job: "_Bucket", stats: TreeStats) -> None:
-        names = [self._names.get(key, f"b{job.index}.{k}") for k, key in enumerate(job.param_ids)]
-        self._pending.append((stats, names))
+    def _record(self, job: "_Bucket", stats: Stats) -> None:
+        self._pending.append((stats, [self._names.get(key, f"b{job.index}.{k}") for k, key in enumerate(job.param_ids)]))
         if job.is_last:
-            self.last_diagnostics = summarize(
-                concat_layers([s for s, _ in self._pending]),
-                [n for _, layer_names in self._pending for n in layer_names],
-            )
+            names = [n for _, layer_names in self._pending for n in layer_names]
+            self.last_stats = Stats.concat([s for s, _ in self._pending]).named(names)
             self._pending = []
 
 
@@ -148,24 +154,23 @@ class _Bucket:
 
 
 def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Replace the bucket's flat gradient buffer by the per-parameter Adasum of all ranks'.
+    """Replace the bucket's flat gradient buffer by the per-parameter reduction of all ranks'.
 
-    Returns a future holding the buffer, combined in place. With ``state.overlap`` (and no
-    hierarchy) the combination runs on the state's background thread and the future completes
-    when it is done (DDP waits for it at the end of the backward pass); otherwise it runs here
-    and the future is already complete.
+    Returns a future holding the buffer, reduced in place. With ``state.overlap`` the reduction
+    runs on the state's background thread and the future completes when it is done (DDP waits
+    for it at the end of the backward pass); otherwise it runs here and the future is already
+    complete.
     """
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     job = _Bucket(bucket)
-    overlap = state.overlap and state.hierarchy is None and dist.get_world_size(state.process_group) > 1
-    if not overlap:
-        future.set_result(state._combine(job, state.process_group))
+    if not state.overlap or dist.get_world_size(state.reducer.group) == 1:
+        future.set_result(state._reduce(job, state.reducer))
         return future
-    executor, group = state._background()
+    executor, worker = state._background()
 
     def run() -> None:
         try:
-            future.set_result(state._combine(job, group))
+            future.set_result(state._reduce(job, worker))
         except BaseException as e:  # reaches the backward pass through the future
             future.set_exception(e)
 

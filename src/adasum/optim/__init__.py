@@ -1,13 +1,16 @@
-"""Optimizers for Adasum's delta mode.
+"""Optimizers for delta mode.
 
-    DistributedOptimizer(opt)   each rank steps ``opt`` on its own gradients; the parameter
-                                deltas are combined with Adasum (how the paper trains with Adam
-                                and LAMB)
-    broadcast_parameters(model) make every rank start from rank 0's parameters
-    Lamb(params)                LAMB (You et al., 2019), which torch does not ship
+    DistributedOptimizer(opt, reducer)  each rank steps ``opt`` on its own gradients; the
+                                        parameter deltas are reduced (with Adasum: how the
+                                        paper trains with Adam and LAMB)
+    local_delta(opt, params, start)     one worker's step as its parameter delta (delta mode's
+                                        local half, for loops that simulate workers)
+    broadcast_parameters(model)         make every rank start from rank 0's parameters
+    Lamb(params)                        LAMB (You et al., 2019), which torch does not ship
 """
 
-from adasum.optim.distributed import DistributedOptimizer, broadcast_parameters
-from adasum.optim.lamb import Lamb
+from adasum.optim._delta import local_delta
+from adasum.optim._distributed import DistributedOptimizer, broadcast_parameters
+from adasum.optim._lamb import Lamb
 
-__all__ = ["DistributedOptimizer", "broadcast_parameters", "Lamb"]
+__all__ = ["DistributedOptimizer", "local_delta", "broadcast_parameters", "Lamb"]

@@ -8,10 +8,11 @@ ranks), g_r rank r's gradient and opt_r rank r's optimizer (its own moments):
     \delta_r = \mathrm{opt}_r(x, g_r) - x, \qquad
     x \leftarrow x + \mathrm{Adasum}(\delta_0, \ldots, \delta_{N-1})
 
-with Adasum per parameter tensor in the order of :mod:`adasum.order`. The wrapped optimizer steps
-once over all its parameters (so optimizers that look across parameters, like LAMB's per-layer
-trust ratio or a global clip inside the optimizer, see everything), and the deltas of all
-parameters travel in one fused :func:`adasum.all_reduce`.
+with Adasum per parameter tensor in the order of :func:`adasum.schedule` (or any other
+:class:`adasum.Reducer`: the averaging and summing baselines take the same path). The wrapped
+optimizer steps once over all its parameters (so optimizers that look across parameters, like
+LAMB's per-layer trust ratio or a global clip inside the optimizer, see everything), and the
+deltas of all parameters travel in one reducer call.
 """
 
 from __future__ import annotations
@@ -22,16 +23,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import adasum
-from adasum._stats import summarize
-from adasum._hierarchical import Hierarchy
+from adasum._adasum import Adasum
+from adasum._reducer import Reducer
+from adasum._stats import Stats
+from adasum.optim._delta import apply_delta, local_delta
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters"]
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
-    """Wrap ``optimizer`` so that each :meth:`step` combines the ranks' parameter deltas with
-    Adasum (delta mode, see the module docstring).
+    """Wrap ``optimizer`` so that each :meth:`step` reduces the ranks' parameter deltas with
+    Adasum or another reducer (delta mode, see the module docstring).
 
     Use it on a model whose gradients are NOT averaged by DDP (a plain module, or DDP with every
     backward inside ``no_sync()``), after making the parameters equal on all ranks with
@@ -45,7 +47,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; its state (moments) stays local to this rank.
-        process_group: the ranks to combine over (default: the world).
+        reducer: what to reduce the deltas with (default :class:`adasum.Adasum` over the
+            default group); its group is the ranks that train together.
         backward_passes_per_step: gradients of this many backward passes are accumulated before
             an update. The passes are counted (hooks on the parameters), so :meth:`step` and
             :meth:`zero_grad` may be called after every pass: they do nothing until the last
@@ -53,13 +56,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any. Needed so
             that an overflow on one rank makes every rank skip the step and every rank's scaler
             back off (see :meth:`step`).
-        diagnostics: record per-layer orthogonality of the deltas each step in
-            :attr:`last_diagnostics` (see :mod:`adasum.diagnostics`); costs one small
-            all-gather per step, nothing when off.
-        named_parameters: ``model.named_parameters()`` to name the layers in the diagnostics.
-        hierarchy: an :class:`adasum.hierarchical.Hierarchy` to average inside nodes and apply
-            Adasum across them instead of across all ranks (``process_group`` is then unused
-            for the combination).
+        stats: record what each combination of the deltas saw, per layer, in
+            :attr:`last_stats` (:class:`adasum.Stats`); never changes the result.
+        named_parameters: ``model.named_parameters()`` to name the layers in the statistics.
+
+    Before the local step every rank checks, together with the others, that all pass the same
+    parameters (:meth:`adasum.Reducer.check`): on a mismatch every rank raises and no
+    optimizer state has changed.
     """
 
     # GradScaler.step then calls step() on every rank, handing over found_inf and grad_scale,
@@ -69,13 +72,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        process_group: dist.ProcessGroup | None = None,
+        reducer: Reducer | None = None,
         backward_passes_per_step: int = 1,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
-        diagnostics: bool = False,
+        stats: bool = False,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
-        hierarchy: Hierarchy | None = None,
     ) -> None:
         # torch.optim.Optimizer.__init__ is not called: the wrapped optimizer owns the parameter
         # groups and the state, which this class exposes through properties.
@@ -85,13 +87,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise TypeError("the optimizer is already a DistributedOptimizer")
         if int(backward_passes_per_step) < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        if reducer is not None and not isinstance(reducer, Reducer):
+            raise TypeError(f"reducer must be an adasum.Reducer, got {type(reducer).__name__}")
         self.optimizer = optimizer
-        self.process_group = process_group
+        self.reducer = reducer if reducer is not None else Adasum()
         self.backward_passes_per_step = int(backward_passes_per_step)
         self.grad_scaler = grad_scaler
-        self.diagnostics = diagnostics
-        self.hierarchy = hierarchy
-        self.last_diagnostics: dict[str, float] = {}
+        self.stats = stats
+        self.last_stats: Stats | None = None
         self._names = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
         self._passes: dict[int, int] = {}
         self._hooked: set[int] = set()
@@ -172,7 +175,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Accumulate, or update: local step, Adasum of the deltas, parameters = start + result.
+        """Accumulate, or update: check, local step, reduction of the deltas, parameters =
+        start + result.
 
         With a closure, the closure is one backward pass: before the last pass of a cycle it is
         only evaluated; on the last it goes to the wrapped optimizer's step. Returns the
@@ -203,9 +207,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if grad_scale is not None:
                 self._unscale(grad_scale)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.reducer.check(params, stats=self.stats)  # before anything changes
         start = self._snapshot(params)
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self._combine(params, start)
+        loss = local_delta(self.optimizer, params, start, closure)
+        self._reduce(params, start)
         self._end_cycle()
         return loss
 
@@ -219,25 +224,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_(self._start, [p.detach() for p in params])
         return self._start
 
-    @torch.no_grad()
-    def _combine(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
-        # Parameters are turned into their deltas in place, combined in place and shifted back,
-        # so delta mode needs no memory beyond the snapshot.
-        deltas = [p.detach() for p in params]
-        torch._foreach_sub_(deltas, start)
+    def _reduce(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+        # The parameters hold their deltas: they are reduced in place and shifted back, so delta
+        # mode needs no memory beyond the snapshot.
         try:
-            if self.hierarchy is not None:
-                stats = self.hierarchy.all_reduce(deltas, stats=self.diagnostics)
-            else:
-                stats = adasum.all_reduce(deltas, self.process_group, stats=self.diagnostics)
+            stats = self.reducer.all_reduce(params, stats=self.stats)
         except BaseException:
             # Leave usable parameters behind (the values before this step), not deltas.
-            torch._foreach_copy_(deltas, start)
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in params], start)
             raise
-        torch._foreach_add_(deltas, start)
+        apply_delta(params, start)
         if stats is not None:
-            names = [self._names.get(id(p), str(i)) for i, p in enumerate(params)]
-            self.last_diagnostics = summarize(stats, names)
+            self.last_stats = stats.named([self._names.get(id(p), str(i)) for i, p in enumerate(params)])
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
         if self.grad_scaler is None:
@@ -247,8 +246,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "makes every rank's scaler back off and the scalers stay identical"
             )
         flag = found_inf.detach().float().reshape(1).clone()
-        group = self.hierarchy.world if self.hierarchy is not None else self.process_group
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.reducer.group)
         # GradScaler.update() reads the per-device flags it recorded for this optimizer, not the
         # summed copy handed to step(); they must hold the agreed value or the scalers diverge.
         # GradScaler offers no public way to set them.

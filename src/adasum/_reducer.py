@@ -1,0 +1,179 @@
+"""The reducer interface: the one place every front door plugs in.
+
+A :class:`Reducer` replaces every rank's tensors, in place, by one reduction of all ranks'
+tensors over its process group, per layer (each tensor, or each run of a flat buffer, is one
+layer). Every call first runs the one validation (:mod:`adasum._check`), then packs the layers
+into one flat buffer per dtype and hands them to the implementation's :meth:`Reducer._reduce`.
+The same reduction, computed in one process over N simulated ranks, is :meth:`Reducer.reduce`:
+the reference the tests compare against and the engine of the simulator.
+
+A reducer keeps the buffers it reuses between calls (a fresh allocation of tens of megabytes
+costs page faults on every step); :meth:`Reducer.close` frees them. One reducer serves one
+thread; :meth:`Reducer.with_group` makes another with the same settings on another group.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from adasum._check import Problem, Setting, agree, flat_problem, local_problem
+from adasum._groups import device_type_of, message_device
+from adasum._layout import DtypeGroup, Flats, Layout
+from adasum._stats import Stats
+
+__all__ = ["Reducer"]
+
+Tensors = torch.Tensor | Sequence[torch.Tensor]
+
+
+class Reducer(abc.ABC):
+    """A reduction of every rank's tensors over a process group (None: the default group).
+
+    Subclasses: :class:`adasum.Adasum`, :class:`adasum.Hierarchical`, :class:`adasum.Average`,
+    :class:`adasum.Sum`. Constructing one does not touch torch.distributed.
+    """
+
+    #: What the reducer computes, as the program and the error messages name it.
+    name: ClassVar[str]
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.setting()[1:])
+        return f"{type(self).__name__}({options})"
+
+    # -- what every rank calls --------------------------------------------------------------
+
+    def all_reduce(self, tensors: Tensors, *, stats: bool = False) -> Stats | None:
+        """Replace each rank's tensors by the reduction of all ranks' tensors, in place.
+
+        Every rank of the group calls this with the same number of tensors, shapes and dtypes
+        (float16, bfloat16, float32, float64) in the same order, on one device the group
+        carries; otherwise every rank raises the same TypeError or ValueError before any data
+        moves. With ``stats=True`` returns the :class:`~adasum.Stats` of the pairwise
+        combinations on every rank (statistics never change the result); otherwise None.
+        """
+        tensor_list = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        with torch.no_grad():  # in place on leaves that require grad, at every size
+            layout = self._validated(tensor_list, stats)
+            if self._idle(layout):
+                return self._idle_stats(len(layout)) if stats else None
+            buffers = [self._packed(layout, tensor_list, g) for g in layout.groups]
+            result = self._reduce(Flats(buffers, layout.groups, len(layout)), stats)
+            for buffer, g in zip(buffers, layout.groups):
+                if not _is_view_of(buffer, tensor_list[g.layers[0]]):
+                    layout.unpack(buffer, tensor_list, g)
+        return result
+
+    def all_reduce_flat(self, buffer: torch.Tensor, numels: Sequence[int], *, stats: bool = False) -> Stats | None:
+        """:meth:`all_reduce` on one contiguous 1-D buffer holding layers of ``numels``
+        elements end to end (a DDP bucket, say), in place and without a packing copy."""
+        numels = tuple(int(n) for n in numels)
+        with torch.no_grad():
+            problem = flat_problem(buffer, numels, device_type_of(self.group)) or self._problem([buffer])
+            layout = None if problem else Layout.of_flat(numels, buffer.dtype)
+            self._agree(problem, layout, stats)
+            if self._idle(layout):
+                return self._idle_stats(len(layout)) if stats else None
+            return self._reduce(Flats([buffer], layout.groups, len(layout)), stats)
+
+    def check(self, tensors: Tensors, *, stats: bool = False) -> None:
+        """The validation of :meth:`all_reduce` alone: returns on every rank, or raises the same
+        error on every rank. For a caller that must know before it changes anything (the
+        delta-mode optimizer checks the parameters before its local step)."""
+        self._validated([tensors] if isinstance(tensors, torch.Tensor) else list(tensors), stats)
+
+    @abc.abstractmethod
+    def reduce(self, per_rank: Sequence[Sequence[torch.Tensor]], *, stats: bool = False) -> Any:
+        """The same reduction in one process: ``per_rank[r]`` is rank r's list of tensors (or
+        one tensor). Returns the result like :func:`adasum.reduce` (with ``stats=True``,
+        ``(result, Stats)``); the inputs are not changed."""
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def with_group(self, group: dist.ProcessGroup | None) -> Reducer:
+        """A reducer with these settings on ``group`` (and buffers of its own)."""
+        clone = copy.copy(self)  # through __getstate__: no group, no buffers
+        clone.group = group
+        return clone
+
+    def close(self) -> None:
+        """Free the buffers kept between calls (the reducer stays usable)."""
+        self._buffers.clear()
+
+    def __enter__(self) -> Reducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process group does not survive a process boundary; an unpickled reducer works on
+        # the default group.
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["group"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._buffers = {}
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def setting(self) -> Setting:
+        """What every rank must pass alike: the reducer and its options."""
+        return (("reducer", self.name),)
+
+    def _problem(self, tensors: Sequence[torch.Tensor]) -> Problem | None:
+        """A problem only this kind of reducer has with valid tensors (none by default)."""
+        return None
+
+    @abc.abstractmethod
+    def _reduce(self, flats: Flats, stats: bool) -> Stats | None:
+        """Reduce the validated, non-empty buffers in place over a group of 2 or more ranks."""
+
+    def _idle_stats(self, num_layers: int) -> Stats:
+        """The statistics of a call with nothing to reduce (one rank, or no layers)."""
+        return Stats(())
+
+    def _buffer(self, purpose: str, like: torch.Tensor, numel: int) -> torch.Tensor:
+        """A buffer of ``numel`` elements kept for ``purpose``, as large as the largest one
+        asked for so far (per dtype and device): memory bounded by the largest call."""
+        key = (purpose, like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
+
+    # -- the shared steps -------------------------------------------------------------------
+
+    def _validated(self, tensors: list, stats: bool) -> Layout:
+        problem = local_problem(tensors, device_type_of(self.group)) or self._problem(tensors)
+        layout = None if problem else Layout.of(tensors)
+        self._agree(problem, layout, stats)
+        return layout
+
+    def _agree(self, problem: Problem | None, layout: Layout | None, stats: bool) -> None:
+        setting = self.setting() + (("stats", bool(stats)),)
+        agree(self.group, problem, layout, setting, message_device(self.group))
+
+    def _idle(self, layout: Layout) -> bool:
+        return len(layout) == 0 or dist.get_world_size(self.group) == 1
+
+    def _packed(self, layout: Layout, tensors: list[torch.Tensor], g: DtypeGroup) -> torch.Tensor:
+        first = tensors[g.layers[0]]
+        if len(g.layers) == 1 and first.is_contiguous():
+            return first.view(-1)  # a single contiguous tensor is reduced where it lies
+        return layout.pack(tensors, g, out=self._buffer("pack", first, g.numel))
+
+
+def _is_view_of(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return buffer.data_ptr() == tensor.data_ptr() and buffer.numel() == tensor.numel()

@@ -1,0 +1,41 @@
+"""Helpers the test modules share.
+
+Multi-process tests start real Gloo groups through :func:`adasum.lab.launch.spawn`, whose
+``timeout`` ends every worker, so a bug fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Seconds a spawned group may take before its workers are ended and the test fails.
+TIMEOUT = 120
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``: equal bits, not just equal values (NaN, -0.0)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def same_bits(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor | list[torch.Tensor]) -> bool:
+    """Whether two tensors, or two lists of tensors, have the same dtypes, shapes and bits."""
+    a = a if isinstance(a, list) else [a]
+    b = b if isinstance(b, list) else [b]
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y)) for x, y in zip(a, b)
+    )
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of ``x`` against ``ref`` (the norm of ``x`` when ``ref`` is zero)."""
+    x, ref = x.double().flatten(), ref.double().flatten()
+    return float((x - ref).norm() / ref.norm()) if ref.norm() > 0 else float(x.norm())
+
+
+def caught(fn) -> str | None:
+    """``"TypeName: message"`` of the TypeError or ValueError ``fn()`` raises, else None."""
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
