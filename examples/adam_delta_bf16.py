@@ -38,7 +38,7 @@ broadcast_parameters(model)  # everyone starts from rank 0's parameters
 optimizer = DistributedOptimizer(
     torch.optim.Adam(model.parameters(), lr=lr),
     backward_passes_per_step=accumulation,
-    diagnostics=True,
+    stats=True,
 )
 
 # ----------------------------------------------------------------------------- training
@@ -57,7 +57,7 @@ for epoch in range(epochs):
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     if rank == 0:
-        scale = optimizer.last_diagnostics.get("adasum/scale", float("nan"))
+        scale = optimizer.last_stats.summary().get("adasum/scale", float("nan"))
         print(f"epoch {epoch}: loss {accumulation * loss.item():.4f}  test acc {acc:.3f}  "
               f"adasum scale {scale:.3f} (0.5 = averaged, 1 = summed)")
 

@@ -33,7 +33,7 @@ model = torch.nn.Sequential(
     torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
 )
 model = DDP(model)  # broadcasts rank 0's parameters to everyone
-state = AdasumState(diagnostics=True, named_parameters=model.module.named_parameters())  # Adasum (1/2)
+state = AdasumState(stats=True, named_parameters=model.module.named_parameters())  # Adasum (1/2)
 model.register_comm_hook(state, adasum_hook)  # Adasum (2/2)
 optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
@@ -49,11 +49,11 @@ for epoch in range(epochs):
     with torch.no_grad():
         acc = (model.module(x_test).argmax(1) == y_test).float().mean().item()
     if rank == 0:
-        d = state.last_diagnostics
-        scale = d.get("adasum/scale", float("nan"))
+        scale = state.last_stats.summary().get("adasum/scale", float("nan"))
         print(f"epoch {epoch}: loss {loss.item():.4f}  test acc {acc:.3f}  "
               f"adasum scale {scale:.3f} (0.5 = averaged, 1 = summed)")
 
 if rank == 0:
     print(f"{world} ranks, {epochs * steps_per_epoch} steps in {time.time() - t0:.1f} s")
+state.close()  # ends the hook's background thread and frees its process group
 dist.destroy_process_group()

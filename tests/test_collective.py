@@ -95,6 +95,21 @@ def _scenarios(rank: int, world: int, algorithm: str) -> dict:
     count = 2 if rank == 1 else 1
     out["count_error"] = caught(lambda: reducer.all_reduce([torch.ones(2)] * count))
     out["type_error"] = caught(lambda: reducer.all_reduce([torch.ones(3, dtype=torch.int32)]))
+    # Errors only one rank can see reach every rank before any data moves.
+    last = world - 1
+    out["one_int"] = caught(lambda: reducer.all_reduce([torch.ones(3, dtype=torch.int64) if rank == last else torch.ones(3)]))
+    out["not_a_tensor"] = caught(lambda: reducer.all_reduce([[1.0, 2.0] if rank == 1 else torch.ones(2)]))
+    out["meta_device"] = caught(lambda: reducer.all_reduce(torch.ones(2, device="meta" if rank == 0 else "cpu")))
+    out["two_devices"] = caught(lambda: reducer.all_reduce([torch.ones(2), torch.ones(2, device="meta" if rank == 1 else "cpu")]))
+    flat = torch.ones(2, 3) if rank == 1 else torch.ones(6)
+    out["flat_2d"] = caught(lambda: reducer.all_reduce_flat(flat, [6]))
+    out["flat_sizes"] = caught(lambda: reducer.all_reduce_flat(torch.ones(6), [5] if rank == last else [6]))
+    out["other_reducer"] = caught(lambda: (adasum.Average() if rank == 1 else reducer).all_reduce(torch.ones(2)))
+    # Leaves that require grad are reduced in place at every size (both algorithms on "auto").
+    grads = [torch.ones(3, requires_grad=True), torch.full((1 << 18,), float(rank), requires_grad=True)]
+    for t in grads:
+        adasum.all_reduce(t)
+    out["requires_grad"] = [t.detach() for t in grads]
     # Nothing to reduce: every rank passes an empty list.
     out["empty_list"] = reducer.all_reduce([], stats=True).stages
     # Still usable after the errors.
@@ -181,6 +196,19 @@ def test_mismatches_raise_on_every_rank(run):
         assert res["dtype_error"].startswith("ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
         assert res["count_error"] == "ValueError: adasum: rank 1 passed 2 tensors, rank 0 passed 1"
         assert res["type_error"] == "TypeError: adasum: rank 0: tensor 0 is int32; Adasum needs float16, bfloat16, float32 or float64 tensors"
+    last = world - 1
+    for res in results:
+        assert res["one_int"] == f"TypeError: adasum: rank {last}: tensor 0 is int64; Adasum needs float16, bfloat16, float32 or float64 tensors"
+        assert res["not_a_tensor"] == "TypeError: adasum: rank 1: item 0 is a list, not a torch.Tensor"
+        assert res["meta_device"] == "ValueError: adasum: rank 0: the tensors are on meta, but the process group carries cpu tensors"
+        assert res["two_devices"] == "ValueError: adasum: rank 1: the tensors are on several devices: cpu, meta"
+        assert res["flat_2d"] == "ValueError: adasum: rank 1: the flat buffer must be a contiguous 1-D tensor"
+        assert res["flat_sizes"] == f"ValueError: adasum: rank {last}: the layers' sizes add up to 5, the buffer holds 6"
+        assert res["other_reducer"] == "ValueError: adasum: reducer=average on rank 1 but reducer=adasum on rank 0"
+    assert_identical(results, "requires_grad")
+    assert torch.equal(results[0]["requires_grad"][0], torch.ones(3))
+    big = adasum.reduce([torch.full((1 << 18,), float(r)) for r in range(world)])
+    assert rel_err(results[0]["requires_grad"][1], big) <= 1e-6
     assert_identical(results, "after")
     ref = adasum.reduce([torch.full((3,), float(r)) for r in range(world)])
     assert rel_err(results[0]["after"], ref) <= 1e-6

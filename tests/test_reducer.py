@@ -1,0 +1,161 @@
+"""The reducer interface on real Gloo groups: every reducer against its own single-process
+reference, what statistics cost, lifecycle (buffers, close, pickling) and the timeout of the
+groups the library creates."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import adasum
+from adasum._groups import timeout_of
+from adasum.ddp import AdasumState, adasum_hook
+from adasum.lab.launch import spawn
+from adasum.optim import DistributedOptimizer
+from conftest import TIMEOUT, rel_err, same_bits
+
+SHAPES = [((6, 4), torch.float32), ((9,), torch.float64), ((5,), torch.bfloat16)]
+
+
+def rank_inputs(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(70 + rank)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(d) for s, d in SHAPES]
+
+
+def reducers() -> dict[str, adasum.Reducer]:
+    return {"adasum": adasum.Adasum(), "average": adasum.Average(), "sum": adasum.Sum(),
+            "hierarchical": adasum.Hierarchical(1)}
+
+
+def _every_reducer(rank: int, world: int) -> dict:
+    out = {}
+    for name, reducer in reducers().items():
+        with reducer:
+            tensors = rank_inputs(rank)
+            reducer.all_reduce(tensors)
+            out[name] = tensors
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_reducer_equals_its_single_process_reference(world):
+    results = spawn(_every_reducer, world, timeout=TIMEOUT)
+    inputs = [rank_inputs(r) for r in range(world)]
+    for name, reducer in reducers().items():
+        expected = reducer.reduce(inputs)
+        for r in results[1:]:
+            assert same_bits(results[0][name], r[name]), name
+        for got, want, (_, dtype) in zip(results[0][name], expected, SHAPES):
+            assert got.dtype == dtype
+            assert rel_err(got, want) <= (1e-2 if dtype == torch.bfloat16 else 1e-6), name
+
+
+def _messages(rank: int, world: int) -> dict:
+    """How many point-to-point batches and all-gathers one call makes, with and without stats."""
+    import adasum._groups
+    import adasum._vhdd
+
+    counts = {"p2p": 0, "gather": 0}
+    send = dist.batch_isend_irecv
+    gather = adasum._groups.all_gather_single
+
+    def counted_send(ops):
+        counts["p2p"] += 1
+        return send(ops)
+
+    def counted_gather(*args, **kwargs):
+        counts["gather"] += 1
+        return gather(*args, **kwargs)
+
+    dist.batch_isend_irecv = counted_send
+    adasum._vhdd.all_gather_single = counted_gather
+    out = {}
+    for algorithm in ("vhdd", "gather"):
+        reducer = adasum.Adasum(algorithm=algorithm)
+        for stats in (False, True):
+            counts.update(p2p=0, gather=0)
+            reducer.all_reduce(rank_inputs(rank), stats=stats)
+            out[(algorithm, stats)] = dict(counts)
+    return out
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_stats_cost_at_most_one_small_message(world):
+    results = spawn(_messages, world, timeout=TIMEOUT)
+    for res in results:
+        for algorithm in ("vhdd", "gather"):
+            off, on = res[(algorithm, False)], res[(algorithm, True)]
+            assert on["p2p"] == off["p2p"]
+            assert on["gather"] - off["gather"] <= 1
+
+
+def _lifecycle(rank: int, world: int) -> dict:
+    reducer = adasum.Adasum(algorithm="vhdd")
+    for n in (1000, 100_000, 10):
+        reducer.all_reduce([torch.randn(n), torch.randn(n, dtype=torch.float64)])
+    kept = {f"{purpose} {dtype}": buf.numel() for (purpose, dtype, _), buf in reducer._buffers.items()}
+    reducer.close()
+    emptied = len(reducer._buffers)
+    again = torch.full((4,), float(rank))
+    reducer.all_reduce(again)  # usable after close
+    state = AdasumState(adasum.Adasum())
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    model.register_comm_hook(state, adasum_hook)
+    model(torch.randn(4, 3)).sum().backward()
+    hook_group_timeout = timeout_of(state._group)
+    thread_alive = state._executor is not None
+    state.close()
+    hierarchical = adasum.Hierarchical(2)
+    hierarchical.all_reduce(torch.ones(3))
+    intra, across = hierarchical._groups()
+    return {
+        "kept": kept, "emptied": emptied, "again": again, "thread_alive": thread_alive,
+        "closed": state._executor is None and state._worker is None,
+        "timeouts": [timeout_of(None), hook_group_timeout, timeout_of(intra), timeout_of(across.group)],
+    }
+
+
+def test_buffers_are_bounded_and_closed_and_groups_inherit_the_timeout():
+    results = spawn(_lifecycle, 4, timeout=23)
+    for res in results:
+        # The largest slice received at level 1 of two ranks' halving: half of 100,000 elements.
+        assert res["kept"] == {"recv torch.float32": 50_000, "recv torch.float64": 50_000}
+        assert res["emptied"] == 0
+        assert torch.equal(res["again"], adasum.reduce([torch.full((4,), float(r)) for r in range(4)]))
+        assert res["thread_alive"] and res["closed"]
+        assert res["timeouts"] == [timedelta(seconds=23)] * 4
+
+
+def test_reducers_pickle_without_their_group_and_keep_their_options():
+    for reducer in (adasum.Adasum(group=object(), algorithm="gather"), adasum.Hierarchical(4, group=object()),
+                    adasum.Average(group=object())):
+        copy_ = pickle.loads(pickle.dumps(reducer))
+        assert copy_.group is None and repr(copy_) == repr(reducer)
+    moved = adasum.Adasum(algorithm="vhdd").with_group("g")
+    assert moved.group == "g" and moved.algorithm == "vhdd" and moved._buffers == {}
+
+
+def test_bad_settings_are_refused_at_construction(monkeypatch):
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        adasum.Adasum(algorithm="ring")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
+        adasum.Hierarchical()
+    with pytest.raises(ValueError, match="at least 1"):
+        adasum.Hierarchical(0)
+    with pytest.raises(TypeError, match="adasum.Reducer"):
+        DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), "adasum")
+
+
+def test_single_process_references_agree_with_the_definitions():
+    a, b, c = (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([4.0, 4.0]))
+    assert torch.equal(adasum.Sum().reduce([a, b, c]), a + b + c)
+    assert torch.allclose(adasum.Average().reduce([a, b, c]), (a + b + c) / 3)
+    assert torch.equal(adasum.Adasum().reduce([a, b]), a + b)  # orthogonal: summed
+    # Two nodes of two: the node averages, then Adasum of the two.
+    nodes = adasum.Hierarchical(2).reduce([a, b, c, c])
+    assert torch.allclose(nodes, adasum.combine((a + b) / 2, c))
