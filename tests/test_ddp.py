@@ -94,7 +94,7 @@ def _train(rank: int, world: int) -> dict:
         out["combined"].append(grads_or_zeros(model))
         opt.step()
         out["params"].append([p.detach().clone() for p in model.parameters()])
-    out["diagnostics"] = state.last_stats.summary()
+    out["stats"] = state.last_stats.summary()
     state.close()
     out["buckets"] = len(seen)
     out["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
@@ -163,16 +163,16 @@ def test_parameters_follow_momentum_sgd_on_the_reduced_gradients(runs):
     assert runs[0]["buckets"] >= 3
 
 
-def test_diagnostics_match_the_reducers_stats(runs):
+def test_stats_match_the_reducers(runs):
     names = [n for n, _ in MixedNet().named_parameters()]
     _, tree = adasum.reduce([r["local"][-1] for r in runs], stats=True)
     expected = tree.named(names).summary()
-    got = runs[0]["diagnostics"]
+    got = runs[0]["stats"]
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
     assert 0.4 < got["adasum/scale"] < 1.1
-    assert all(r["diagnostics"] == got for r in runs[1:])
+    assert all(r["stats"] == got for r in runs[1:])
 
 
 @pytest.mark.parametrize("name", ["average", "sum"])

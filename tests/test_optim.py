@@ -91,7 +91,7 @@ def _run_scenario(rank: int, name: str, passes: int) -> dict:
         if opt.passes == 0:  # an update happened: the gradients are still there
             out["grads"].append(grads(model))
             out["params"].append(params(model))
-    out["diagnostics"] = opt.last_stats.summary() if opt.last_stats is not None else {}
+    out["stats"] = opt.last_stats.summary() if opt.last_stats is not None else {}
     return out
 
 
@@ -253,11 +253,11 @@ def test_accumulation_sums_the_passes(runs):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_diagnostics_of_the_deltas(runs):
+def test_stats_of_the_deltas(runs):
     scenario = [r["scenarios"][("adam", 1)] for r in runs]
     _, deltas = replay("adam", scenario[0]["initial"], [r["grads"] for r in scenario])
     _, tree = adasum.reduce(deltas[-1], stats=True)
-    got = scenario[0]["diagnostics"]
+    got = scenario[0]["stats"]
     assert "adasum/layer/0.weight/cos" in got and "adasum/level1/scale" in got
     for key, value in tree.named(["0.weight", "0.bias", "2.weight", "2.bias"]).summary().items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
