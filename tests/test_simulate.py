@@ -10,19 +10,20 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.config import ConfigError, Plan, RunConfig
+from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.tasks import TaskError, load_task
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
 
 def test_reduce_stacked_matches_the_reducer_and_the_mean():
+    """The lab's reducer names give Adasum, the mean and the sum over the stacked workers."""
     g = torch.Generator().manual_seed(0)
     layers = [torch.randn(5, 3, 4, generator=g), torch.randn(5, 7, generator=g)]
     per_rank = [[t[r] for t in layers] for r in range(5)]
-    for got, want in zip(reduce_stacked(layers, "adasum"), adasum.reduce(per_rank)):
+    for got, want in zip(reduce_stacked(layers, make_reducer("adasum")), adasum.reduce(per_rank)):
         assert torch.equal(got, want)
-    assert torch.allclose(reduce_stacked(layers, "average")[1], sum(r[1] for r in per_rank) / 5)
-    assert torch.allclose(reduce_stacked(layers, "sum")[0], sum(r[0] for r in per_rank))
+    assert torch.allclose(reduce_stacked(layers, make_reducer("average"))[1], sum(r[1] for r in per_rank) / 5)
+    assert torch.allclose(reduce_stacked(layers, make_reducer("sum"))[0], sum(r[0] for r in per_rank))
 
 
 def test_one_worker_update_is_sequential_sgd():

@@ -13,12 +13,18 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+import adasum
+
 __all__ = [
     "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
-    "ConfigError", "RunConfig", "Plan",
+    "ConfigError", "RunConfig", "Plan", "make_reducer",
 ]
 
-REDUCERS = ("adasum", "average", "sum")
+#: The reducers a run can use, by the name the options and the summaries give them. Real
+#: training and the simulator both build theirs here, so a name means the same code in both.
+REDUCERS: dict[str, type[adasum.Reducer]] = {
+    cls.name: cls for cls in (adasum.Adasum, adasum.Average, adasum.Sum)
+}
 OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
 #: Optimizers whose parameter updates (not gradients) are reduced, as in the paper.
 DELTA_MODE = frozenset({"adam", "lamb"})
@@ -144,3 +150,8 @@ class Plan:
         if c.schedule == "linear":
             return c.lr * (1 - progress)
         return c.lr
+
+
+def make_reducer(name: str) -> adasum.Reducer:
+    """A fresh reducer ``name`` (see :data:`REDUCERS`) over the default process group."""
+    return REDUCERS[name]()

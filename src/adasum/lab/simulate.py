@@ -25,21 +25,19 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import adasum
-from adasum.lab.config import DELTA_MODE, REDUCERS, Plan, RunConfig
+from adasum.lab.config import DELTA_MODE, REDUCERS, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize
 from adasum.lab.tasks import Task
+from adasum.optim import local_delta
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry"]
 
 
-def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: str) -> list[torch.Tensor]:
-    """Reduce ``[workers, ...]`` tensors (one per layer) over the worker dimension."""
-    if reducer == "adasum":
-        return adasum.reduce([[t[r] for t in stacked] for r in range(stacked[0].shape[0])])
-    if reducer == "average":
-        return [t.mean(0) for t in stacked]
-    return [t.sum(0) for t in stacked]
+def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> list[torch.Tensor]:
+    """Reduce ``[workers, ...]`` tensors (one per layer, as vmap returns them) over the worker
+    dimension: what ``reducer.all_reduce`` would give every rank of a real run."""
+    return reducer.reduce([[t[r] for t in stacked] for r in range(stacked[0].shape[0])])
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -77,14 +75,15 @@ class _Workers:
         return [w[n] - start[n] for n in self.names]
 
 
-def _sequential_distances(workers: _Workers, grads: list[torch.Tensor], x: torch.Tensor,
-                          y: torch.Tensor, lr: float) -> dict[str, float]:
+def _sequential_distances(workers: _Workers, reducers: dict[str, adasum.Reducer],
+                          grads: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                          lr: float) -> dict[str, float]:
     """Relative distance of each reducer's SGD update to the sequential one, and how much
     longer Adasum's update is than the average's (1 = average, workers = sum)."""
     seq = workers.sequential_update(x, y, lr)
     seq_norm = _norm(seq)
     row = {}
-    reduced = {name: reduce_stacked(grads, name) for name in REDUCERS}
+    reduced = {name: reduce_stacked(grads, reducer) for name, reducer in reducers.items()}
     for name, update in reduced.items():
         row[f"dist_{name}"] = _norm([-lr * u - s for u, s in zip(update, seq)]) / max(seq_norm, 1e-300)
     row["adasum_scale"] = _norm(reduced["adasum"]) / max(_norm(reduced["average"]), 1e-300)
@@ -99,6 +98,9 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     points add the test score and, with ``distances``, the distances to sequential SGD.
     """
     plan = Plan(config.validated(), workers, len(task.x_train))
+    # Every reducer, for the distances; the run itself steps with its own.
+    reducers = {name: make_reducer(name) for name in REDUCERS}
+    reducer = reducers[config.reducer]
     model = task.build_model(config.seed)
     sim = _Workers(task, model)
     params = list(model.parameters())
@@ -122,11 +124,11 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
         row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
         evaluating = plan.evaluates_after(step + 1)
         if evaluating and distances:
-            row.update(_sequential_distances(sim, grads, x, y, lr))
+            row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
         if delta:
-            _delta_step(params, copies, optimizers, grads, config.reducer)
+            _delta_step(params, copies, optimizers, grads, reducer)
         else:
-            for p, g in zip(params, reduce_stacked(grads, config.reducer)):
+            for p, g in zip(params, reduce_stacked(grads, reducer)):
                 p.grad = g
             optimizers[0].step()
         if evaluating:
@@ -144,20 +146,20 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
 
 def _delta_step(params: list[torch.nn.Parameter], copies: list[list[torch.nn.Parameter]],
                 optimizers: list[torch.optim.Optimizer], grads: list[torch.Tensor],
-                reducer: str) -> None:
-    """Every worker steps from the shared weights; the shared weights move by the reduced
-    deltas."""
-    deltas = []
+                reducer: adasum.Reducer) -> None:
+    """Every worker steps its own optimizer from the shared weights and keeps the delta, as
+    each rank of :class:`adasum.optim.DistributedOptimizer` does (:func:`adasum.optim.local_delta`);
+    the shared weights move by the reduced deltas."""
+    start = [p.detach() for p in params]
     for r, (copy, opt) in enumerate(zip(copies, optimizers)):
         with torch.no_grad():
-            for c, p, g in zip(copy, params, grads):
+            for c, p, g in zip(copy, start, grads):
                 c.copy_(p)
                 c.grad = g[r]
-        opt.step()
-        deltas.append([c.detach() - p.detach() for c, p in zip(copy, params)])
-    stacked = [torch.stack(layer) for layer in zip(*deltas)]
+        local_delta(opt, copy, start)
+    deltas = reducer.reduce([[c.detach() for c in copy] for copy in copies])
     with torch.no_grad():
-        for p, d in zip(params, reduce_stacked(stacked, reducer)):
+        for p, d in zip(params, deltas):
             p.add_(d)
 
 
@@ -165,9 +167,9 @@ def sweep(task: Task, base: RunConfig, *, workers: Sequence[int], reducers: Sequ
           optimizers: Sequence[str], lrs: Sequence[float], batches: Sequence[int],
           accums: Sequence[int], distances: bool = True,
           on_run: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
-    """One run per point of the grid the given values span; returns ``(summaries, curves)`` where each curve
-    row is a history row tagged with its run's index. Settings whose step would need more
-    examples than the training set holds are skipped."""
+    """One run per point of the grid the given values span; returns ``(summaries, curves)``
+    where each curve row is a history row tagged with its run's index. Settings whose step would
+    need more examples than the training set holds are skipped."""
     summaries, curves = [], []
     grid = itertools.product(optimizers, batches, accums, workers, reducers, lrs)
     for optimizer, batch, accum, n, reducer, lr in grid:
@@ -198,7 +200,7 @@ def geometry(workers: Sequence[int], cosines: Sequence[float], dim: int = 4096,
         shared, noise = basis[:, 0], basis[:, 1:].T
         for c in cosines:
             vectors = math.sqrt(c) * shared + math.sqrt(1 - c) * noise
-            a = adasum.reduce(list(vectors))
+            a = adasum.Adasum().reduce(list(vectors))
             total, mean = vectors.sum(0), vectors.mean(0)
             rows.append({
                 "workers": n, "cosine": c,

@@ -2,21 +2,22 @@
 
 Every worker holds the whole model, takes its share of each step's examples (the same
 examples, in the same order, as worker r of ``adasum simulate``), computes its gradient over
-``accum`` micro-batches, and the workers combine over torch.distributed:
+``accum`` micro-batches, and the workers reduce over torch.distributed with the run's reducer
+(Adasum, the average or the sum, :data:`adasum.lab.config.REDUCERS`), through the library's
+front doors only:
 
 * gradient mode (sgd, momentum): the model is wrapped in
-  :class:`torch.nn.parallel.DistributedDataParallel`, which combines the gradients during the
-  backward pass of the step's last micro-batch (the others run under ``no_sync``): Adasum
-  through the communication hook :func:`adasum.ddp.adasum_hook`, the sum through
-  :func:`sum_hook`, the average through DDP's own allreduce. Each worker then runs the same
-  optimizer step on the combined gradient;
-* delta mode (adam, lamb): each worker steps its own optimizer on its own gradient, the
-  parameter deltas are combined, and every worker applies the combined delta (with Adasum
-  through :class:`adasum.optim.DistributedOptimizer`).
+  :class:`torch.nn.parallel.DistributedDataParallel` with the communication hook
+  :func:`adasum.ddp.adasum_hook`, which reduces the gradients during the backward pass of the
+  step's last micro-batch (the others run under ``no_sync``). Each worker then runs the same
+  optimizer step on the reduced gradient;
+* delta mode (adam, lamb): :class:`adasum.optim.DistributedOptimizer` steps each worker's own
+  optimizer on its own gradient, reduces the parameter deltas and applies the result.
 
-In delta mode the average and the sum of the deltas are one allreduce (:func:`combine_`). Rank 0 evaluates,
-shows the progress bar, writes the history and the checkpoints; the checkpoint holds every
-rank's optimizer state, because in delta mode each worker's moments are its own.
+The baselines thus run the same code as Adasum: a difference between reducers in a study comes
+from the reduction alone. Rank 0 evaluates, shows the progress bar, writes the history and the
+checkpoints; the checkpoint holds every rank's optimizer state, because in delta mode each
+worker's moments are its own.
 """
 
 from __future__ import annotations
@@ -32,48 +33,31 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.config import DELTA_MODE, ConfigError, Plan, RunConfig
+from adasum.lab.config import DELTA_MODE, ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
 from adasum.lab.tasks import Task, load_task
 from adasum.optim import DistributedOptimizer
 
-__all__ = ["train_worker", "check_resume", "combine_", "sum_hook", "data_parallel"]
+__all__ = ["train_worker", "check_resume"]
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def combine_(tensors: list[torch.Tensor], combiner: str) -> None:
-    """Replace each rank's tensors, in place, by their average or sum over all ranks (delta
-    mode; Adasum of deltas goes through :class:`adasum.optim.DistributedOptimizer`)."""
-    if combiner not in ("average", "sum"):
-        raise ValueError(f"combine_ averages or sums, not {combiner!r}")
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    if combiner == "average":
-        flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def sum_hook(state, bucket):  # no annotations: DDP rejects the strings this module's would be
-    """DDP communication hook: the bucket's gradients (a ``dist.GradBucket``) summed over all
-    ranks, as a future. DDP's own allreduce divides by the world size; a hook receives the
-    gradients un-divided."""
-    work = dist.all_reduce(bucket.buffer(), async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def data_parallel(model: torch.nn.Module, combiner: str) -> DistributedDataParallel:
-    """``model`` under DDP, its gradients combined by ``combiner`` in the backward pass."""
+def _data_parallel(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager]:
+    """What this worker runs forward and steps, and what to close when the run ends (the
+    reducer's buffers; in gradient mode also the hook's thread and process group)."""
+    reducer = make_reducer(config.reducer)
+    if config.optimizer in DELTA_MODE:
+        # Each worker's optimizer steps on its own gradient; the wrapper reduces the deltas.
+        return model, DistributedOptimizer(optimizer, reducer), reducer
+    # The hook reduces the gradients in the backward pass, before the (identical) steps.
     ddp = DistributedDataParallel(model)
-    if combiner == "adasum":
-        ddp.register_comm_hook(AdasumState(), adasum_hook)
-    elif combiner == "sum":
-        ddp.register_comm_hook(None, sum_hook)
-    return ddp
+    state = AdasumState(reducer)
+    ddp.register_comm_hook(state, adasum_hook)
+    return ddp, optimizer, state
 
 
 def check_resume(path: str | os.PathLike, config: RunConfig, workers: int) -> dict:
@@ -102,16 +86,9 @@ def train_worker(
     task = load_task(config.task, config.data, config.samples)
     plan = Plan(config, workers, len(task.x_train))
     model = task.build_model(config.seed)
-    params = list(model.parameters())
-    optimizer = make_optimizer(config.optimizer, params, config.lr)
-    if config.optimizer not in DELTA_MODE:
-        # Gradient mode: DDP combines the gradients (the checkpoint keeps the bare model).
-        net = data_parallel(model, config.reducer)
-    else:
-        net = model
-        if config.reducer == "adasum":
-            # The library's delta-mode wrapper; averaging and summing deltas are done in _step.
-            optimizer = DistributedOptimizer(optimizer)
+    # The checkpoint and the evaluation use the bare model, whatever wraps it for training.
+    net, optimizer, resources = _data_parallel(
+        model, make_optimizer(config.optimizer, model.parameters(), config.lr), config)
     start, history = 0, []
     if resume is not None:
         state = check_resume(resume, config, workers)
@@ -120,20 +97,21 @@ def train_worker(
         start, history = state["step"], state["history"]
     bar = tqdm(total=plan.total_steps, initial=start, disable=not (progress and rank == 0),
                desc=f"{config.reducer}/{config.optimizer}", unit="step", leave=False)
-    for step, examples in plan.batches(start):
-        set_lr(optimizer, plan.lr_at(step))
-        mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
-        loss = _step(task, net, optimizer, mine, config)
-        row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": plan.lr_at(step), "loss": loss}
-        if rank == 0 and plan.evaluates_after(step + 1):
-            row.update(evaluate(task, model))
-            bar.set_postfix(loss=f"{loss:.4f}", score=f"{row['score']:.4f}")
-        history.append(row)
-        bar.update()
-        if not math.isfinite(loss):
-            break
-        if out is not None and (step + 1) % plan.steps_per_epoch == 0:
-            _checkpoint(Path(out), rank, workers, config, model, optimizer, step + 1, history)
+    with resources:
+        for step, examples in plan.batches(start):
+            set_lr(optimizer, plan.lr_at(step))
+            mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
+            loss = _step(task, net, optimizer, mine, config)
+            row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": plan.lr_at(step), "loss": loss}
+            if rank == 0 and plan.evaluates_after(step + 1):
+                row.update(evaluate(task, model))
+                bar.set_postfix(loss=f"{loss:.4f}", score=f"{row['score']:.4f}")
+            history.append(row)
+            bar.update()
+            if not math.isfinite(loss):
+                break
+            if out is not None and (step + 1) % plan.steps_per_epoch == 0:
+                _checkpoint(Path(out), rank, workers, config, model, optimizer, step + 1, history)
     bar.close()
     if rank != 0:
         return None
@@ -147,14 +125,14 @@ def train_worker(
 
 def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           examples: torch.Tensor, config: RunConfig) -> float:
-    """One step of this worker (``model`` is under DDP in gradient mode); returns the mean
-    training loss over all workers' examples."""
-    params = list(model.parameters())
+    """One step of this worker (``model`` is under DDP in gradient mode, ``optimizer`` a
+    DistributedOptimizer in delta mode); returns the mean training loss over all workers'
+    examples."""
     optimizer.zero_grad(set_to_none=False)
     local = torch.zeros((), dtype=torch.float64)
     micros = examples.split(config.batch)
     for k, micro in enumerate(micros):
-        # DDP combines in the last micro-batch's backward pass; the others only accumulate.
+        # DDP reduces in the last micro-batch's backward pass; the others only accumulate.
         last = k == len(micros) - 1
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
@@ -162,18 +140,9 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss = task.loss(model(task.x_train[micro]), task.y_train[micro]) / config.accum
             loss.backward()
         local += loss.detach()
-    if isinstance(optimizer, DistributedOptimizer):
-        optimizer.step()
-    elif config.optimizer in DELTA_MODE:
-        old = [p.detach().clone() for p in params]
-        optimizer.step()
-        deltas = [p.detach() - o for p, o in zip(params, old)]
-        combine_(deltas, config.reducer)
-        with torch.no_grad():
-            for p, o, d in zip(params, old, deltas):
-                p.copy_(o + d)
-    else:
-        optimizer.step()  # DDP has combined the gradients
+    # Gradient mode: the step on the gradient DDP reduced. Delta mode: the local step, the
+    # reduction of the deltas and their application.
+    optimizer.step()
     dist.all_reduce(local)
     return local.item() / dist.get_world_size()
 
