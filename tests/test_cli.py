@@ -78,9 +78,11 @@ def test_bad_data_file_is_one_line_and_exit_2(which, fragment, bad_files, capsys
     assert_usage_error(["train", "--task", "file", "--data", bad_files[which]], capsys, fragment)
 
 
-def test_console_script_reports_without_traceback():
-    """The installed program, not just main(): exit status and stderr as the user sees them."""
-    proc = subprocess.run([sys.executable, "-m", "adasum.lab.cli", "train", "--lr", "-1"],
+@pytest.mark.parametrize("module", ["adasum.lab", "adasum.lab.cli"])
+def test_console_script_reports_without_traceback(module):
+    """The program run as a module, not just main(): exit status and stderr as the user sees
+    them."""
+    proc = subprocess.run([sys.executable, "-m", module, "train", "--lr", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -16,7 +16,7 @@ The lab lies outside the core: it uses the library only through its public API (
 torch only.
 
 This module stays free of imports beyond the standard library, because the ``adasum`` command
-runs :func:`main` before it knows whether the extra is installed.
+(and ``python -m adasum.lab``) runs :func:`main` before it knows whether the extra is installed.
 """
 
 from __future__ import annotations
