@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| ranks | buffer | adasum.all_reduce ms | dist.all_reduce SUM ms | ratio |")
     print("|---:|---|---:|---:|---:|")
     for world in args.worlds:
-        sized = sizes if not args.quick else sizes
-        rows = spawn(_collective_worker, world, sized, args.reps, timeout=1800)[0]
+        rows = spawn(_collective_worker, world, sizes, args.reps, timeout=1800)[0]
         for w, name, t_ada, t_ref in rows:
             if args.quick and name.startswith("ResNet"):
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -76,9 +77,11 @@ def flat_problem(buffer: object, numels: Sequence[int], device_type: str | None)
     return None
 
 
-def _hash(text: str) -> int:
+@lru_cache(maxsize=64)
+def _hash(setting: Setting) -> int:
     # Stable across processes (unlike hash()), and a signed 63-bit integer for an int64 message.
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    digest = hashlib.blake2b(repr(setting).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def agree(
@@ -94,13 +97,11 @@ def agree(
     if world == 1:
         raise_first([(problem, None, setting)])
         return
-    header = torch.tensor(
-        [problem is not None, 0 if layout is None else layout.signature, _hash(repr(setting))],
-        dtype=torch.int64,
-        device=device,
-    )
-    agreed = everyone_max(torch.cat([header, -header]), plan_of(world, dist.get_rank(group)), Link(group))
-    if agreed[0] == 0 and torch.equal(agreed[1:3], -agreed[4:6]):
+    header = [int(problem is not None), 0 if layout is None else layout.signature, _hash(setting)]
+    # The maximum of each value and of its negative: max == -max(-x) means all ranks agree.
+    message = torch.tensor(header + [-h for h in header], dtype=torch.int64, device=device)
+    agreed = everyone_max(message, plan_of(world, dist.get_rank(group)), Link(group)).tolist()
+    if agreed[0] == 0 and agreed[1] == -agreed[4] and agreed[2] == -agreed[5]:
         return
     layers = None if layout is None else [layout.describe(i) for i in range(len(layout))]
     described: list = [None] * world

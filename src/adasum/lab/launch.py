@@ -11,10 +11,11 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +26,18 @@ __all__ = ["spawn", "WorkerError", "free_port"]
 
 
 class WorkerError(RuntimeError):
-    """A worker raised; the message holds its rank and traceback."""
+    """A worker raised or died; the message names its rank (and holds its traceback)."""
+
+
+def _death(rank: int, exitcode: int) -> str:
+    """One line on how worker ``rank`` ended without a result."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"worker {rank} was killed by signal {-exitcode} ({name})"
+    return f"worker {rank} exited with status {exitcode} before returning"
 
 
 def free_port() -> int:
@@ -68,14 +80,19 @@ def spawn(
     *args: Any,
     backend: str = "gloo",
     timeout: float = 300.0,
+    group_timeout: float | None = None,
+    may_exit: Collection[int] = (),
     env: dict[str, str] | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` fresh processes, each with the default
     process group initialised; return the ranks' return values in rank order.
 
     ``fn`` must be importable by name (a module-level function). Raises :class:`WorkerError`
-    with the failing rank's traceback if any worker raises, and TimeoutError naming the
-    unfinished ranks after ``timeout`` seconds; every worker is ended either way.
+    with the failing rank's traceback if any worker raises, or naming the rank and signal if a
+    worker dies, and TimeoutError naming the unfinished ranks after ``timeout`` seconds; every
+    worker is ended either way. ``group_timeout`` is the process group's timeout (default
+    ``timeout``). Ranks in ``may_exit`` may end without returning (a fault test's victims):
+    their value is None.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be at least 1, got {nprocs}")
@@ -86,7 +103,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, rank, nprocs, port, backend, timeout, threads, dict(env or {}), args, results),
+            args=(fn, rank, nprocs, port, backend, group_timeout or timeout, threads, dict(env or {}), args, results),
             daemon=True,
         )
         for rank in range(nprocs)
@@ -100,9 +117,12 @@ def spawn(
             try:
                 rank, ok, payload = results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
+                for r in may_exit:
+                    if r not in outputs and procs[r].exitcode is not None:
+                        outputs[r] = None
                 dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
                 if dead:
-                    raise WorkerError(f"worker {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                    raise WorkerError(_death(dead[0], procs[dead[0]].exitcode))
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(nprocs)) - set(outputs))
                     raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s")
