@@ -121,7 +121,7 @@ def _scenarios(rank: int, world: int, algorithm: str) -> dict:
 
 @pytest.fixture(
     scope="module",
-    params=[(n, "vhdd") for n in WORLD_SIZES] + [(n, "gather") for n in (2, 3, 4, 6)],
+    params=[(n, algorithm) for algorithm in ("vhdd", "gather") for n in WORLD_SIZES],
     ids=lambda p: f"world{p[0]}-{p[1]}",
 )
 def run(request):
