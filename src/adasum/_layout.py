@@ -124,10 +124,12 @@ class Flats:
         self.layer_ids = [torch.tensor(g.layers, dtype=torch.int64, device=device) for g in self.groups]
 
     def partials_row(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-dtype ``[3, layers of the dtype]`` partials as one ``[3, num_layers]`` row."""
+        """Per-dtype ``[3, segments of the dtype]`` partials as one ``[3, num_layers]`` row.
+        A group's segments are usually its layers, one each; a layer cut into several segments
+        (a sharded parameter, one segment per shard) gets the sum of its segments' partials."""
         row = torch.zeros(3, self.num_layers, dtype=torch.float64, device=self.buffers[0].device)
         for ids, part in zip(self.layer_ids, parts):
-            row[:, ids] = part.to(row.device)
+            row.index_add_(1, ids, part.to(row.device))
         return row
 
 

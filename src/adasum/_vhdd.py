@@ -32,11 +32,13 @@ from adasum._p2p import Link, leaf_reduce
 from adasum._plan import Plan
 from adasum._stats import Stats
 
-__all__ = ["Recorder", "run", "fold", "reduce_scatter", "all_gather", "unfold"]
+__all__ = ["Recorder", "run", "fold", "reduce_scatter", "all_gather", "unfold", "middle"]
 
 #: A buffer of ``numel`` elements like the given tensor, reused across calls.
 Scratch = Callable[[torch.Tensor, int], torch.Tensor]
 Ranges = list[tuple[int, int]]
+#: Where the slice [lo, hi) is halved.
+Split = Callable[[int, int], int]
 
 
 class Recorder:
@@ -82,33 +84,39 @@ def fold(flats: Flats, plan: Plan, link: Link, scratch: Scratch, recorder: Recor
         return
     theirs = [scratch(f, f.numel()) for f in flats.buffers]
     link.exchange(plan.fold_partner, [], theirs)
-    parts = []
-    for f, t, g in zip(flats.buffers, theirs, flats.groups):
-        part = segment_partials(f, t, g.offsets)
-        segment_combine(f, t, f, g.offsets, *coefficients(part.to(f.device)))
-        parts.append(part)
+    totals = flats.partials_row([segment_partials(f, t, g.offsets) for f, t, g in zip(flats.buffers, theirs, flats.groups)])
     if recorder is not None:
-        recorder.record(0, flats.partials_row(parts))
+        recorder.record(0, totals)
+    ca, cb = coefficients(totals)
+    for f, t, g, ids in zip(flats.buffers, theirs, flats.groups, flats.layer_ids):
+        segment_combine(f, t, f, g.offsets, ca[ids], cb[ids])
 
 
-def _halves(ranges: Ranges, lower: bool) -> tuple[Ranges, Ranges]:
-    """Each range cut in two by element count: (the halves kept, the halves sent)."""
+def middle(lo: int, hi: int) -> int:
+    """Where a slice is halved: by element count, ignoring layer boundaries."""
+    return lo + (hi - lo) // 2
+
+
+def _halves(ranges: Ranges, lower: bool, split: Split = middle) -> tuple[Ranges, Ranges]:
+    """Each range cut in two at ``split``: (the halves kept, the halves sent)."""
     keeps, sends = [], []
     for lo, hi in ranges:
-        mid = lo + (hi - lo) // 2
+        mid = split(lo, hi)
         keeps.append((lo, mid) if lower else (mid, hi))
         sends.append((mid, hi) if lower else (lo, mid))
     return keeps, sends
 
 
 def reduce_scatter(
-    flats: Flats, plan: Plan, link: Link, scratch: Scratch, recorder: Recorder | None
+    flats: Flats, plan: Plan, link: Link, scratch: Scratch, recorder: Recorder | None, split: Split = middle
 ) -> list[Ranges]:
-    """The halving levels; returns the ranges held before each level (for :func:`all_gather`)."""
+    """The halving levels; returns the ranges held before each level (for :func:`all_gather`).
+    ``split`` says where a slice is halved (by element count unless a caller needs the halves
+    to fall on block boundaries, as the sharded reduce-scatter does)."""
     ranges: Ranges = [(0, f.numel()) for f in flats.buffers]
     history = []
     for k, level in enumerate(plan.levels):
-        keeps, sends = _halves(ranges, level.lower)
+        keeps, sends = _halves(ranges, level.lower, split)
         theirs = [scratch(f, hi - lo) for f, (lo, hi) in zip(flats.buffers, keeps)]
         link.exchange(level.partner, [f[lo:hi] for f, (lo, hi) in zip(flats.buffers, sends)], theirs)
         mine = [f[lo:hi] for f, (lo, hi) in zip(flats.buffers, keeps)]

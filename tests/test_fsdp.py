@@ -1,0 +1,153 @@
+"""Adasum under FSDP2 on real Gloo groups: the sharded reduce-scatter against adasum.reduce of
+every rank's full gradients, for 2, 3 and 4 ranks, and a short training run equal to DDP with
+the Adasum hook on the same data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import adasum
+import adasum._sharded
+from adasum.ddp import AdasumState, adasum_hook
+from adasum.fsdp import use_adasum
+from adasum.lab.launch import spawn
+from conftest import TIMEOUT, rel_err
+
+NUMELS = [5, 0, 12, 3]  # one row's segments: parameters' padded shards
+
+
+def _rows(rank: int, world: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(40 + rank)
+    return torch.randn(world * sum(NUMELS), generator=g, dtype=torch.float64)
+
+
+def _scatter(rank: int, world: int) -> torch.Tensor:
+    out = torch.empty(sum(NUMELS), dtype=torch.float64)
+    buffers: dict = {}
+
+    def buffer(purpose, like, n):
+        key = purpose
+        if key not in buffers or buffers[key].numel() < n:
+            buffers[key] = torch.empty(n, dtype=like.dtype)
+        return buffers[key][:n]
+
+    rows = _rows(rank, world)
+    before = rows.clone()
+    adasum._sharded.reduce_scatter(out, rows, NUMELS, None, buffer)
+    assert torch.equal(rows, before)
+    return out
+
+
+def _by_parameter(flat: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Rows of segments -> each parameter's full vector (its segments of every row)."""
+    rows = flat.view(world, -1).split(NUMELS, dim=1)
+    return [segment.reshape(-1) for segment in rows]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 6])
+def test_sharded_reduce_scatter_is_each_ranks_shard_of_the_adasum(world):
+    outputs = spawn(_scatter, world, timeout=TIMEOUT)
+    reduced = adasum.reduce([_by_parameter(_rows(r, world), world) for r in range(world)])
+    for rank, out in enumerate(outputs):
+        expected = torch.cat([p.view(world, -1)[rank] for p in reduced])
+        assert rel_err(out, expected) <= 1e-12, rank
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(7, 10)  # 70 weights: padded to a multiple of the world size
+        self.b = torch.nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(6, 7, generator=g), torch.randn(6, 3, generator=g)
+
+
+def _fsdp_grads(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = Net()
+    local = Net()
+    local.load_state_dict(model.state_dict())
+    x, y = _data(rank, 0)
+    torch.nn.functional.mse_loss(local(x), y).backward()
+    fully_shard(model.a)
+    fully_shard(model)
+    use_adasum(model)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    shards = [p.grad.to_local().clone() for p in model.parameters()]
+    errors = {}
+    for name, call in {"twice": lambda: use_adasum(model), "plain": lambda: use_adasum(Net())}.items():
+        try:
+            call()
+        except ValueError as e:
+            errors[name] = str(e)
+    return {"local": [p.grad.clone() for p in local.parameters()], "shards": shards, "errors": errors}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fsdp_gradient_shards_equal_the_adasum_of_local_gradients(world):
+    results = spawn(_fsdp_grads, world, timeout=TIMEOUT)
+    reduced = adasum.reduce([r["local"] for r in results])
+    for rank, res in enumerate(results):
+        for shard, full in zip(res["shards"], reduced):
+            rows = -(-full.shape[0] // world)  # FSDP's shard of dim 0: ceil(size / world) rows
+            expected = full[rank * rows : (rank + 1) * rows]
+            assert shard.shape == expected.shape
+            assert rel_err(shard, expected) <= 1e-6 if expected.numel() else shard.numel() == 0
+        assert res["errors"]["twice"] == "adasum.fsdp: use_adasum was already called on this model"
+        assert res["errors"]["plain"] == "adasum.fsdp.use_adasum needs a model with fully_shard applied to it"
+
+
+def _train_fsdp(rank: int, world: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = Net()
+    fully_shard(model.a)
+    fully_shard(model)
+    use_adasum(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        if step == 1:  # accumulate two micro-batches
+            model.set_requires_gradient_sync(False)
+            x, y = _data(rank, 10 + step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            model.set_requires_gradient_sync(True)
+        x, y = _data(rank, step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.full_tensor().clone() for p in model.parameters()]
+
+
+def _train_ddp_accumulating(rank: int, world: int) -> list[torch.Tensor]:
+    """The same steps and data as :func:`_train_fsdp`, with DDP and the Adasum hook."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    model.register_comm_hook(AdasumState(), adasum_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        if step == 1:
+            with model.no_sync():
+                x, y = _data(rank, 10 + step)
+                torch.nn.functional.mse_loss(model(x), y).backward()
+        x, y = _data(rank, step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_under_fsdp_equals_ddp_with_the_hook():
+    fsdp = spawn(_train_fsdp, 3, timeout=TIMEOUT)
+    ddp = spawn(_train_ddp_accumulating, 3, timeout=TIMEOUT)
+    for a, b in zip(fsdp[0], ddp[0]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for r in fsdp[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(fsdp[0], r))
