@@ -1,17 +1,20 @@
-"""Training step time: Adasum's DDP hook and delta-mode optimizer against DDP's averaging.
+"""Training step time: Adasum's DDP hook, delta-mode optimizer and FSDP2 reduce-scatter against
+the averaging they replace.
 
     python benchmarks/bench_training.py [--ranks 4] [--rounds 7] [--steps 5]
 
-Four setups train the same ~10M-parameter MLP on Gloo, each rank on its own batch:
+Six setups train the same ~10M-parameter MLP on Gloo, each rank on its own batch:
 
     ddp-mean     DDP, default allreduce hook (average), SGD with momentum
     ddp-adasum   DDP, adasum_hook, SGD with momentum
     ddp-adam     DDP, default allreduce hook, Adam
     delta-adam   plain model, DistributedOptimizer(Adam): local step, Adasum of the deltas
+    fsdp-mean    FSDP2 (fully_shard per layer and the root), default reduce-scatter, SGD momentum
+    fsdp-adasum  the same with adasum.fsdp.use_adasum
 
 They run interleaved (round r times every setup for --steps steps, then round r + 1), so slow
 phases of a shared machine hit all of them alike; the table gives medians over the rounds of the
-time per step and the ratios ddp-adasum / ddp-mean and delta-adam / ddp-adam.
+time per step and the ratios of each Adasum setup to its baseline.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from torch.distributed.fsdp import fully_shard
+
 from adasum.ddp import AdasumState, adasum_hook
+from adasum.fsdp import use_adasum
 from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer
 
@@ -53,12 +59,24 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> dict:
         opt = torch.optim.Adam(params, lr=1e-4) if adam else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         return model, opt
 
+    def fsdp_setup(adasum: bool):
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        if adasum:
+            use_adasum(model)
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
     plain = make_model()
     setups = {
         "ddp-mean": ddp_setup(hook=False, adam=False),
         "ddp-adasum": ddp_setup(hook=True, adam=False),
         "ddp-adam": ddp_setup(hook=False, adam=True),
         "delta-adam": (plain, DistributedOptimizer(torch.optim.Adam(plain.parameters(), lr=1e-4))),
+        "fsdp-mean": fsdp_setup(adasum=False),
+        "fsdp-adasum": fsdp_setup(adasum=True),
     }
 
     def step(model, opt) -> None:
@@ -95,7 +113,8 @@ def main() -> None:
     print("| setup | ms / step | ratio | target |")
     print("| --- | ---: | ---: | ---: |")
     rows = [("ddp-mean", None, None), ("ddp-adasum", "ddp-mean", 1.15),
-            ("ddp-adam", None, None), ("delta-adam", "ddp-adam", 1.25)]
+            ("ddp-adam", None, None), ("delta-adam", "ddp-adam", 1.25),
+            ("fsdp-mean", None, None), ("fsdp-adasum", "fsdp-mean", 1.25)]
     for name, base, target in rows:
         ratio = f"{med[name] / med[base]:.2f}x vs {base}" if base else ""
         print(f"| {name} | {1e3 * med[name]:.1f} | {ratio} | {f'<= {target}x' if target else ''} |")
