@@ -151,3 +151,39 @@ def test_training_under_fsdp_equals_ddp_with_the_hook():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     for r in fsdp[1:]:
         assert all(torch.equal(a, b) for a, b in zip(fsdp[0], r))
+
+
+def _hsdp_grads(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    model = Net()
+    local = Net()
+    local.load_state_dict(model.state_dict())
+    x, y = _data(rank, 0)
+    torch.nn.functional.mse_loss(local(x), y).backward()
+    fully_shard(model.a, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    use_adasum(model)
+    for _ in range(2):  # twice: the second backward reuses what the first set up
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    return {"local": [p.grad.clone() for p in local.parameters()],
+            "shards": [p.grad.to_local().clone() for p in model.parameters()],
+            "shard_rank": mesh["shard"].get_local_rank()}
+
+
+@pytest.mark.parametrize("world", [4, 6])
+def test_hsdp_averages_in_the_shard_group_and_applies_adasum_across_replicas(world):
+    results = spawn(_hsdp_grads, world, timeout=TIMEOUT)
+    shards = world // 2
+    # Ranks 0..S-1 form replica 0's shard group: the node average, then Adasum across replicas.
+    reduced = adasum.Hierarchical(shards).reduce([r["local"] for r in results])
+    for res in results:
+        s = res["shard_rank"]
+        for shard, full in zip(res["shards"], reduced):
+            rows = -(-full.shape[0] // shards)
+            expected = full[s * rows : (s + 1) * rows]
+            assert shard.shape == expected.shape
+            assert rel_err(shard, expected) <= 1e-6 if expected.numel() else shard.numel() == 0

@@ -78,7 +78,7 @@ class Adasum(Reducer):
             return self._gather(flats, stats)
         plan = plan_of(dist.get_world_size(self.group), dist.get_rank(self.group))
         recorder = _vhdd.Recorder(plan, flats.num_layers, flats.buffers[0].device) if stats else None
-        _vhdd.run(flats, plan, Link(self.group), lambda like, n: self._buffer("recv", like, n), recorder)
+        _vhdd.run(flats, plan, Link(self.group), lambda like, n: self._buffers.get("recv", like, n), recorder)
         return recorder.stats(self.group) if recorder is not None else None
 
     def _gathers(self, flats: Flats) -> bool:
@@ -94,7 +94,7 @@ class Adasum(Reducer):
         world = dist.get_world_size(self.group)
         stages = empty_stages(world, flats.num_layers) if stats else None
         for flat, g in zip(flats.buffers, flats.groups):
-            rows = self._buffer("gather", flat, world * flat.numel())
+            rows = self._buffers.get("gather", flat, world * flat.numel())
             if flat.numel():
                 all_gather_single(rows, flat, group=self.group)
             rows = rows.view(world, flat.numel())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 import torch
+import torch.distributed as dist
 
 from adasum._ops import offsets_of
 
@@ -112,11 +113,17 @@ class Layout:
 
 @dataclass
 class Flats:
-    """The buffers being reduced: one flat buffer per dtype and where its layers lie."""
+    """The buffers being reduced: one flat buffer per dtype and where its layers lie.
+
+    With ``shards``, every rank's buffers are its shards of longer vectors, the other shards
+    being held by the ranks of that group (HSDP's shard group): per-layer partials are then
+    summed over it, so that the dot products span whole layers.
+    """
 
     buffers: Sequence[torch.Tensor]
     groups: Sequence[DtypeGroup]
     num_layers: int
+    shards: dist.ProcessGroup | None = None
     layer_ids: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +137,8 @@ class Flats:
         row = torch.zeros(3, self.num_layers, dtype=torch.float64, device=self.buffers[0].device)
         for ids, part in zip(self.layer_ids, parts):
             row.index_add_(1, ids, part.to(row.device))
+        if self.shards is not None:
+            dist.all_reduce(row, group=self.shards)
         return row
 
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from adasum._buffers import Buffers
 from adasum._check import Problem, Setting, agree, flat_problem, local_problem
 from adasum._groups import device_type_of, message_device
 from adasum._layout import DtypeGroup, Flats, Layout
@@ -44,7 +45,7 @@ class Reducer(abc.ABC):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._buffers = Buffers()
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.setting()[1:])
@@ -124,7 +125,7 @@ class Reducer(abc.ABC):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._buffers = {}
+        self._buffers = Buffers()
 
     # -- for subclasses ---------------------------------------------------------------------
 
@@ -143,15 +144,6 @@ class Reducer(abc.ABC):
     def _idle_stats(self, num_layers: int) -> Stats:
         """The statistics of a call with nothing to reduce (one rank, or no layers)."""
         return Stats(())
-
-    def _buffer(self, purpose: str, like: torch.Tensor, numel: int) -> torch.Tensor:
-        """A buffer of ``numel`` elements kept for ``purpose``, as large as the largest one
-        asked for so far (per dtype and device): memory bounded by the largest call."""
-        key = (purpose, like.dtype, like.device)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf[:numel]
 
     # -- the shared steps -------------------------------------------------------------------
 
@@ -172,7 +164,7 @@ class Reducer(abc.ABC):
         first = tensors[g.layers[0]]
         if len(g.layers) == 1 and first.is_contiguous():
             return first.view(-1)  # a single contiguous tensor is reduced where it lies
-        return layout.pack(tensors, g, out=self._buffer("pack", first, g.numel))
+        return layout.pack(tensors, g, out=self._buffers.get("pack", first, g.numel))
 
 
 def _is_view_of(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
