@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import adasum
 import adasum._sharded
@@ -71,20 +71,24 @@ def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 7, generator=g), torch.randn(6, 3, generator=g)
 
 
-def _fsdp_grads(rank: int, world: int) -> dict:
+def _fsdp_grads(rank: int, world: int, reduce_dtype: torch.dtype | None = None) -> dict:
     torch.manual_seed(0)
     model = Net()
     local = Net()
     local.load_state_dict(model.state_dict())
     x, y = _data(rank, 0)
     torch.nn.functional.mse_loss(local(x), y).backward()
-    fully_shard(model.a)
-    fully_shard(model)
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    fully_shard(model.a, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     use_adasum(model)
     torch.nn.functional.mse_loss(model(x), y).backward()
     shards = [p.grad.to_local().clone() for p in model.parameters()]
     errors = {}
-    for name, call in {"twice": lambda: use_adasum(model), "plain": lambda: use_adasum(Net())}.items():
+    unsupported = Net()
+    fully_shard(unsupported, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float8_e4m3fn))
+    for name, call in {"twice": lambda: use_adasum(model), "plain": lambda: use_adasum(Net()),
+                       "policy": lambda: use_adasum(unsupported)}.items():
         try:
             call()
         except ValueError as e:
@@ -92,18 +96,22 @@ def _fsdp_grads(rank: int, world: int) -> dict:
     return {"local": [p.grad.clone() for p in local.parameters()], "shards": shards, "errors": errors}
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_fsdp_gradient_shards_equal_the_adasum_of_local_gradients(world):
-    results = spawn(_fsdp_grads, world, timeout=TIMEOUT)
-    reduced = adasum.reduce([r["local"] for r in results])
+@pytest.mark.parametrize("world,reduce_dtype", [(2, None), (3, None), (4, None), (3, torch.bfloat16), (2, torch.float64)])
+def test_fsdp_gradient_shards_equal_the_adasum_of_local_gradients(world, reduce_dtype):
+    results = spawn(_fsdp_grads, world, reduce_dtype, timeout=TIMEOUT)
+    # In a reduce dtype, the reference reduces the local gradients cast to it.
+    dtype = reduce_dtype or torch.float32
+    reduced = adasum.reduce([[g.to(dtype) for g in r["local"]] for r in results])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
     for rank, res in enumerate(results):
         for shard, full in zip(res["shards"], reduced):
             rows = -(-full.shape[0] // world)  # FSDP's shard of dim 0: ceil(size / world) rows
             expected = full[rank * rows : (rank + 1) * rows]
-            assert shard.shape == expected.shape
-            assert rel_err(shard, expected) <= 1e-6 if expected.numel() else shard.numel() == 0
+            assert shard.shape == expected.shape and shard.dtype == torch.float32
+            assert rel_err(shard, expected) <= tol if expected.numel() else shard.numel() == 0
         assert res["errors"]["twice"] == "adasum.fsdp: use_adasum was already called on this model"
         assert res["errors"]["plain"] == "adasum.fsdp.use_adasum needs a model with fully_shard applied to it"
+        assert res["errors"]["policy"].startswith("adasum.fsdp: reduce_dtype torch.float8_e4m3fn is not supported")
 
 
 def _train_fsdp(rank: int, world: int) -> list[torch.Tensor]:
