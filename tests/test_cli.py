@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,19 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def assert_usage_error(args: list[str], capsys, fragment: str) -> None:
     code, out, err = run_cli(args, capsys)
     assert code == 2, (code, out, err)
-    assert err.count("\n") == 1 and err.startswith("adasum"), err
+    assert err.count("\n") == 1 and err.startswith("adasum: error: "), err
     assert "Traceback" not in err and fragment in err, err
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch) -> None:
+    """Bad input is refused before any worker starts or any simulated run trains."""
+    def never(*args, **kwargs):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr("adasum.lab.launch.spawn", never)
+    monkeypatch.setattr("adasum.lab.simulate.sweep", never)
+    monkeypatch.setattr("adasum.lab.simulate.geometry", never)
 
 
 @pytest.fixture
@@ -43,8 +55,20 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
     np.savez(wrong_keys, features=np.zeros((4, 2)), labels=np.zeros(4))
     other = tmp_path / "data.txt"
     other.write_text("1,2\n")
-    return {"text": str(text_csv), "ragged": str(ragged_csv), "junk": str(not_npz),
-            "keys": str(wrong_keys), "txt": str(other), "missing": str(tmp_path / "nope.npz")}
+    files = {"text": str(text_csv), "ragged": str(ragged_csv), "junk": str(not_npz),
+             "keys": str(wrong_keys), "txt": str(other), "missing": str(tmp_path / "nope.npz")}
+    # Finite in float64, inf once cast to the float32 the model sees.
+    huge_csv = tmp_path / "huge.csv"
+    huge_csv.write_text("1,2,0\n3,1e39,1\n")
+    files["huge_csv"] = str(huge_csv)
+    labels = np.array([0, 1, 0, 1])
+    for name, x, y in [("huge_x", np.full((4, 2), 1e39), labels),
+                       ("huge_y", np.ones((4, 2)), np.full(4, -1e39)),
+                       ("complex", np.ones((4, 2)) + 1j, labels),
+                       ("no_features", np.ones((4, 0)), labels)]:
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+        files[name] = str(tmp_path / f"{name}.npz")
+    return files
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -58,24 +82,63 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
     (["train", "--target", "1.5"], "target"),
     (["train", "--batch", "2000", "--nproc", "1"], "training set"),
     (["train", "--task", "file"], "--data"),
+    (["train", "--seed", "1e19"], "--seed"),
+    (["train", "--seed", str(2**64)], "--seed must be a whole number from 0 to 4294967295"),
+    (["simulate", "--seed", "-1"], "--seed must be a whole number"),
+    (["train", "--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0"),
+    (["train", "--timeout", "-5"], "--timeout"),
+    (["train", "--timeout", "nan"], "--timeout"),
+    (["train", "--timeout", "inf"], "--timeout"),
+    (["train", "--samples", "0", "--task", "linear"], "--samples must be at least 1"),
+    (["train", "--samples", "1e10", "--task", "linear"], "--samples"),
+    (["simulate", "--samples", "2.5"], "--samples"),
+    (["train", "--samples", str(10**10), "--task", "linear"], "GiB; this machine has"),
+    (["train", "--nproc", "64", "--samples", str(10**8), "--task", "logistic"], "in each of 64 workers"),
+    (["simulate", "--samples", str(10**10), "--task", "logistic"], "GiB; this machine has"),
     (["simulate", "--optimizers", "sgd,rmsprop"], "unknown optimizer"),
     (["simulate", "--lrs", "0.1,-1"], "learning rate"),
     (["simulate", "--lrs", "fast"], "--lrs"),
     (["simulate", "--workers", "0,4"], "--workers"),
+    (["simulate", "--workers", ","], "--workers must be positive, got []"),
+    (["simulate", "--workers", "0"], "--workers must be positive, got [0]"),
+    (["simulate", "--geometry", "--workers", ","], "--workers"),
     (["simulate", "--target", "2"], "target"),
     (["demo", "--nproc", "0"], "--nproc"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, fragment, capsys):
+def test_bad_input_is_one_line_and_exit_2(args, fragment, capsys, nothing_runs):
     assert_usage_error(args, capsys, fragment)
 
 
 @pytest.mark.parametrize("which, fragment", [
     ("missing", "does not exist"), ("text", "not all numbers"), ("ragged", "same number"),
     ("junk", "cannot read"), ("keys", "needs arrays"), ("txt", ".npz or .csv"),
+    ("huge_csv", "must be finite in float32"), ("huge_x", "must be finite in float32"),
+    ("huge_y", "must be finite in float32"),
+    ("complex", "must be real numbers, got complex128 and int64"),
+    ("no_features", "d >= 1, got (4, 0)"),
 ])
-def test_bad_data_file_is_one_line_and_exit_2(which, fragment, bad_files, capsys):
+def test_bad_data_file_is_one_line_and_exit_2(which, fragment, bad_files, capsys, nothing_runs):
     assert_usage_error(["train", "--task", "file", "--data", bad_files[which]], capsys, fragment)
+
+
+@pytest.mark.parametrize("command", [["train", "--nproc", "2"], ["simulate"], ["demo"],
+                                     ["simulate", "--geometry"]])
+def test_out_that_cannot_be_written_is_refused_before_the_run(command, tmp_path, capsys, nothing_runs):
+    """Found at the start, not when the first checkpoint is saved after an epoch."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert_usage_error([*command, "--out", str(afile)], capsys, f"--out {str(afile)!r} is a file, not a directory")
+    assert_usage_error([*command, "--out", str(afile / "run")], capsys, "cannot write to --out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission")
+def test_out_without_write_permission_is_refused(tmp_path, capsys, nothing_runs):
+    tmp_path.chmod(0o500)
+    try:
+        assert_usage_error(["train", "--out", str(tmp_path)], capsys, "Permission denied")
+    finally:
+        tmp_path.chmod(0o700)
 
 
 @pytest.mark.parametrize("module", ["adasum.lab", "adasum.lab.cli"])

@@ -1,20 +1,26 @@
-"""``adasum train`` against ``adasum simulate``, and resuming from a checkpoint."""
+"""``adasum train`` against ``adasum simulate``, resuming from a checkpoint, and what the
+program does when a checkpoint is damaged, when the user presses Ctrl-C and when a worker dies."""
 
 from __future__ import annotations
 
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from adasum.lab.cli import main
 from adasum.lab.config import RunConfig
 from adasum.lab.tasks import load_task
 from adasum.lab.simulate import simulate_run
+from adasum.lab.train import check_resume, load_checkpoint, save_checkpoint
 
 
 def losses(path: Path) -> list[float]:
@@ -100,3 +106,170 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["adasum: error: checkpoint was written with other options; only --epochs may grow",
                    "adasum: error: checkpoint was written by 2 workers, not 4"]
+
+
+# ------------------------------------------------------------------------ damaged checkpoints
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> tuple[list[str], Path]:
+    """The options of one epoch of a tiny run on a data file, and the checkpoint it wrote."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    rng = np.random.default_rng(0)
+    np.savez(root / "data.npz", x=rng.standard_normal((64, 3)), y=rng.integers(0, 2, 64))
+    args = ["--task", "file", "--data", str(root / "data.npz"), "--nproc", "1", "--batch", "8"]
+    train([*args, "--epochs", "1"], root / "run")
+    return args, root / "run" / "checkpoint.pt"
+
+
+def _flip_a_byte(good: Path, bad: Path) -> None:
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the saved state, which fills most of the file
+    bad.write_bytes(bytes(data))
+
+
+def _rewritten(change):
+    """A checkpoint with a valid checksum whose state ``change`` has altered."""
+    def make(good: Path, bad: Path) -> None:
+        state = load_checkpoint(good)
+        change(state)
+        save_checkpoint(state, bad)
+    return make
+
+
+def _wrong_shape(state: dict) -> None:
+    key = next(iter(state["model"]))
+    state["model"][key] = torch.zeros(7, 7)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage, message", [
+    (_flip_a_byte, "checkpoint {path!r} is corrupted: its checksum does not match its contents"),
+    (lambda good, bad: bad.write_bytes(good.read_bytes()[:1000]),
+     "cannot read checkpoint {path!r} (damaged, or not a checkpoint): "),
+    (lambda good, bad: torch.save({"config": {}, "step": 3}, bad),
+     "checkpoint {path!r} is not an adasum checkpoint (or predates checksums)"),
+    (_rewritten(lambda s: s.pop("optimizers")), "checkpoint {path!r} lacks optimizers"),
+    (_rewritten(lambda s: s.update(history=[])),
+     "checkpoint {path!r} is inconsistent: 1 optimizer states, 0 history rows for step 6"),
+    (_rewritten(lambda s: s["config"].update(colour="red")),
+     "checkpoint {path!r} holds options this version does not know"),
+    (_rewritten(_wrong_shape), "checkpoint {path!r} does not fit the model: '0.weight' has shape (7, 7) there"),
+])
+def test_a_bad_checkpoint_is_one_line_before_any_worker_starts(damage, message, checkpointed, tmp_path,
+                                                               capsys, monkeypatch):
+    args, good = checkpointed
+    bad = tmp_path / "checkpoint.pt"
+    damage(good, bad)
+    monkeypatch.setattr("adasum.lab.launch.spawn", lambda *a, **k: pytest.fail("a worker started"))
+    capsys.readouterr()
+    assert main(["train", *args, "--epochs", "2", "--resume", str(bad), "--out", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("adasum: error: " + message.format(path=str(bad))), line
+
+
+def test_the_checkpoint_is_whole_and_nothing_is_left_beside_it(checkpointed):
+    args, good = checkpointed
+    config = RunConfig(task="file", data=args[3], batch=8, epochs=1)
+    task = load_task("file", args[3])
+    state = check_resume(good, config, 1, task.build_model(0))
+    assert state["step"] == len(task.x_train) // 8 == len(state["history"])
+    assert sorted(p.name for p in good.parent.iterdir()) == ["checkpoint.pt", "history.csv", "history.json"]
+
+
+# ------------------------------------------------------------------- Ctrl-C and a dead worker
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_names_the_checkpoint_it_resumed_from_or_none(checkpointed, tmp_path, capsys, monkeypatch):
+    """Before a run saves anything, the checkpoint to go back to is the one it resumed from."""
+    args, good = checkpointed
+    monkeypatch.setattr("adasum.lab.launch.spawn", _interrupt)
+    capsys.readouterr()
+    assert main(["train", *args, "--epochs", "2", "--out", str(tmp_path)]) == 130
+    assert main(["train", *args, "--epochs", "2", "--out", str(tmp_path), "--resume", str(good)]) == 130
+    assert capsys.readouterr().err.splitlines() == ["adasum: interrupted; no checkpoint yet",
+                                                    f"adasum: interrupted; last checkpoint: {good}"]
+
+
+#: A run that saves a checkpoint every 32 steps and would go on for an hour.
+ENDLESS = ["--task", "linear", "--samples", "256", "--batch", "8", "--epochs", "100000", "--no-progress"]
+SECONDS = 90  # the longest any wait below may take
+
+
+def _start(nproc: int, out: Path) -> subprocess.Popen:
+    """``adasum train`` in a session of its own: the test signals it as a terminal would the
+    foreground process group (Ctrl-C reaches the program and its workers alike)."""
+    return subprocess.Popen([sys.executable, "-m", "adasum.lab", "train", "--nproc", str(nproc),
+                             "--out", str(out), *ENDLESS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, path: Path) -> None:
+    deadline = time.monotonic() + SECONDS
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"no checkpoint within {SECONDS} s"
+        time.sleep(0.05)
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The spawned worker processes of process ``pid`` in the order they started, which is
+    rank order (read from /proc: ppid is field 4 of /proc/PID/stat, the start time field 22)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append((int(fields[19]), int(entry)))
+    return [p for _, p in sorted(found)]
+
+
+def _assert_loadable(path: Path, workers: int) -> None:
+    config = RunConfig(task="linear", samples=256, batch=8, epochs=100000)
+    check_resume(path, config, workers, load_task("linear", samples=256).build_model(0))
+
+
+@pytest.fixture
+def program():
+    """Started programs, whose process groups are killed if a test fails before they end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=SECONDS)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_ctrl_c_is_one_line_status_130_and_the_checkpoint_stays(nproc, tmp_path, program):
+    checkpoint = tmp_path / "checkpoint.pt"
+    proc = _start(nproc, tmp_path)
+    program.append(proc)
+    _wait_for_checkpoint(proc, checkpoint)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=SECONDS)
+    assert (proc.returncode, err) == (130, f"adasum: interrupted; last checkpoint: {checkpoint}\n")
+    _assert_loadable(checkpoint, nproc)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in /proc")
+@pytest.mark.timeout(180)
+def test_a_killed_worker_is_one_line_naming_its_rank_and_signal(tmp_path, program):
+    checkpoint = tmp_path / "checkpoint.pt"
+    proc = _start(2, tmp_path)
+    program.append(proc)
+    _wait_for_checkpoint(proc, checkpoint)
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=SECONDS)
+    assert (proc.returncode, err) == (1, "adasum: error: worker 1 was killed by signal 9 (SIGKILL)\n")
+    _assert_loadable(checkpoint, 2)

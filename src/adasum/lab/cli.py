@@ -1,8 +1,10 @@
 """The ``adasum`` program: ``train``, ``simulate``, ``bench`` and ``demo``.
 
-Anything the user can get wrong (an unknown task or optimizer, a bad data file, ``--nproc 0``,
-a learning rate <= 0, a target score above 1) ends with one line on stderr and exit status 2,
-before any worker starts.
+Anything the user can get wrong (an unknown task or optimizer, a bad data file or checkpoint,
+``--nproc 0``, a learning rate <= 0, a target score above 1, an ``--out`` that cannot be
+written) ends with one line on stderr and exit status 2, before any worker starts. A worker
+that fails or dies ends the run with one line naming it (status 1); Ctrl-C with one line saying
+where the last checkpoint is (status 130).
 """
 
 from __future__ import annotations
@@ -12,24 +14,34 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adasum.lab.config import OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.lab.launch import WorkerError
 from adasum.lab.tasks import TASKS, TaskError, load_task
 
 __all__ = ["main", "build_parser"]
 
+FAILED = 1
 USAGE_ERROR = 2
+#: 128 + SIGINT: what a shell reports for a program that Ctrl-C ended.
+INTERRUPTED = 130
 #: The benchmark scripts of a source checkout, by ``adasum bench`` name.
 BENCHMARKS = {"collective": "bench_collective.py", "training": "bench_training.py", "jax": "bench_jax.py"}
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+    """argparse, but a usage error is one line (no usage dump) and exit status 2, with the
+    prefix of every other error of the program (argparse's own names the subcommand)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+        self.exit(USAGE_ERROR, f"adasum: error: {message}\n")
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying where the run's progress was saved."""
 
 
 def _list_of(kind: Callable[[str], float | int], what: str) -> Callable[[str], list]:
@@ -117,6 +129,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TaskError) as e:
         print(f"adasum: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except (WorkerError, TimeoutError) as e:  # spawn's message names the rank (and signal)
+        print(f"adasum: error: {e}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt as e:
+        print(f"adasum: interrupted{f'; {e}' if isinstance(e, _Interrupted) else ''}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _output_dir(path: str) -> Path:
+    """``--out``, created now and known to be writable: otherwise the run would fail where it
+    first saves, after an epoch of training."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {path!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {path!r}: {e.strerror}") from None
+    return out
 
 
 def _config(args: argparse.Namespace, **run) -> RunConfig:
@@ -136,7 +168,8 @@ def _torchrun_world() -> tuple[int, int] | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adasum.lab.train import check_resume, train_worker
+    from adasum.lab.launch import spawn
+    from adasum.lab.train import CHECKPOINT, train_worker
 
     config = _config(args, reducer=args.reducer, optimizer=args.optimizer, lr=args.lr,
                      batch=args.batch, accum=args.accum)
@@ -145,23 +178,50 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     if launched and args.nproc not in (None, launched[1]):
         raise ConfigError(f"--nproc {args.nproc} disagrees with torchrun's world size {launched[1]}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     workers = launched[1] if launched else (args.nproc or 1)
-    task = load_task(config.task, config.data, config.samples)
-    Plan(config, workers, len(task.x_train))
-    if args.resume is not None:
-        check_resume(args.resume, config, workers)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if launched else workers
+    _check_run(config, workers, local, args.resume)
+    checkpoint = _output_dir(args.out) / CHECKPOINT
+    before = _file_id(checkpoint)
     progress = not args.no_progress and sys.stderr.isatty()
-    if launched:
-        result = _run_under_torchrun(train_worker, launched, config, args, progress)
-    else:
-        from adasum.lab.launch import spawn
-
-        result = spawn(train_worker, workers, config, args.out, args.resume, progress,
-                       timeout=args.timeout)[0]
+    try:
+        if launched:
+            result = _run_under_torchrun(train_worker, launched, config, args, progress)
+        else:
+            result = spawn(train_worker, workers, config, args.out, args.resume, progress,
+                           timeout=args.timeout)[0]
+    except KeyboardInterrupt:
+        # A checkpoint replaced since the start is this run's; else the one it resumed from.
+        if _file_id(checkpoint) not in (None, before):
+            raise _Interrupted(f"last checkpoint: {checkpoint}") from None
+        raise _Interrupted(f"last checkpoint: {args.resume}" if args.resume else "no checkpoint yet") from None
     if result is not None:
         _print_summaries([result["summary"]])
         print(f"history and checkpoint in {args.out}/")
     return 0
+
+
+def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) -> None:
+    """Everything a worker would find wrong at its start, found here before any starts: the
+    data, the step size against it, and the checkpoint to resume from. ``local`` workers of
+    this machine each build the task; this process's copy is gone when the check returns."""
+    from adasum.lab.train import check_resume
+
+    task = load_task(config.task, config.data, config.samples, copies=local)
+    Plan(config, workers, len(task.x_train))
+    if resume is not None:
+        check_resume(resume, config, workers, task.build_model(config.seed))
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Inode and modification time: a checkpoint is replaced (renamed over), never rewritten."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: RunConfig,
@@ -195,16 +255,16 @@ def _simulate(args: argparse.Namespace) -> int:
     from adasum.lab.report import markdown_table, write_report
     from adasum.lab.simulate import geometry, sweep
 
-    out = Path(args.out)
+    if not args.workers or min(args.workers) < 1:
+        raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.geometry:
+        out = _output_dir(args.out)
         rows = geometry(args.workers, [0.0, 0.25, 0.5, 0.75, 1.0])
         write_csv(rows, out / "geometry.csv")
         table = markdown_table(rows, list(rows[0]))
         (out / "geometry.md").write_text(table)
         print(table, end="")
         return 0
-    if not args.workers or min(args.workers) < 1:
-        raise ConfigError(f"--workers must be positive, got {args.workers}")
     if not args.lrs or not all(lr > 0 and math.isfinite(lr) for lr in args.lrs):
         raise ConfigError(f"every learning rate must be a positive number, got {args.lrs}")
     for name in ("batches", "accums"):
@@ -213,6 +273,7 @@ def _simulate(args: argparse.Namespace) -> int:
     base = _config(args)
     task = load_task(base.task, base.data, base.samples)
     Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), len(task.x_train))
+    out = _output_dir(args.out)
 
     def report(summary: dict) -> None:
         print(f"  {summary['optimizer']}/{summary['reducer']} N={summary['workers']} "
@@ -256,7 +317,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
-    out = Path(args.out)
+    out = _output_dir(args.out)
     summaries, curves = [], []
     for reducer in ("adasum", "average"):
         config = DEMO.with_(reducer=reducer, epochs=args.epochs).validated()

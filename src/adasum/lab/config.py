@@ -29,6 +29,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
 #: Optimizers whose parameter updates (not gradients) are reduced, as in the paper.
 DELTA_MODE = frozenset({"adam", "lamb"})
 SCHEDULES = ("constant", "cosine", "linear")
+#: The largest seed: each epoch's data order is drawn from ``seed * 1_000_003 + epoch``, which
+#: must stay within what ``torch.Generator.manual_seed`` takes (64 bits).
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,8 @@ class RunConfig:
         for name in ("batch", "accum", "epochs", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.target is not None and not 0 < self.target <= 1:

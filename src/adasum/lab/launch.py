@@ -7,12 +7,15 @@ or hangs never hangs the caller: the first error or the deadline ends every work
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Collection
@@ -38,6 +41,37 @@ def _death(rank: int, exitcode: int) -> str:
             name = "an unknown signal"
         return f"worker {rank} was killed by signal {-exitcode} ({name})"
     return f"worker {rank} exited with status {exitcode} before returning"
+
+
+#: Seconds a worker's failure report waits for a peer's death to show (see :func:`_killed`).
+_SETTLE = 0.1
+
+
+def _killed(procs: list, reporter: int, may_exit: Collection[int]) -> str | None:
+    """The death of a worker killed by a signal, if one was. A killed worker makes its peers
+    fail on the lost connection, and a peer's report can arrive before the death is seen: the
+    death is the cause, so it is named instead."""
+    others = [p.sentinel for r, p in enumerate(procs) if r != reporter]
+    mp.connection.wait(others, timeout=_SETTLE)
+    for r, p in enumerate(procs):
+        if r not in may_exit and p.exitcode is not None and p.exitcode < 0:
+            return _death(r, p.exitcode)
+    return None
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Start workers with SIGINT ignored (a disposition that exec keeps). Ctrl-C in a terminal
+    reaches the whole process group; the caller alone takes it and ends every worker, rather
+    than each worker printing its own traceback or failing a peer first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers; its caller owns Ctrl-C
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:
@@ -92,7 +126,8 @@ def spawn(
     worker dies, and TimeoutError naming the unfinished ranks after ``timeout`` seconds; every
     worker is ended either way. ``group_timeout`` is the process group's timeout (default
     ``timeout``). Ranks in ``may_exit`` may end without returning (a fault test's victims):
-    their value is None.
+    their value is None. The workers ignore SIGINT: Ctrl-C interrupts the caller, which ends
+    them.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be at least 1, got {nprocs}")
@@ -108,8 +143,9 @@ def spawn(
         )
         for rank in range(nprocs)
     ]
-    for p in procs:
-        p.start()
+    with _sigint_ignored():
+        for p in procs:
+            p.start()
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
@@ -128,7 +164,7 @@ def spawn(
                     raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s")
                 continue
             if not ok:
-                raise WorkerError(f"worker {rank} failed:\n{payload}")
+                raise WorkerError(_killed(procs, rank, may_exit) or f"worker {rank} failed:\n{payload}")
             outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:

@@ -10,6 +10,7 @@ is what makes a target above 1 unreachable.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,10 @@ class Task:
         return (1.0 - residual / total).item()
 
 
-def load_task(name: str, data: str | None = None, samples: int | None = None) -> Task:
+def load_task(name: str, data: str | None = None, samples: int | None = None, copies: int = 1) -> Task:
     """Build task ``name``; ``data`` is the file for the ``file`` task, ``samples`` the size of
-    a synthetic training set. Raises :class:`TaskError` on anything the user can fix."""
+    a synthetic training set, ``copies`` how many processes of this machine will build it (each
+    worker holds its own). Raises :class:`TaskError` on anything the user can fix."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r} (choose from {', '.join(TASKS)})")
     if samples is not None and samples < 1:
@@ -84,7 +86,12 @@ def load_task(name: str, data: str | None = None, samples: int | None = None) ->
         raise TaskError(f"--data is only for task 'file', not {name!r}")
     if name.startswith("digits"):
         return _digits(name)
-    return _synthetic(name, samples or 16384)
+    samples = samples or 16384
+    _check_memory(name, samples, copies)
+    try:
+        return _synthetic(name, samples)
+    except MemoryError:  # the machine has the memory, but others hold it
+        raise TaskError(f"not enough free memory for --samples {samples} of task {name!r}") from None
 
 
 def _split(name: str, kind: str, model: str, x: np.ndarray, y: np.ndarray) -> Task:
@@ -112,19 +119,41 @@ def _digits(name: str) -> Task:
     return _split(name, "classification", name.split("-")[1], digits.data / 16.0, digits.target)
 
 
+#: Features and classes (0: regression) of the synthetic tasks.
+_SYNTHETIC = {"linear": (32, 0), "logistic": (64, 10)}
+
+
+def _test_size(samples: int) -> int:
+    return max(1024, samples // 4)
+
+
+def _check_memory(name: str, samples: int, copies: int) -> None:
+    """Refuse a synthetic task larger than this machine's memory before drawing it: an
+    overcommitting kernel lets numpy allocate it, and kills the process (or one of the
+    workers) later."""
+    d, classes = _SYNTHETIC[name]
+    # Peak bytes per example while drawing: the float64 features and their float32 copy, and
+    # for classification the teacher's float64 logits, probabilities and cumulative sums.
+    each = (samples + _test_size(samples)) * (12 * d + 24 * classes)
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if copies * each > have:
+        workers = f" in each of {copies} workers" if copies > 1 else ""
+        raise TaskError(f"--samples {samples} of task {name!r} needs about {each / 2**30:.1f} GiB"
+                        f"{workers}; this machine has {have / 2**30:.1f} GiB")
+
+
 def _synthetic(name: str, samples: int) -> Task:
     """Linear regression (32 features, noise 0.5) or 10-class logistic regression (64
     features); the test set has a quarter as many examples, at least 1,024."""
     rng = np.random.default_rng(_DATA_SEED)
-    n_test = max(1024, samples // 4)
+    n_test = _test_size(samples)
+    d, classes = _SYNTHETIC[name]
     if name == "linear":
-        d = 32
         w = rng.standard_normal(d) / np.sqrt(d)
         x = rng.standard_normal((samples + n_test, d))
         y = x @ w + 0.5 * rng.standard_normal(samples + n_test)
         kind, model = "regression", "linear"
     else:
-        d, classes = 64, 10
         w = rng.standard_normal((d, classes)) * (8.0 / np.sqrt(d))
         x = rng.standard_normal((samples + n_test, d))
         logits = x @ w
@@ -199,15 +228,25 @@ def _numeric(row: list[str]) -> bool:
 
 
 def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) < 2:
+    """Features as float32 (what the model sees) and the labels, or TaskError."""
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) < 2 or x.shape[1] < 1:
         raise TaskError(
-            f"{str(path)!r}: need features [n, d] and labels [n] with n >= 2, got {x.shape} and {y.shape}"
+            f"{str(path)!r}: need features [n, d] and labels [n] with n >= 2 and d >= 1, "
+            f"got {x.shape} and {y.shape}"
         )
-    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
-        raise TaskError(f"{str(path)!r}: features and labels must be numbers")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise TaskError(f"{str(path)!r}: features and labels must be finite")
-    return x.astype(np.float32), y
+    # Integers and reals only: casting complex numbers would silently drop the imaginary part.
+    if x.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
+        raise TaskError(f"{str(path)!r}: features and labels must be real numbers, "
+                        f"got {x.dtype} and {y.dtype}")
+    # Checked after the cast: a finite 1e39 becomes inf in float32 (regression labels are
+    # cast too), and the run would be NaN from its first step. The refusal says so; numpy's
+    # overflow warning would only repeat it.
+    with np.errstate(over="ignore"):
+        x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    if not (np.isfinite(x32).all() and np.isfinite(y32).all()):
+        raise TaskError(f"{str(path)!r}: features and labels must be finite in float32 "
+                        f"(|value| < 3.4e38, no NaN or inf)")
+    return x32, y
 
 
 def _kind_of(y: np.ndarray) -> str:

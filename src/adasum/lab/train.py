@@ -17,14 +17,17 @@ front doors only:
 The baselines thus run the same code as Adasum: a difference between reducers in a study comes
 from the reduction alone. Rank 0 evaluates, shows the progress bar, writes the history and the
 checkpoints; the checkpoint holds every rank's optimizer state, because in delta mode each
-worker's moments are its own.
+worker's moments are its own, and a checksum, so that a damaged file is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -39,9 +42,15 @@ from adasum.lab.records import evaluate, summarize, write_csv, write_json
 from adasum.lab.tasks import Task, load_task
 from adasum.optim import DistributedOptimizer
 
-__all__ = ["train_worker", "check_resume"]
+__all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
+#: A checkpoint file holds ``{"format": _FORMAT, "sha256": ..., "payload": uint8 tensor}``, the
+#: payload being the saved state (a tensor is stored as raw bytes; pickled bytes would not be):
+#: a flipped byte is refused instead of resuming from garbage.
+_FORMAT = "adasum-checkpoint-1"
+#: What the state holds; a file without one of them cannot continue a run.
+_FIELDS = ("config", "workers", "step", "model", "optimizers", "history")
 
 
 def _data_parallel(
@@ -60,20 +69,78 @@ def _data_parallel(
     return ddp, optimizer, state
 
 
-def check_resume(path: str | os.PathLike, config: RunConfig, workers: int) -> dict:
-    """The checkpoint at ``path``, if it can continue ``config`` on ``workers`` workers: same
-    options except a larger or equal epoch count. Raises ConfigError otherwise."""
+def check_resume(path: str | os.PathLike, config: RunConfig, workers: int,
+                 model: torch.nn.Module) -> dict:
+    """The checkpoint at ``path``, if it can continue ``config`` on ``workers`` workers with
+    ``model``: intact, complete, the same options except a larger or equal epoch count, and
+    parameters of the model's shapes. Raises ConfigError naming the file otherwise."""
+    name = repr(str(path))
+    state = load_checkpoint(path)
+    missing = [k for k in _FIELDS if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {name} lacks {', '.join(missing)}")
     try:
-        state = torch.load(path, weights_only=False)
         saved = RunConfig(**state["config"])
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist") from None
-    except Exception as e:  # a truncated or foreign file: say so in one line
-        raise ConfigError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}") from None
+    except TypeError:
+        raise ConfigError(f"checkpoint {name} holds options this version does not know") from None
     if state["workers"] != workers:
         raise ConfigError(f"checkpoint was written by {state['workers']} workers, not {workers}")
     if saved.with_(epochs=config.epochs) != config or config.epochs < saved.epochs:
         raise ConfigError("checkpoint was written with other options; only --epochs may grow")
+    if len(state["optimizers"]) != workers or len(state["history"]) != state["step"]:
+        raise ConfigError(f"checkpoint {name} is inconsistent: {len(state['optimizers'])} optimizer "
+                          f"states, {len(state['history'])} history rows for step {state['step']}")
+    _check_shapes(name, state["model"], model.state_dict())
+    return state
+
+
+def _check_shapes(name: str, saved: dict, model: dict) -> None:
+    """The same tensors by name and shape: the options can match while the model cannot (a
+    data file that now has another number of features or classes)."""
+    for key in saved.keys() | model.keys():
+        there = tuple(saved[key].shape) if key in saved else None
+        here = tuple(model[key].shape) if key in model else None
+        if there != here:
+            raise ConfigError(f"checkpoint {name} does not fit the model: {key!r} has shape "
+                              f"{there} there, {here} here (did the data change?)")
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write ``state`` with its checksum, atomically: to a temporary file that reaches the disk
+    before it replaces ``path``, so an interrupted or killed run leaves the previous checkpoint
+    whole."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": _FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                    "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The state :func:`save_checkpoint` wrote to ``path``, after checking its checksum;
+    ConfigError naming the file if it is missing, damaged or not a checkpoint."""
+    name = repr(str(path))
+    try:
+        wrapper = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {name} does not exist") from None
+    except Exception as e:  # a truncated, damaged or foreign file: say so in one line
+        raise ConfigError(f"cannot read checkpoint {name} (damaged, or not a checkpoint): "
+                          f"{type(e).__name__}") from None
+    if not (isinstance(wrapper, dict) and wrapper.get("format") == _FORMAT
+            and isinstance(wrapper.get("payload"), torch.Tensor)):
+        raise ConfigError(f"checkpoint {name} is not an adasum checkpoint (or predates checksums)")
+    payload = wrapper["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
+        raise ConfigError(f"checkpoint {name} is corrupted: its checksum does not match its contents")
+    state = torch.load(io.BytesIO(payload), weights_only=True)
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {name} holds no training state")
     return state
 
 
@@ -91,10 +158,13 @@ def train_worker(
         model, make_optimizer(config.optimizer, model.parameters(), config.lr), config)
     start, history = 0, []
     if resume is not None:
-        state = check_resume(resume, config, workers)
+        state = check_resume(resume, config, workers, model)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizers"][rank])
         start, history = state["step"], state["history"]
+    # Only rank 0 draws a bar, so a thread lock is enough; tqdm's default adds a named
+    # semaphore that a worker ended by Ctrl-C or a signal never unlinks (a leak warning at exit).
+    tqdm.set_lock(threading.RLock())
     bar = tqdm(total=plan.total_steps, initial=start, disable=not (progress and rank == 0),
                desc=f"{config.reducer}/{config.optimizer}", unit="step", leave=False)
     with resources:
@@ -149,13 +219,12 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def _checkpoint(out: Path, rank: int, workers: int, config: RunConfig, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, step: int, history: list[dict]) -> None:
-    """Rank 0 writes model, every rank's optimizer state and the history, atomically."""
+    """Rank 0 writes model, every rank's optimizer state and the history."""
     states = [None] * workers if rank == 0 else None
     dist.gather_object(optimizer.state_dict(), states, dst=0)
     if rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"config": config.as_dict(), "workers": workers, "step": step,
-                "model": model.state_dict(), "optimizers": states, "history": history}, tmp)
-    tmp.replace(out / CHECKPOINT)
+    save_checkpoint({"config": config.as_dict(), "workers": workers, "step": step,
+                     "model": model.state_dict(), "optimizers": states, "history": history},
+                    out / CHECKPOINT)
