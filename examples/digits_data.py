@@ -18,14 +18,19 @@ def init_distributed(port: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def digits_split(rank: int, world: int, seed: int = 0):
-    """(x_train, y_train) for this rank's shard and the common (x_test, y_test); 8x8 images
-    scaled to [0, 1], 10 classes."""
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
+def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of the digits, shuffled by ``seed``: 8x8 images scaled to [0, 1] (flattened to 64
+    floats) and their labels, 10 classes. The first N_TEST are the held-out set."""
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
+    return x[perm], y[perm]
+
+
+def digits_split(rank: int, world: int, seed: int = 0):
+    """(x_train, y_train) for this rank's shard and the common (x_test, y_test)."""
+    x, y = digits(seed)
     return x[N_TEST + rank :: world], y[N_TEST + rank :: world], x[:N_TEST], y[:N_TEST]
 
 

@@ -10,4 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e ".[${ADASUM_EXTRAS:-lab}]"
+# torch==2.13.0 again on the same command line: an extra (lightning, accelerate) that ever wanted
+# another torch would then fail the install instead of replacing the CPU build.
+python -m pip install --quiet --disable-pip-version-check -e ".[${ADASUM_EXTRAS:-lab}]" torch==2.13.0
