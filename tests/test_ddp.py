@@ -193,3 +193,8 @@ def test_state_pickles_without_its_process_group():
     assert copy_.reducer.group is None and copy_.reducer.algorithm == "vhdd" and copy_.stats is True
     assert copy_.last_stats is None
     assert not hasattr(state, "__dict__")  # slots
+
+
+def test_the_hook_refuses_what_is_not_a_bucket():
+    with pytest.raises(TypeError, match="python_reducer is not supported"):
+        adasum_hook(AdasumState(), (torch.zeros(2), torch.zeros(2)))

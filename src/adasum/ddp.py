@@ -161,6 +161,12 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
     for it at the end of the backward pass); otherwise it runs here and the future is already
     complete.
     """
+    if not isinstance(bucket, dist.GradBucket):
+        # Compiled autograd's DDP (optimize_ddp="python_reducer") hands hooks (grad, param) pairs.
+        raise TypeError(
+            f"adasum_hook needs DDP's GradBucket, got {type(bucket).__name__}: compiled autograd's "
+            "python_reducer is not supported; compile the model with the default optimize_ddp"
+        )
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     job = _Bucket(bucket)
     if not state.overlap or dist.get_world_size(state.reducer.group) == 1:
