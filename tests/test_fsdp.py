@@ -71,13 +71,30 @@ def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 7, generator=g), torch.randn(6, 3, generator=g)
 
 
-def _fsdp_grads(rank: int, world: int, reduce_dtype: torch.dtype | None = None) -> dict:
+def _model_and_local_gradients(rank: int) -> tuple[Net, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The model every rank starts from, this rank's local gradients of it (a plain copy's) and
+    the batch they came from."""
     torch.manual_seed(0)
     model = Net()
     local = Net()
     local.load_state_dict(model.state_dict())
     x, y = _data(rank, 0)
     torch.nn.functional.mse_loss(local(x), y).backward()
+    return model, [p.grad.clone() for p in local.parameters()], (x, y)
+
+
+def assert_shards(shards: list[torch.Tensor], full: list[torch.Tensor], index: int, parts: int, tol: float) -> None:
+    """Each shard is part ``index`` of ``parts`` of the full tensor along dim 0, as FSDP cuts
+    it: ceil(size / parts) rows each, the last ones shorter or empty."""
+    for shard, whole in zip(shards, full):
+        rows = -(-whole.shape[0] // parts)
+        expected = whole[index * rows : (index + 1) * rows]
+        assert shard.shape == expected.shape and shard.dtype == torch.float32
+        assert rel_err(shard, expected) <= tol if expected.numel() else shard.numel() == 0
+
+
+def _fsdp_grads(rank: int, world: int, reduce_dtype: torch.dtype | None = None) -> dict:
+    model, local, (x, y) = _model_and_local_gradients(rank)
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     fully_shard(model.a, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -93,7 +110,7 @@ def _fsdp_grads(rank: int, world: int, reduce_dtype: torch.dtype | None = None) 
             call()
         except ValueError as e:
             errors[name] = str(e)
-    return {"local": [p.grad.clone() for p in local.parameters()], "shards": shards, "errors": errors}
+    return {"local": local, "shards": shards, "errors": errors}
 
 
 @pytest.mark.parametrize("world,reduce_dtype", [(2, None), (3, None), (4, None), (3, torch.bfloat16), (2, torch.float64)])
@@ -104,11 +121,7 @@ def test_fsdp_gradient_shards_equal_the_adasum_of_local_gradients(world, reduce_
     reduced = adasum.reduce([[g.to(dtype) for g in r["local"]] for r in results])
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
     for rank, res in enumerate(results):
-        for shard, full in zip(res["shards"], reduced):
-            rows = -(-full.shape[0] // world)  # FSDP's shard of dim 0: ceil(size / world) rows
-            expected = full[rank * rows : (rank + 1) * rows]
-            assert shard.shape == expected.shape and shard.dtype == torch.float32
-            assert rel_err(shard, expected) <= tol if expected.numel() else shard.numel() == 0
+        assert_shards(res["shards"], reduced, rank, world, tol)
         assert res["errors"]["twice"] == "adasum.fsdp: use_adasum was already called on this model"
         assert res["errors"]["plain"] == "adasum.fsdp.use_adasum needs a model with fully_shard applied to it"
         assert res["errors"]["policy"].startswith("adasum.fsdp: reduce_dtype torch.float8_e4m3fn is not supported")
@@ -165,20 +178,14 @@ def _hsdp_grads(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-    torch.manual_seed(0)
-    model = Net()
-    local = Net()
-    local.load_state_dict(model.state_dict())
-    x, y = _data(rank, 0)
-    torch.nn.functional.mse_loss(local(x), y).backward()
+    model, local, (x, y) = _model_and_local_gradients(rank)
     fully_shard(model.a, mesh=mesh)
     fully_shard(model, mesh=mesh)
     use_adasum(model)
     for _ in range(2):  # twice: the second backward reuses what the first set up
         model.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
-    return {"local": [p.grad.clone() for p in local.parameters()],
-            "shards": [p.grad.to_local().clone() for p in model.parameters()],
+    return {"local": local, "shards": [p.grad.to_local().clone() for p in model.parameters()],
             "shard_rank": mesh["shard"].get_local_rank()}
 
 
@@ -189,9 +196,4 @@ def test_hsdp_averages_in_the_shard_group_and_applies_adasum_across_replicas(wor
     # Ranks 0..S-1 form replica 0's shard group: the node average, then Adasum across replicas.
     reduced = adasum.Hierarchical(shards).reduce([r["local"] for r in results])
     for res in results:
-        s = res["shard_rank"]
-        for shard, full in zip(res["shards"], reduced):
-            rows = -(-full.shape[0] // shards)
-            expected = full[s * rows : (s + 1) * rows]
-            assert shard.shape == expected.shape
-            assert rel_err(shard, expected) <= 1e-6 if expected.numel() else shard.numel() == 0
+        assert_shards(res["shards"], reduced, res["shard_rank"], shards, 1e-6)
