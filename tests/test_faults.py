@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
+from adasum import _adasum, _hierarchical, _vhdd
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.launch import WorkerError, spawn
 from adasum.optim import DistributedOptimizer
@@ -39,39 +40,30 @@ def _kill_victim_at(rank: int, module, name: str) -> None:
         setattr(module, name, lambda *args, **kwargs: _die())
 
 
-def _flat(rank: int, algorithm: str):
-    import adasum._adasum
-    import adasum._vhdd
-
+def _flat_call(rank: int, algorithm: str):
     if algorithm == "vhdd":  # after the halving: the partners wait for the halves back
-        _kill_victim_at(rank, adasum._vhdd, "all_gather")
+        _kill_victim_at(rank, _vhdd, "all_gather")
     else:  # in the all-gather of every rank's buffer
-        _kill_victim_at(rank, adasum._adasum, "all_gather_single")
+        _kill_victim_at(rank, _adasum, "all_gather_single")
     reducer = adasum.Adasum(algorithm=algorithm)
     return lambda: reducer.all_reduce([torch.randn(1000), torch.randn(300, dtype=torch.float64)])
 
 
-def _hook(rank: int):
-    import adasum._vhdd
-
-    _kill_victim_at(rank, adasum._vhdd, "all_gather")
+def _hook_call(rank: int):
+    _kill_victim_at(rank, _vhdd, "all_gather")
     model = DDP(torch.nn.Linear(50, 20))
     model.register_comm_hook(AdasumState(adasum.Adasum(algorithm="vhdd")), adasum_hook)
     return lambda: model(torch.randn(8, 50)).sum().backward()
 
 
-def _hierarchical(rank: int):
-    import adasum._hierarchical
-
-    _kill_victim_at(rank, adasum._hierarchical, "all_gather_single")  # the node's share gather
+def _hierarchical_call(rank: int):
+    _kill_victim_at(rank, _hierarchical, "all_gather_single")  # the node's share gather
     reducer = adasum.Hierarchical(2)
     return lambda: reducer.all_reduce([torch.randn(1000), torch.randn(300)])
 
 
-def _optimizer(rank: int):
-    import adasum._vhdd
-
-    _kill_victim_at(rank, adasum._vhdd, "all_gather")
+def _optimizer_call(rank: int):
+    _kill_victim_at(rank, _vhdd, "all_gather")
     model = torch.nn.Linear(50, 20)
     opt = DistributedOptimizer(torch.optim.Adam(model.parameters()), adasum.Adasum(algorithm="vhdd"))
     model(torch.randn(8, 50)).sum().backward()
@@ -79,11 +71,11 @@ def _optimizer(rank: int):
 
 
 PATHS = {
-    "flat-vhdd": lambda rank: _flat(rank, "vhdd"),
-    "flat-gather": lambda rank: _flat(rank, "gather"),
-    "hook": _hook,
-    "hierarchical": _hierarchical,
-    "optimizer": _optimizer,
+    "flat-vhdd": lambda rank: _flat_call(rank, "vhdd"),
+    "flat-gather": lambda rank: _flat_call(rank, "gather"),
+    "hook": _hook_call,
+    "hierarchical": _hierarchical_call,
+    "optimizer": _optimizer_call,
 }
 
 

@@ -20,7 +20,7 @@ the arithmetic computed anyway and sends them to everyone in one message at the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
