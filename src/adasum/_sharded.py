@@ -94,7 +94,7 @@ def reduce_scatter(
     plan: Plan = plan_of(world, rank)
     layout = row_layout(world, tuple(numels), rows.dtype)
     buffer = buffers("rows", rows, rows.numel())
-    buffer.view(world, row).copy_(rows.view(world, row)[list(layout.order)])
+    torch.index_select(rows.view(world, row), 0, torch.tensor(layout.order), out=buffer.view(world, row))
     flats = Flats([buffer], [layout.group], len(numels))
     link = Link(group)
     scratch = lambda like, n: buffers("recv", like, n)  # noqa: E731
