@@ -115,27 +115,6 @@ def test_non_finite_values_propagate(bad):
     assert not torch.isfinite(adasum.combine(a, b)).all()
 
 
-def test_kernels_and_torch_fallback_agree_bit_for_bit(monkeypatch):
-    if ops._kernels is None:
-        pytest.skip("C kernels not built")
-    g = torch.Generator().manual_seed(5)
-    for dtype in DTYPES:
-        a = torch.randn(1001, generator=g).to(dtype)
-        b = torch.randn(1001, generator=g).to(dtype)
-        offsets = ops.offsets_of([0, 10, 991])
-        fast_partials = ops.segment_partials(a, b, offsets)
-        ca, cb = ops.coefficients(fast_partials)
-        fast = torch.empty_like(a)
-        ops.segment_combine(a, b, fast, offsets, ca, cb)
-        with monkeypatch.context() as m:
-            m.setattr(ops, "_kernels", None)
-            slow_partials = ops.segment_partials(a, b, offsets)
-            slow = torch.empty_like(a)
-            ops.segment_combine(a, b, slow, offsets, ca, cb)
-        assert torch.allclose(fast_partials, slow_partials, rtol=1e-13, atol=0)
-        assert torch.equal(fast, slow), dtype
-
-
 def test_non_contiguous_and_out():
     g = torch.Generator().manual_seed(6)
     a = torch.randn(6, 8, generator=g).t()

@@ -14,6 +14,10 @@ and gets the coefficient 1, so a zero vector leaves the other unchanged. The com
 float16 and bfloat16, then rounded once to the tensors' dtype: two multiplications and an
 addition, no fused multiply-add, on every device, so results do not depend on which kernel ran.
 
+On CPU the C kernels (``_kernels.c``) compute both steps; CUDA buffers, and CPU ones when the
+kernels are not built, take :mod:`adasum._chunked`: the same arithmetic in PyTorch ops, chunk by
+chunk, in at most half a buffer of extra memory.
+
 The building blocks here work on *segmented* flat buffers: a 1-D tensor that holds several
 layers end to end, split by an int64 offsets tensor ``[0, n0, n0 + n1, ...]``. This is how the
 reducer, the collective and the DDP hook apply the operator per layer with a few calls.
@@ -27,6 +31,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from adasum import _chunked
 
 try:
     from adasum import _kernels
@@ -84,10 +90,7 @@ def segment_partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
             torch.get_num_threads(),
         )
         return out
-    a64, b64 = a.double(), b.double()
-    products = torch.stack([a64 * b64, a64 * a64, b64 * b64])
-    lengths = (offsets[1:] - offsets[:-1]).to(a.device).expand(3, nseg).contiguous()
-    return torch.segment_reduce(products, "sum", lengths=lengths, axis=1, unsafe=True)
+    return _chunked.partials(a, b, offsets)
 
 
 def coefficients(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,12 +101,6 @@ def coefficients(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ca = torch.where(aa < ZERO_GUARD, one, 1.0 - dot / (2.0 * aa))
     cb = torch.where(bb < ZERO_GUARD, one, 1.0 - dot / (2.0 * bb))
     return ca, cb
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Wider than the 16-bit types and exact enough for float32: a cancelling ca*a + cb*b keeps
-    # float32's relative accuracy instead of losing it to two roundings in float32.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 def segment_combine(
@@ -130,11 +127,7 @@ def segment_combine(
             torch.get_num_threads(),
         )
         return
-    compute = _compute_dtype(a.dtype)
-    lengths = (offsets[1:] - offsets[:-1]).to(a.device)
-    ca_e = torch.repeat_interleave(ca.to(compute), lengths, output_size=a.numel())
-    cb_e = torch.repeat_interleave(cb.to(compute), lengths, output_size=a.numel())
-    out.copy_(a.to(compute) * ca_e + b.to(compute) * cb_e)
+    _chunked.combine(a, b, out, offsets, ca, cb)
 
 
 def combine(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,8 +19,9 @@ as for averaging), and see :class:`adasum.Stats` for where between the two a mod
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations against the
 # real dist.GradBucket and Future types, which string annotations would fail.
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -58,7 +59,9 @@ class AdasumState:
     thread; an unpickled state reduces over the default group.
     """
 
-    __slots__ = ("reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_group", "_worker", "_executor")
+    __slots__ = (
+        "reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_group", "_worker", "_executor", "_streams",
+    )
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class AdasumState:
         self._group: Optional[dist.ProcessGroup] = None
         self._worker: Optional[Reducer] = None
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"reducer": self.reducer, "stats": self.stats, "overlap": self.overlap}
@@ -123,6 +127,23 @@ class AdasumState:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adasum-ddp")
         return self._executor, self._worker
 
+    @contextlib.contextmanager
+    def _ordered(self, job: "_Bucket") -> Iterator[None]:
+        """On the background thread, for a CUDA bucket: the bucket's device as the current one
+        (a new thread starts on device 0) and a side stream of the state's as the current
+        stream, made to wait for the gradients the autograd stream was still computing when
+        the hook was called. A CPU bucket needs neither."""
+        if job.ready is None:
+            yield
+            return
+        device = job.buffer.device
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        stream = self._streams[device]
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            stream.wait_event(job.ready)
+            yield
+
     def _reduce(self, job: "_Bucket", reducer: Reducer) -> torch.Tensor:
         stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats)
         if stats is not None:
@@ -141,9 +162,9 @@ class _Bucket:
     """What the hook needs of a GradBucket, read on the autograd thread (the bucket object is
     only guaranteed valid during the hook call)."""
 
-    __slots__ = ("buffer", "flat", "numels", "index", "is_last", "param_ids")
+    __slots__ = ("buffer", "flat", "numels", "index", "is_last", "param_ids", "ready")
 
-    def __init__(self, bucket: dist.GradBucket) -> None:
+    def __init__(self, bucket: dist.GradBucket, overlap: bool) -> None:
         self.buffer = bucket.buffer()
         self.numels = [g.numel() for g in bucket.gradients()]
         # A bucket's buffer is its gradients end to end; any tail past them is not a gradient.
@@ -151,6 +172,21 @@ class _Bucket:
         self.index = bucket.index()
         self.is_last = bucket.is_last()
         self.param_ids = [id(p) for p in bucket.parameters()]
+        #: For a CUDA bucket reduced on the background thread: the point of the autograd
+        #: stream (the current one here) after which the gradients are complete.
+        self.ready: Optional[torch.cuda.Event] = None
+        if overlap and self.buffer.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(self.buffer.device))
+
+
+def _future_for(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """A future for ``buffer`` once reduced. For a CUDA buffer it knows the device: completing
+    it records an event on the completing thread's current stream, and DDP's wait on it makes
+    DDP's stream wait for that event instead of reading an unfinished buffer."""
+    if buffer.is_cuda:
+        return torch.futures.Future(devices=[buffer.device])
+    return torch.futures.Future()
 
 
 def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -159,7 +195,9 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
     Returns a future holding the buffer, reduced in place. With ``state.overlap`` the reduction
     runs on the state's background thread and the future completes when it is done (DDP waits
     for it at the end of the backward pass); otherwise it runs here and the future is already
-    complete.
+    complete. On CUDA the background thread works on a side stream that first waits for the
+    autograd stream's gradients, and the future carries the side stream's completion to DDP's
+    stream; nothing waits on the host except where the algorithm reads a value there.
     """
     if not isinstance(bucket, dist.GradBucket):
         # Compiled autograd's DDP (optimize_ddp="python_reducer") hands hooks (grad, param) pairs.
@@ -167,16 +205,19 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
             f"adasum_hook needs DDP's GradBucket, got {type(bucket).__name__}: compiled autograd's "
             "python_reducer is not supported; compile the model with the default optimize_ddp"
         )
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    job = _Bucket(bucket)
-    if not state.overlap or dist.get_world_size(state.reducer.group) == 1:
+    overlap = state.overlap and dist.get_world_size(state.reducer.group) > 1
+    job = _Bucket(bucket, overlap)
+    future = _future_for(job.buffer)
+    if not overlap:
+        # On CUDA everything runs on the autograd thread's current stream, in order.
         future.set_result(state._reduce(job, state.reducer))
         return future
     executor, worker = state._background()
 
     def run() -> None:
         try:
-            future.set_result(state._reduce(job, worker))
+            with state._ordered(job):
+                future.set_result(state._reduce(job, worker))
         except BaseException as e:  # reaches the backward pass through the future
             future.set_exception(e)
 

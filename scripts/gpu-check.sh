@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# On a machine with one or more CUDA GPUs: set up a virtual environment with a CUDA build of
+# torch, then run every GPU-relevant test (tests/test_cuda.py: the CUDA arithmetic against the
+# CPU kernels, its memory high-water mark, the simulator, the DDP hook's stream order, the hook
+# and the optimizer on one NCCL rank, multi-rank NCCL when there are two GPUs or more; and
+# tests/test_chunked.py, the same arithmetic on CPU) and the benchmark of the CUDA arithmetic
+# (extra memory against half a buffer; two 2^26 float32 buffers combined against torch.add).
+#
+#   scripts/gpu-check.sh                # everything; the figures also go to gpu-check.log
+#   PYTHON=python3.11 scripts/gpu-check.sh
+#
+# The environment is .venv-gpu, apart from the CPU-only .venv of setup.sh. If the machine's
+# Python already has a CUDA build of torch (a GPU image), the environment sees it
+# (--system-site-packages) and installs the project beside it without touching torch;
+# otherwise it installs torch==2.13.0 from PyPI, whose Linux wheel is the CUDA build. It stops
+# with a clear message if torch in the environment still cannot use a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV=.venv-gpu
+exec > >(tee gpu-check.log) 2>&1
+
+cuda_torch() { "$1" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if cuda_torch "$PY"; then
+        echo "using the CUDA build of torch that $PY already has"
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        "$PY" -m venv "$VENV"
+    fi
+fi
+. "$VENV/bin/activate"
+pip() { python -m pip --disable-pip-version-check "$@"; }
+if ! python -c 'import torch' 2>/dev/null; then
+    pip install --quiet torch==2.13.0
+fi
+# --no-deps: never let the project's requirement replace the torch chosen above.
+pip install --quiet pytest pytest-timeout
+pip install --quiet --no-deps -e .
+
+python - <<'EOF'
+import torch
+print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, GPUs: {torch.cuda.device_count()}")
+for i in range(torch.cuda.device_count()):
+    print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+EOF
+if ! cuda_torch python; then
+    echo "ERROR: torch in $VENV has no usable CUDA (CPU-only build, or no driver/GPU visible):" >&2
+    echo "       nothing GPU-related can run. Remove $VENV and install a CUDA build of torch." >&2
+    exit 1
+fi
+python -c "import importlib.util as u; print('adasum C kernels:', 'built' if u.find_spec('adasum._kernels') else 'NOT built: the CPU comparison tests skip')"
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+    echo "one GPU: the multi-rank NCCL tests skip (NCCL refuses two ranks on one GPU)"
+fi
+
+echo; echo "== tests =="
+python -m pytest -q -rs tests/test_cuda.py tests/test_chunked.py
+
+echo; echo "== the CUDA arithmetic: extra memory and time against torch.add =="
+python benchmarks/bench_memory.py --device cuda --memory-exponent 24 --time-exponent 26
