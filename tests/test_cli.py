@@ -177,6 +177,16 @@ def test_missing_lab_extra_as_the_user_sees_it():
     assert proc.stderr.splitlines() == ["adasum: the program needs the lab extra: pip install 'adasum[lab]'"]
 
 
+def test_without_numpy_the_program_says_so_in_one_line():
+    """Without numpy, torch would print a warning of its own when imported; the package imports
+    its names lazily, so the program's entry speaks first and alone."""
+    code = ("import sys; sys.modules['numpy'] = None; import adasum.lab; "
+            "print('torch' in sys.modules); sys.exit(adasum.lab.main(['demo']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "False\n"
+    assert proc.stderr.splitlines() == ["adasum: the program needs the lab extra: pip install 'adasum[lab]'"]
+
+
 def test_the_core_never_imports_the_lab():
     """Importing the library and the lab's entry module loads neither the program nor the lab's
     heavy dependencies (torch itself may import numpy and tqdm, so they are not checked here;

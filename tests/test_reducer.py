@@ -54,6 +54,50 @@ def test_every_reducer_equals_its_single_process_reference(world):
             assert rel_err(got, want) <= (1e-2 if dtype == torch.bfloat16 else 1e-6), name
 
 
+VIEW_SHAPES = [(6, 4), (9,), (5,)]
+
+
+def _view_inputs(rank: int) -> list[torch.Tensor]:
+    return [torch.randn(s, generator=torch.Generator().manual_seed(10 * rank + i)) for i, s in enumerate(VIEW_SHAPES)]
+
+
+def _laid_out(tensors: list[torch.Tensor], order: list[int]) -> list[torch.Tensor]:
+    """Views of one buffer holding ``tensors`` in ``order``, returned in their own order."""
+    buffer = torch.cat([tensors[i].reshape(-1) for i in order])
+    views, at = {}, 0
+    for i in order:
+        views[i] = buffer[at : at + tensors[i].numel()].view(tensors[i].shape)
+        at += tensors[i].numel()
+    return [views[i] for i in range(len(tensors))]
+
+
+def _views(rank: int, world: int) -> dict:
+    """The same tensors as separate tensors, as views end to end of one buffer, as views of one
+    buffer in another order, and as views with a gap between them."""
+    out = {}
+    for name, tensors in (("separate", _view_inputs(rank)),
+                          ("end_to_end", _laid_out(_view_inputs(rank), [0, 1, 2])),
+                          ("reordered", _laid_out(_view_inputs(rank), [2, 0, 1]))):
+        reducer = adasum.Adasum(algorithm="vhdd")
+        reducer.all_reduce(tensors)
+        out[name] = [t.clone() for t in tensors]
+        out[f"{name} packed"] = any(k.startswith("pack") for k in reducer._buffers.numels())
+    buffer = torch.full((40,), 7.0)
+    gapped = [buffer[:24].view(6, 4), buffer[25:34]]
+    for view, t in zip(gapped, _view_inputs(rank)):
+        view.copy_(t)
+    adasum.Adasum(algorithm="vhdd").all_reduce(gapped)
+    out["gapped"], out["gap"] = [t.clone() for t in gapped], float(buffer[24])
+    return out
+
+
+def test_views_of_one_buffer_are_reduced_where_they_lie_and_others_are_packed():
+    for r in spawn(_views, 2, timeout=TIMEOUT):
+        assert same_bits(r["end_to_end"], r["separate"]) and not r["end_to_end packed"]
+        assert same_bits(r["reordered"], r["separate"]) and r["reordered packed"]
+        assert same_bits(r["gapped"], r["separate"][:2]) and r["gap"] == 7.0
+
+
 def _messages(rank: int, world: int) -> dict:
     """How many point-to-point batches and all-gathers one call makes, with and without stats."""
     import adasum._groups

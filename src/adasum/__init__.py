@@ -18,28 +18,52 @@ The front doors are the modules ``adasum.ddp`` (gradient mode, a DDP communicati
 and the experiments are in ``adasum.lab`` (``pip install 'adasum[lab]'``).
 """
 
-from adasum._adasum import Adasum, all_reduce, all_reduce_flat
-from adasum._baselines import Average, Sum
-from adasum._hierarchical import Hierarchical
-from adasum._ops import combine
-from adasum._order import expression, schedule
-from adasum._reduce import reduce
-from adasum._reducer import Reducer
-from adasum._stats import Stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from adasum._version import __version__
 
-__all__ = [
-    "Reducer",
-    "Adasum",
-    "Hierarchical",
-    "Average",
-    "Sum",
-    "all_reduce",
-    "all_reduce_flat",
-    "reduce",
-    "combine",
-    "schedule",
-    "expression",
-    "Stats",
-    "__version__",
-]
+# Where each public name lives. They are imported on first use (PEP 562), so that importing the
+# package costs nothing and does not import torch: the ``adasum`` program (``adasum.lab``) can
+# then say in one line what to install when its extra is missing, before torch complains.
+_EXPORTS = {
+    "Reducer": "adasum._reducer",
+    "Adasum": "adasum._adasum",
+    "Hierarchical": "adasum._hierarchical",
+    "Average": "adasum._baselines",
+    "Sum": "adasum._baselines",
+    "all_reduce": "adasum._adasum",
+    "all_reduce_flat": "adasum._adasum",
+    "reduce": "adasum._reduce",
+    "combine": "adasum._ops",
+    "schedule": "adasum._order",
+    "expression": "adasum._order",
+    "Stats": "adasum._stats",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'adasum' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from adasum._adasum import Adasum, all_reduce, all_reduce_flat
+    from adasum._baselines import Average, Sum
+    from adasum._hierarchical import Hierarchical
+    from adasum._ops import combine
+    from adasum._order import expression, schedule
+    from adasum._reduce import reduce
+    from adasum._reducer import Reducer
+    from adasum._stats import Stats

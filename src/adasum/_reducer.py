@@ -67,10 +67,14 @@ class Reducer(abc.ABC):
             layout = self._validated(tensor_list, stats)
             if self._idle(layout):
                 return self._idle_stats(len(layout)) if stats else None
-            buffers = [self._packed(layout, tensor_list, g) for g in layout.groups]
+            in_place = [_end_to_end([tensor_list[i] for i in g.layers]) for g in layout.groups]
+            buffers = [
+                _flat_view(tensor_list[g.layers[0]], g.numel) if here else self._packed(layout, tensor_list, g)
+                for g, here in zip(layout.groups, in_place)
+            ]
             result = self._reduce(Flats(buffers, layout.groups, len(layout)), stats)
-            for buffer, g in zip(buffers, layout.groups):
-                if not _is_view_of(buffer, tensor_list[g.layers[0]]):
+            for buffer, g, here in zip(buffers, layout.groups, in_place):
+                if not here:
                     layout.unpack(buffer, tensor_list, g)
         return result
 
@@ -161,11 +165,22 @@ class Reducer(abc.ABC):
         return len(layout) == 0 or dist.get_world_size(self.group) == 1
 
     def _packed(self, layout: Layout, tensors: list[torch.Tensor], g: DtypeGroup) -> torch.Tensor:
-        first = tensors[g.layers[0]]
-        if len(g.layers) == 1 and first.is_contiguous():
-            return first.view(-1)  # a single contiguous tensor is reduced where it lies
-        return layout.pack(tensors, g, out=self._buffers.get("pack", first, g.numel))
+        return layout.pack(tensors, g, out=self._buffers.get("pack", tensors[g.layers[0]], g.numel))
 
 
-def _is_view_of(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
-    return buffer.data_ptr() == tensor.data_ptr() and buffer.numel() == tensor.numel()
+def _end_to_end(tensors: list[torch.Tensor]) -> bool:
+    """Whether the tensors are contiguous and lie end to end, in order, in one storage (one
+    tensor, or views of one flat buffer): then they are reduced where they lie, without the
+    packing copy and its way back."""
+    first = tensors[0]
+    storage, at = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != at:
+            return False
+        at += t.numel() * t.element_size()
+    return True
+
+
+def _flat_view(first: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 1-D view of ``numel`` elements starting where ``first`` starts."""
+    return first.as_strided((numel,), (1,))

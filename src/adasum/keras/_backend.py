@@ -1,0 +1,61 @@
+"""The two things the Keras front door needs from the backend Keras runs on: reduce a list of
+backend tensors across the workers, and give every worker rank 0's variables.
+
+TensorFlow's tensors go through :mod:`adasum.tensorflow` (DLPack into the PyTorch engine, and
+a ``tf.py_function`` node inside Keras's compiled train step). The torch backend's tensors are
+torch tensors already: the reducer works on them in place. JAX's train step is one traced,
+stateless function that cannot call the engine; :mod:`adasum.jax` is the way there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import torch
+import torch.distributed as dist
+
+from adasum._reducer import Reducer
+
+__all__ = ["BACKENDS", "check_backend", "all_reduce", "broadcast_variables"]
+
+BACKENDS = ("tensorflow", "torch")
+
+
+def check_backend() -> str:
+    """The Keras backend, or ValueError if the front door cannot run on it."""
+    name = keras.backend.backend()
+    if name not in BACKENDS:
+        hint = " (for JAX, use adasum.jax with Optax)" if name == "jax" else ""
+        raise ValueError(f"adasum.keras runs on the tensorflow and torch backends, not {name!r}{hint}")
+    return name
+
+
+def all_reduce(values: Sequence[Any], reducer: Reducer) -> list[Any]:
+    """``reducer``'s reduction of every worker's ``values`` (backend tensors we may overwrite),
+    as a list of backend tensors."""
+    if keras.backend.backend() == "tensorflow":
+        from adasum.tensorflow import all_reduce as tf_all_reduce
+
+        return tf_all_reduce(list(values), reducer)
+    values = list(values)
+    reducer.all_reduce(values)
+    return values
+
+
+def broadcast_variables(
+    variables: Sequence[keras.Variable], src: int = 0, group: dist.ProcessGroup | None = None
+) -> None:
+    """Assign rank ``src``'s values to ``variables`` on every worker."""
+    variables = list(variables)
+    if check_backend() == "tensorflow":
+        from adasum.tensorflow import broadcast
+
+        for v, value in zip(variables, broadcast([v.value for v in variables], src, group)):
+            v.assign(value)
+        return
+    root = src if group is None else dist.get_global_rank(group, src)
+    with torch.no_grad():
+        for v in variables:
+            dist.broadcast(v.value.data, src=root, group=group)

@@ -1,0 +1,183 @@
+"""adasum.keras on real worker processes (Gloo on localhost): ``model.fit`` with the
+DistributedOptimizer against an independent replay in one process (each worker's local step,
+adasum.reduce of the deltas or gradients, apply), on the TensorFlow and torch backends.
+Skipped where Keras or the backend is not installed; Keras is imported only in the workers,
+whose environment picks the backend."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import adasum
+from adasum.lab.launch import spawn
+from conftest import TIMEOUT, caught
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras")
+
+BATCH, UPDATES = 8, 3
+
+
+def data(world: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every worker's examples for UPDATES updates of ``steps`` batches each."""
+    rng = np.random.default_rng(5)
+    n = world * UPDATES * steps * BATCH
+    return rng.standard_normal((n, 6)).astype("float32"), rng.integers(0, 3, n)
+
+
+def make_model(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)  # a different start on every worker, until broadcast
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+
+
+def make_inner(mode: str):
+    import keras
+
+    return keras.optimizers.Adam(0.05) if mode == "delta" else keras.optimizers.SGD(0.1, momentum=0.9)
+
+
+def loss_fn():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _fit(rank: int, world: int, mode: str, steps: int) -> dict:
+    import keras
+
+    from adasum.keras import DistributedOptimizer, broadcast_variables
+
+    model = make_model(seed=rank)
+    optimizer = DistributedOptimizer(make_inner(mode), mode=mode, gradient_accumulation_steps=steps)
+    model.compile(optimizer=optimizer, loss=loss_fn())
+    broadcast_variables(model.variables)
+    start = [np.array(w) for w in model.get_weights()]
+    x, y = data(world, steps)
+    model.fit(x[rank::world], y[rank::world], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    out = {"start": start, "end": [np.array(w) for w in model.get_weights()], "updates": int(keras.ops.convert_to_numpy(optimizer.iterations))}
+    if rank == 0:
+        out["replay"] = replay(start, world, mode, steps)
+    loaded = DistributedOptimizer.from_config(optimizer.get_config())
+    out["config"] = (type(loaded.inner_optimizer).__name__, loaded.mode, loaded.steps,
+                     float(keras.ops.convert_to_numpy(loaded.learning_rate)))
+    out["errors"] = {
+        "mismatch": caught(lambda: mismatched(rank, world)),
+        "inner_accumulates": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2))),
+        "mode": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(), mode="sum")),
+    }
+    return out
+
+
+def mismatched(rank: int, world: int) -> None:
+    """One update with a model whose last worker has a wider layer."""
+    import keras
+
+    from adasum.keras import DistributedOptimizer
+
+    width = 4 if rank == world - 1 else 5
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
+    model.compile(optimizer=DistributedOptimizer(keras.optimizers.SGD(0.1)), loss=loss_fn(), run_eagerly=True)
+    x, y = data(1, 1)
+    model.train_on_batch(x[:BATCH], y[:BATCH])
+
+
+def gradients(model, x: np.ndarray, y: np.ndarray) -> list:
+    """The gradients of the mean loss of one batch, by the backend's own autodiff."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Compiled like fit's train step, so that TensorFlow fuses the same kernels.
+        @tf.function
+        def taped(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn()(y, model(x, training=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        return taped(x, y)
+    model.zero_grad()
+    loss = loss_fn()(torch.as_tensor(y), model(torch.as_tensor(x), training=True))
+    loss.backward()
+    return [v.value.grad.clone() for v in model.trainable_variables]
+
+
+def accumulated(model, x: np.ndarray, y: np.ndarray, steps: int) -> list:
+    """The mean gradient of ``steps`` batches, summed in the order Keras's accumulation uses."""
+    from keras import ops
+
+    batches = [gradients(model, x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(steps)]
+    if steps == 1:
+        return batches[0]
+    sums = [ops.zeros_like(g) for g in batches[0]]
+    for batch in batches[:-1]:
+        sums = [ops.add(s, g) for s, g in zip(sums, batch)]
+    return [ops.divide(ops.add(g, s), steps) for g, s in zip(batches[-1], sums)]
+
+
+def replay(start: list[np.ndarray], world: int, mode: str, steps: int) -> list[np.ndarray]:
+    """What the workers should end with, in one process, without the front door."""
+    from keras import ops
+
+    x, y = data(world, steps)
+    models = [make_model(seed=0) for _ in range(world)]
+    inners = [make_inner(mode) for _ in range(world)]
+    for m in models:
+        m.set_weights(start)
+    per_update = steps * BATCH
+    for u in range(UPDATES):
+        shards = [(x[r::world][u * per_update : (u + 1) * per_update], y[r::world][u * per_update : (u + 1) * per_update]) for r in range(world)]
+        weights = [np.array(w) for w in models[0].get_weights()]
+        grads = [accumulated(m, xs, ys, steps) for m, (xs, ys) in zip(models, shards)]
+        if mode == "gradient":
+            combined = adasum.reduce([[torch.as_tensor(np.array(g)) for g in gs] for gs in grads])
+            inners[0].apply([ops.convert_to_tensor(c.numpy()) for c in combined], models[0].trainable_variables)
+            new = [np.array(w) for w in models[0].get_weights()]
+        else:
+            deltas = []
+            for m, inner, g in zip(models, inners, grads):
+                inner.apply(g, m.trainable_variables)
+                deltas.append([torch.as_tensor(np.array(w) - s) for w, s in zip(m.get_weights(), weights)])
+            new = [s + c.numpy() for s, c in zip(weights, adasum.reduce(deltas))]
+        for m in models:
+            m.set_weights(new)
+    return [np.array(w) for w in models[0].get_weights()]
+
+
+CASES = [  # (backend, workers, mode, batches per update)
+    ("tensorflow", 2, "delta", 1),
+    ("tensorflow", 3, "gradient", 1),
+    ("tensorflow", 4, "delta", 2),
+    ("torch", 3, "delta", 1),
+    ("torch", 2, "gradient", 3),
+]
+
+
+@pytest.mark.parametrize("backend, world, mode, steps", CASES)
+def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"needs {backend}")
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    results = spawn(_fit, world, mode, steps, timeout=TIMEOUT, env=env)
+    for r in results:  # started equal (broadcast) and stayed bit-identical
+        for a, b in zip(r["start"] + r["end"], results[0]["start"] + results[0]["end"]):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+        assert r["updates"] == UPDATES
+    inner = "Adam" if mode == "delta" else "SGD"
+    assert results[0]["config"] == (inner, mode, steps, float(np.float32(0.05 if mode == "delta" else 0.1)))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(results[0]["start"], results[0]["end"]))
+    assert moved > 1e-3
+    for got, want in zip(results[0]["end"], results[0]["replay"]):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))  # to the last bit
+    errors = [r["errors"] for r in results]
+    last = world - 1
+    for e in errors:
+        assert e == errors[0]  # the same words on every worker
+    assert f"on rank {last} but" in errors[0]["mismatch"] and errors[0]["mismatch"].startswith("ValueError")
+    assert errors[0]["inner_accumulates"].startswith("ValueError")
+    assert errors[0]["mode"].startswith("ValueError")
