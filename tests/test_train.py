@@ -34,7 +34,8 @@ def train(args: list[str], out: Path) -> list[float]:
 
 def simulated(workers: int, **options) -> list[float]:
     config = RunConfig(**options)
-    history, _ = simulate_run(load_task(config.task), config, workers, distances=False)
+    history, _ = simulate_run(load_task(config.task, config.data, config.samples), config, workers,
+                              distances=False)
     return [r["loss"] for r in history]
 
 
@@ -79,11 +80,16 @@ def test_torchrun_four_workers_follow_the_simulator(reducer, lr, other, tmp_path
     {"workers": 3, "optimizer": "momentum", "reducer": "adasum", "lr": 0.05, "batch": 8, "accum": 2},
     {"workers": 2, "optimizer": "sgd", "reducer": "sum", "lr": 0.02, "batch": 16, "accum": 2},
     {"workers": 3, "optimizer": "momentum", "reducer": "average", "lr": 0.1, "batch": 16, "accum": 1},
+    # the tasks of the paper's kind: the transformer in delta mode, the residual CNN in gradient mode
+    {"workers": 2, "task": "stdlib-transformer", "samples": 24, "optimizer": "lamb", "reducer": "adasum",
+     "lr": 0.01, "batch": 2, "accum": 2, "evals_per_epoch": 1},
+    {"workers": 3, "task": "augdigits-resnet", "samples": 96, "optimizer": "momentum", "reducer": "adasum",
+     "lr": 0.05, "batch": 8, "accum": 2, "evals_per_epoch": 1},
 ])
 def test_spawned_workers_follow_the_simulator(options, tmp_path):
     o = dict(options)
     n = o.pop("workers")
-    real = train(["--nproc", str(n), "--epochs", "1", *(f"--{k}={v}" for k, v in o.items())], tmp_path)
+    real = train(["--nproc", str(n), "--epochs", "1", *(f"--{k.replace('_', '-')}={v}" for k, v in o.items())], tmp_path)
     assert_same_curve(real, simulated(n, epochs=1, **o))
 
 

@@ -5,9 +5,10 @@
 * the simulator (:mod:`adasum.lab.simulate`): N workers in one process, step for step what
   ``adasum train`` does, plus the distance of each reducer's update to sequential SGD;
 * the experiments: tasks, models, optimizers and the run configuration they share
-  (:mod:`~adasum.lab.tasks`, :mod:`~adasum.lab.models`, :mod:`~adasum.lab.optimizers`,
-  :mod:`~adasum.lab.config`, :mod:`~adasum.lab.train`), and what a run measures
-  (:mod:`~adasum.lab.records`);
+  (:mod:`~adasum.lab.tasks`, with the transformer on source text in :mod:`~adasum.lab.text`
+  and the CNN on augmented digits in :mod:`~adasum.lab.images`; :mod:`~adasum.lab.models`,
+  :mod:`~adasum.lab.optimizers`, :mod:`~adasum.lab.config`, :mod:`~adasum.lab.train`), and
+  what a run measures (:mod:`~adasum.lab.records`);
 * the reports: tables (:mod:`adasum.lab.report`) and plots (:mod:`adasum.lab.plots`).
 
 The lab lies outside the core: it uses the library only through its public API (the reducers,

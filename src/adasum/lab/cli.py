@@ -66,8 +66,11 @@ def _names(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options one run has in both ``train`` and ``simulate``."""
     p.add_argument("--task", default="digits-mlp", help=f"one of {', '.join(TASKS)} (default digits-mlp)")
-    p.add_argument("--data", help="a .npz (arrays x, y, optionally x_test, y_test) or .csv (last column = label) for --task file")
-    p.add_argument("--samples", type=int, help="training examples of a synthetic task (default 16384)")
+    p.add_argument("--data", help="a .npz (arrays x, y, optionally x_test, y_test) or .csv (last column = label) for "
+                                  "--task file; a directory of text for the stdlib-transformer tasks (default: the "
+                                  "standard library's .py files)")
+    p.add_argument("--samples", type=int, help="training examples of a synthetic task (default 16384), of "
+                                               "augdigits-resnet (default 65536), windows of a text task (default all)")
     p.add_argument("--schedule", default="constant", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--epochs", type=int, default=5)
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
     sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])
     sim.add_argument("--no-distances", action="store_true", help="skip the distance to sequential SGD")
+    sim.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sim.add_argument("--worker-chunk", type=int,
+                     help="workers whose gradients are taken in one batched call (default: as many as "
+                          "fit in 256 MiB of activations, an eighth of the GPU's memory on CUDA)")
     sim.add_argument("--geometry", action="store_true",
                      help="instead of training: Adasum of vectors with a given pairwise cosine against sum and average")
     sim.add_argument("--title", default="adasum simulate")
@@ -210,7 +217,7 @@ def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) 
     from adasum.lab.train import check_resume
 
     task = load_task(config.task, config.data, config.samples, copies=local)
-    Plan(config, workers, len(task.x_train))
+    Plan(config, workers, task.train_size)
     if resume is not None:
         check_resume(resume, config, workers, task.build_model(config.seed))
 
@@ -253,7 +260,7 @@ def _print_summaries(summaries: Sequence[dict]) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     from adasum.lab.records import write_csv
     from adasum.lab.report import markdown_table, write_report
-    from adasum.lab.simulate import geometry, sweep
+    from adasum.lab.simulate import geometry, resolve_device, sweep
 
     if not args.workers or min(args.workers) < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
@@ -270,20 +277,23 @@ def _simulate(args: argparse.Namespace) -> int:
     for name in ("batches", "accums"):
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
+    device = resolve_device(args.device)
     base = _config(args)
     task = load_task(base.task, base.data, base.samples)
-    Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), len(task.x_train))
+    Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
     out = _output_dir(args.out)
 
     def report(summary: dict) -> None:
         print(f"  {summary['optimizer']}/{summary['reducer']} N={summary['workers']} "
               f"E={summary['examples_per_step']} lr={summary['lr']:g}: score {summary['score']:.4f}, "
-              f"epochs to target {summary['epochs_to_target']}", file=sys.stderr)
+              f"epochs to target {summary['epochs_to_target']}, {summary['seconds_per_step']:.3g} s/step "
+              f"({summary['device']}, {summary['worker_chunk']} workers per chunk"
+              + (f", peak {summary['peak_gib']:.2f} GiB)" if "peak_gib" in summary else ")"), file=sys.stderr)
 
     summaries, curves = sweep(
         task, base, workers=args.workers, reducers=args.reducers, optimizers=args.optimizers,
         lrs=args.lrs, batches=args.batches, accums=args.accums,
-        distances=not args.no_distances, on_run=report,
+        distances=not args.no_distances, on_run=report, device=device, worker_chunk=args.worker_chunk,
     )
     written = write_report(summaries, curves, out, args.title)
     _print_summaries(summaries)

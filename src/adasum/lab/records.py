@@ -20,9 +20,15 @@ __all__ = ["evaluate", "summarize", "write_csv", "write_json"]
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module) -> dict[str, float]:
-    """Test loss and test score (accuracy or R^2) of ``model``."""
-    out = model(task.x_test)
-    return {"test_loss": task.loss(out, task.y_test).item(), "score": task.score(out, task.y_test)}
+    """Test loss and test score (accuracy or R^2) of ``model``; for a language task also bits
+    per byte. The outputs of the test batches are put together before the loss and the score
+    are taken, so that a score which is not a mean over examples (R^2) comes out right."""
+    outputs, targets = zip(*((model(x), y) for x, y in task.test_batches()))
+    out, target = torch.cat(outputs), torch.cat(targets)
+    row = {"test_loss": task.loss(out, target).item(), "score": task.score(out, target)}
+    if task.kind == "language":
+        row["bits_per_byte"] = row["test_loss"] / math.log(2)
+    return row
 
 
 def summarize(history: Sequence[dict], plan: Plan) -> dict:
@@ -46,6 +52,7 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
         "diverged": not all(math.isfinite(r["loss"]) for r in history),
         "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
         "test_loss": final.get("test_loss", math.nan), "score": final.get("score", math.nan),
+        **({"bits_per_byte": final["bits_per_byte"]} if "bits_per_byte" in final else {}),
         "target": cfg.target,
         "steps_to_target": reached,
         "epochs_to_target": None if reached is None else plan.epoch_of(reached),

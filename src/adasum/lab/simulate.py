@@ -11,6 +11,19 @@ At every evaluation point the simulator also measures how far each reducer's upd
 the update sequential SGD would make over the same examples: starting from the current
 weights, worker 0's examples, then worker 1's at the new weights, and so on, each a plain SGD
 step at the current learning rate. The distance is relative, ``|c - s| / |s|``, over all layers.
+
+The simulator runs on any device (``device``: the model, the data and the reductions live
+there). Its memory is bounded by taking the per-worker gradients ``worker_chunk`` workers at a
+time: a chunk's forward and backward activations are what grows with the number of workers
+(the model's parameters are shared), and only the per-worker gradients themselves, one
+model-sized tensor per worker, are kept for the reduction. By default the chunk holds as many
+workers as fit in :func:`chunk_budget` bytes of saved activations, measured on one worker's
+forward pass. Chunking changes the arithmetic at most in the last bits. On the CPU, models of
+matrix products (the MLP, the transformer) give the same bits in any chunking, because each
+worker's slice of a batched product is computed alone; convolutions do not (under ``vmap`` a
+chunk's weight gradient is one grouped convolution, blocked by the chunk size), and differ by
+about 1e-9 relative. On CUDA the libraries pick kernels by problem size, so equality there is to
+float tolerance. ``tests/test_tasks.py`` checks both.
 """
 
 from __future__ import annotations
@@ -25,13 +38,14 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import adasum
-from adasum.lab.config import DELTA_MODE, REDUCERS, Plan, RunConfig, make_reducer
+from adasum.lab.config import DELTA_MODE, REDUCERS, ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize
 from adasum.lab.tasks import Task
 from adasum.optim import local_delta
 
-__all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry"]
+__all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
+           "activation_bytes", "chunk_budget"]
 
 
 def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> list[torch.Tensor]:
@@ -44,11 +58,58 @@ def _norm(tensors: Sequence[torch.Tensor]) -> float:
     return math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
 
 
-class _Workers:
-    """Per-worker gradients of one shared model, taken in one vmap call."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has, or ConfigError saying why not."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: the simulator runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name!r}: this machine has no CUDA device "
+                              "(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+        # Numbered, as tensors report it, so that a task already there is not copied again.
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    return device
 
-    def __init__(self, task: Task, model: torch.nn.Module) -> None:
-        self.task, self.model = task, model
+
+def activation_bytes(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes one worker's forward pass on ``(x, y)`` keeps for its backward pass: what each
+    further worker of a chunk adds to the peak memory."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task.loss(model(x), y)
+    return total
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Saved activations one chunk of workers may hold: 256 MiB on the CPU, an eighth of the
+    GPU's memory on CUDA. A fixed figure, not the free memory of the moment, so that the same
+    command chunks the same way every time. On the CPU small chunks are also the fast ones:
+    their memory is reused from step to step, where a large chunk's is returned to the system
+    and faulted in again (64 workers of the small transformer on 2 cores: 2.2 s per step in
+    chunks of 4, 3.9 s in one chunk)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 8
+    return 256 << 20
+
+
+class _Workers:
+    """Per-worker gradients of one shared model, taken ``chunk`` workers per vmap call."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, chunk: int) -> None:
+        self.task, self.model, self.chunk = task, model, chunk
         self.names = [n for n, _ in model.named_parameters()]
 
         def loss(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,8 +123,20 @@ class _Workers:
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``([workers, *shape] per layer, [workers] losses)`` at the current weights."""
-        grads, losses = self._batched(self.params(), x, y)
-        return [grads[n] for n in self.names], losses
+        params, workers = self.params(), x.shape[0]
+        if self.chunk >= workers:
+            grads, losses = self._batched(params, x, y)
+            return [grads[n] for n in self.names], losses
+        # Each chunk's gradients are copied into place at once, so a chunk's activations and
+        # gradients are freed before the next chunk runs.
+        stacked = [p.new_empty(workers, *p.shape) for p in params.values()]
+        losses = x.new_empty(workers, dtype=stacked[0].dtype)
+        for start in range(0, workers, self.chunk):
+            part = slice(start, start + self.chunk)
+            grads, losses[part] = self._batched(params, x[part], y[part])
+            for out, n in zip(stacked, self.names):
+                out[part] = grads[n]
+        return stacked, losses
 
     def sequential_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> list[torch.Tensor]:
         """What plain SGD would change, taking the workers' batches one after the other."""
@@ -91,18 +164,26 @@ def _sequential_distances(workers: _Workers, reducers: dict[str, adasum.Reducer]
 
 
 def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool = True,
-                 progress: bool = False) -> tuple[list[dict], dict]:
-    """Train ``config`` with ``workers`` simulated workers; returns ``(history, summary)``.
+                 progress: bool = False, device: str | torch.device = "cpu",
+                 worker_chunk: int | None = None) -> tuple[list[dict], dict]:
+    """Train ``config`` with ``workers`` simulated workers on ``device``, their gradients taken
+    ``worker_chunk`` workers at a time (None: as many as :func:`chunk_budget` allows); returns
+    ``(history, summary)``.
 
     ``history`` has one row per step (as ``adasum train`` writes it); rows at evaluation
-    points add the test score and, with ``distances``, the distances to sequential SGD.
+    points add the test score and, with ``distances``, the distances to sequential SGD. The
+    summary adds the device, the chunk and ``seconds_per_step``: the mean wall time of the
+    training steps alone (gradients, reduction, update; no evaluations, no distances), the
+    first step left out when there are others, since it pays the one-time costs (allocations,
+    kernel selection, CUDA's start).
     """
-    plan = Plan(config.validated(), workers, len(task.x_train))
+    plan = Plan(config.validated(), workers, task.train_size)
+    device = resolve_device(device)
+    task = task.to(device)
     # Every reducer, for the distances; the run itself steps with its own.
     reducers = {name: make_reducer(name) for name in REDUCERS}
     reducer = reducers[config.reducer]
-    model = task.build_model(config.seed)
-    sim = _Workers(task, model)
+    model = task.build_model(config.seed).to(device)
     params = list(model.parameters())
     delta = config.optimizer in DELTA_MODE
     if delta:
@@ -111,26 +192,39 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
         optimizers = [make_optimizer(config.optimizer, c, config.lr) for c in copies]
     else:
         optimizers = [make_optimizer(config.optimizer, params, config.lr)]
+    if worker_chunk is not None and worker_chunk < 1:
+        raise ConfigError(f"--worker-chunk must be at least 1, got {worker_chunk}")
+    if worker_chunk is None:
+        x, y = task.examples(torch.arange(plan.per_worker))
+        worker_chunk = max(1, chunk_budget(device) // max(1, activation_bytes(task, model, x, y)))
+    sim = _Workers(task, model, worker_chunk)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     history: list[dict] = []
-    started = time.perf_counter()
+    started, step_times = time.perf_counter(), []
     for step, examples in tqdm(plan.batches(), total=plan.total_steps, disable=not progress,
                                leave=False, unit="step"):
+        began = time.perf_counter()
         lr = plan.lr_at(step)
         for opt in optimizers:
             set_lr(opt, lr)
-        idx = examples.view(workers, plan.per_worker)
-        x, y = task.x_train[idx], task.y_train[idx]
+        x, y = task.examples(examples.view(workers, plan.per_worker))
         grads, losses = sim.gradients(x, y)
         row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
         evaluating = plan.evaluates_after(step + 1)
         if evaluating and distances:
+            paused = time.perf_counter()
             row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
+            began += time.perf_counter() - paused
         if delta:
             _delta_step(params, copies, optimizers, grads, reducer)
         else:
             for p, g in zip(params, reduce_stacked(grads, reducer)):
                 p.grad = g
             optimizers[0].step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the kernels queued by the step are part of it
+        step_times.append(time.perf_counter() - began)
         if evaluating:
             row.update(evaluate(task, model))
         history.append(row)
@@ -141,6 +235,11 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     for key in ("dist_adasum", "dist_average", "dist_sum", "adasum_scale"):
         summary[key] = sum(r[key] for r in measured) / len(measured) if measured else math.nan
     summary["seconds"] = time.perf_counter() - started
+    timed = step_times[1:] or step_times
+    summary["seconds_per_step"] = sum(timed) / len(timed)
+    summary["device"], summary["worker_chunk"] = str(device), min(worker_chunk, workers)
+    if device.type == "cuda":
+        summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return history, summary
 
 
@@ -166,17 +265,21 @@ def _delta_step(params: list[torch.nn.Parameter], copies: list[list[torch.nn.Par
 def sweep(task: Task, base: RunConfig, *, workers: Sequence[int], reducers: Sequence[str],
           optimizers: Sequence[str], lrs: Sequence[float], batches: Sequence[int],
           accums: Sequence[int], distances: bool = True,
-          on_run: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
+          on_run: Callable[[dict], None] | None = None, device: str | torch.device = "cpu",
+          worker_chunk: int | None = None) -> tuple[list[dict], list[dict]]:
     """One run per point of the grid the given values span; returns ``(summaries, curves)``
     where each curve row is a history row tagged with its run's index. Settings whose step would
-    need more examples than the training set holds are skipped."""
+    need more examples than the training set holds are skipped. ``device`` and ``worker_chunk``
+    are :func:`simulate_run`'s."""
     summaries, curves = [], []
+    task = task.to(resolve_device(device))  # once, not once per run
     grid = itertools.product(optimizers, batches, accums, workers, reducers, lrs)
     for optimizer, batch, accum, n, reducer, lr in grid:
-        if n * batch * accum > len(task.x_train):
+        if n * batch * accum > task.train_size:
             continue
         config = base.with_(optimizer=optimizer, batch=batch, accum=accum, reducer=reducer, lr=lr)
-        history, summary = simulate_run(task, config, n, distances=distances)
+        history, summary = simulate_run(task, config, n, distances=distances, device=device,
+                                        worker_chunk=worker_chunk)
         summary["run"] = len(summaries)
         summaries.append(summary)
         curves.extend({"run": summary["run"], **r} for r in history)

@@ -2,16 +2,26 @@
 
 Every task fits in memory and needs no download: scikit-learn's bundled digits (1,797 8x8
 images), synthetic linear and multinomial logistic regression (drawn from a fixed teacher, so
-the problem does not change with the run's seed), and the user's own ``.npz`` / ``.csv`` file.
-The score is test accuracy for classification and R^2 for regression; both are at most 1, which
-is what makes a target above 1 unreachable.
+the problem does not change with the run's seed), the user's own ``.npz`` / ``.csv`` file, and
+two tasks of the paper's kind on data every machine has: a byte-level transformer on the
+source of Python's standard library (:mod:`adasum.lab.text`) and a residual CNN on digits
+under random affine transformations (:mod:`adasum.lab.images`). The score is test accuracy for
+classification (next-byte accuracy for the language model) and R^2 for regression; both are at
+most 1, which is what makes a target above 1 unreachable.
+
+The trainers see a task only through :class:`Task`: a training set of ``train_size`` examples
+addressed by index (the step plan draws the indices), a test set in batches, the model, its
+loss and score. Examples may be made on demand (windows of a byte stream, augmented images),
+so a training set need not be one tensor.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +31,15 @@ from torch.nn import functional as F
 
 from adasum.lab.models import build_model
 
-__all__ = ["Task", "TaskError", "TASKS", "load_task"]
+__all__ = ["Task", "ArrayTask", "TaskError", "TASKS", "load_task"]
 
-TASKS = ("digits-mlp", "digits-cnn", "linear", "logistic", "file")
+#: The tasks the text and image modules build, with their model sizes.
+TEXT_TASKS = ("stdlib-transformer", "stdlib-transformer-large")
+IMAGE_TASKS = ("augdigits-resnet",)
+TASKS = ("digits-mlp", "digits-cnn", "linear", "logistic", "file", *TEXT_TASKS, *IMAGE_TASKS)
 #: The split and the synthetic teachers use this seed, not the run's: the data stay fixed
 #: while the seed varies the model's initialisation and the data order.
-_DATA_SEED = 12345
+DATA_SEED = 12345
 _TEST_FRACTION = 0.2
 
 
@@ -34,9 +47,55 @@ class TaskError(ValueError):
     """The task cannot be built from what the user gave (unknown name, bad data file)."""
 
 
+class Task(ABC):
+    """What a trainer needs of a task. ``kind`` is ``"classification"`` (the loss is
+    cross-entropy over the last dimension of the output, whatever the dimensions before it),
+    ``"regression"`` or ``"language"`` (classification of the next byte, whose evaluation also
+    reports bits per byte)."""
+
+    name: str
+    kind: str
+
+    @property
+    @abstractmethod
+    def train_size(self) -> int:
+        """How many training examples the step plan draws indices from."""
+
+    @abstractmethod
+    def examples(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of training examples ``index`` (any shape; the outputs have it
+        as their leading dimensions), on the task's device."""
+
+    @abstractmethod
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The test (validation) set in batches small enough to run forward at once."""
+
+    @abstractmethod
+    def build_model(self, seed: int) -> nn.Module:
+        """The model at its initialisation for ``seed`` (identical on every worker), on the CPU."""
+
+    @abstractmethod
+    def to(self, device: torch.device) -> Task:
+        """The same task with its data on ``device`` (self if they are there already)."""
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over a batch: cross-entropy or mean squared error."""
+        if self.kind == "regression":
+            return F.mse_loss(output.squeeze(-1), target)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+    def score(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        """Accuracy (classification) or R^2 (regression) of ``output`` against ``target``."""
+        if self.kind != "regression":
+            return (output.argmax(-1) == target).double().mean().item()
+        residual = ((output.squeeze(-1) - target) ** 2).sum()
+        total = ((target - target.mean()) ** 2).sum().clamp_min(1e-30)
+        return (1.0 - residual / total).item()
+
+
 @dataclass(frozen=True)
-class Task:
-    """A dataset split into train and test, and the model family that learns it."""
+class ArrayTask(Task):
+    """A dataset held as tensors, split into train and test, and the model family that learns it."""
 
     name: str
     kind: str  # "classification" or "regression"
@@ -50,24 +109,27 @@ class Task:
     def outputs(self) -> int:
         return int(self.y_train.max().item()) + 1 if self.kind == "classification" else 1
 
+    @property
+    def train_size(self) -> int:
+        return len(self.x_train)
+
+    def examples(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.to(self.x_train.device)
+        return self.x_train[index], self.y_train[index]
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # One batch: R^2 is not a mean over examples, so it cannot be assembled from batches.
+        yield self.x_test, self.y_test
+
     def build_model(self, seed: int) -> nn.Module:
-        """The model at its initialisation for ``seed`` (identical on every worker)."""
         torch.manual_seed(seed)
         return build_model(self.model, self.x_train.shape[1], self.outputs)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean loss over a batch: cross-entropy or mean squared error."""
-        if self.kind == "classification":
-            return F.cross_entropy(output, target)
-        return F.mse_loss(output.squeeze(-1), target)
-
-    def score(self, output: torch.Tensor, target: torch.Tensor) -> float:
-        """Accuracy (classification) or R^2 (regression) of ``output`` against ``target``."""
-        if self.kind == "classification":
-            return (output.argmax(-1) == target).double().mean().item()
-        residual = ((output.squeeze(-1) - target) ** 2).sum()
-        total = ((target - target.mean()) ** 2).sum().clamp_min(1e-30)
-        return (1.0 - residual / total).item()
+    def to(self, device: torch.device) -> ArrayTask:
+        if self.x_train.device == device:
+            return self
+        return replace(self, **{k: getattr(self, k).to(device)
+                                for k in ("x_train", "y_train", "x_test", "y_test")})
 
 
 def load_task(name: str, data: str | None = None, samples: int | None = None, copies: int = 1) -> Task:
@@ -82,8 +144,17 @@ def load_task(name: str, data: str | None = None, samples: int | None = None, co
         if data is None:
             raise TaskError("task 'file' needs --data PATH (.npz or .csv)")
         return _file_task(Path(data))
+    if name in TEXT_TASKS:
+        from adasum.lab.text import text_task  # it builds on this module's Task
+
+        return text_task(name, data, samples)
     if data is not None:
-        raise TaskError(f"--data is only for task 'file', not {name!r}")
+        raise TaskError(f"--data is only for task 'file' (a data file) and the text tasks "
+                        f"(a directory of text), not {name!r}")
+    if name in IMAGE_TASKS:
+        from adasum.lab.images import augmented_digits  # it builds on this module's Task
+
+        return augmented_digits(name, samples)
     if name.startswith("digits"):
         return _digits(name)
     samples = samples or 16384
@@ -94,24 +165,24 @@ def load_task(name: str, data: str | None = None, samples: int | None = None, co
         raise TaskError(f"not enough free memory for --samples {samples} of task {name!r}") from None
 
 
-def _split(name: str, kind: str, model: str, x: np.ndarray, y: np.ndarray) -> Task:
+def _split(name: str, kind: str, model: str, x: np.ndarray, y: np.ndarray) -> ArrayTask:
     """A fixed random 80/20 split."""
-    perm = np.random.default_rng(_DATA_SEED).permutation(len(x))
+    perm = np.random.default_rng(DATA_SEED).permutation(len(x))
     n_test = max(1, int(round(len(x) * _TEST_FRACTION)))
     test, train = perm[:n_test], perm[n_test:]
     return _make(name, kind, model, x[train], y[train], x[test], y[test])
 
 
-def _make(name, kind, model, x_train, y_train, x_test, y_test) -> Task:
+def _make(name, kind, model, x_train, y_train, x_test, y_test) -> ArrayTask:
     label_dtype = torch.int64 if kind == "classification" else torch.float32
-    return Task(
+    return ArrayTask(
         name, kind, model,
         torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(y_train, dtype=label_dtype),
         torch.as_tensor(x_test, dtype=torch.float32), torch.as_tensor(y_test, dtype=label_dtype),
     )
 
 
-def _digits(name: str) -> Task:
+def _digits(name: str) -> ArrayTask:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -142,10 +213,10 @@ def _check_memory(name: str, samples: int, copies: int) -> None:
                         f"{workers}; this machine has {have / 2**30:.1f} GiB")
 
 
-def _synthetic(name: str, samples: int) -> Task:
+def _synthetic(name: str, samples: int) -> ArrayTask:
     """Linear regression (32 features, noise 0.5) or 10-class logistic regression (64
     features); the test set has a quarter as many examples, at least 1,024."""
-    rng = np.random.default_rng(_DATA_SEED)
+    rng = np.random.default_rng(DATA_SEED)
     n_test = _test_size(samples)
     d, classes = _SYNTHETIC[name]
     if name == "linear":
@@ -165,7 +236,7 @@ def _synthetic(name: str, samples: int) -> Task:
     return _make(name, kind, model, x[:samples], y[:samples], x[samples:], y[samples:])
 
 
-def _file_task(path: Path) -> Task:
+def _file_task(path: Path) -> ArrayTask:
     if not path.is_file():
         raise TaskError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".npz":

@@ -151,7 +151,7 @@ def train_worker(
     """Run ``config`` as worker ``rank`` of ``workers`` (the process group is initialised).
     Rank 0 returns ``{"summary": ..., "history": [...]}``; the other ranks return None."""
     task = load_task(config.task, config.data, config.samples)
-    plan = Plan(config, workers, len(task.x_train))
+    plan = Plan(config, workers, task.train_size)
     model = task.build_model(config.seed)
     # The checkpoint and the evaluation use the bare model, whatever wraps it for training.
     net, optimizer, resources = _data_parallel(
@@ -207,7 +207,8 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
             # Dividing by accum makes the accumulated gradient the mean over the worker's examples.
-            loss = task.loss(model(task.x_train[micro]), task.y_train[micro]) / config.accum
+            x, y = task.examples(micro)
+            loss = task.loss(model(x), y) / config.accum
             loss.backward()
         local += loss.detach()
     # Gradient mode: the step on the gradient DDP reduced. Delta mode: the local step, the
