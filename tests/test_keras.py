@@ -74,7 +74,7 @@ def _fit(rank: int, world: int, mode: str, steps: int) -> dict:
 
 
 def mismatched(rank: int, world: int) -> None:
-    """One update with a model whose last worker has a wider layer."""
+    """One update with a model whose last worker has a layer of another width."""
     import keras
 
     from adasum.keras import DistributedOptimizer
@@ -83,7 +83,11 @@ def mismatched(rank: int, world: int) -> None:
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
     model.compile(optimizer=DistributedOptimizer(keras.optimizers.SGD(0.1)), loss=loss_fn(), run_eagerly=True)
     x, y = data(1, 1)
-    model.train_on_batch(x[:BATCH], y[:BATCH])
+    before = [np.array(w) for w in model.get_weights()]
+    try:
+        model.train_on_batch(x[:BATCH], y[:BATCH])
+    finally:  # refused before the local step: nothing changed
+        assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, model.get_weights()))
 
 
 def gradients(model, x: np.ndarray, y: np.ndarray) -> list:

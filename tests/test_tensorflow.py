@@ -33,16 +33,16 @@ def _to_torch(tensors) -> list[torch.Tensor]:
 def _collective(rank: int, world: int) -> dict:
     import tensorflow as tf
 
-    from adasum.tensorflow import all_reduce, broadcast
+    from adasum.tensorflow import all_reduce, broadcast, check
 
     inputs = [tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t)) for t in rank_inputs(rank)]
     graph = tf.function(lambda *ts: all_reduce(list(ts)))
     mine = [tf.fill([2, 3], float(rank))]
     mismatched = [tf.zeros([4, 5]), tf.zeros([5, 4] if rank == world - 1 else [4, 5])]
 
-    def graph_error() -> str | None:
+    def graph_error(fn) -> str | None:
         try:
-            tf.function(lambda a, b: all_reduce([a, b]))(*mismatched)
+            tf.function(lambda a, b: fn([a, b]))(*mismatched)
         except tf.errors.OpError as e:
             return e.message
         return None
@@ -57,7 +57,10 @@ def _collective(rank: int, world: int) -> dict:
         "broadcast": _to_torch(broadcast(mine)),
         "graph_broadcast": _to_torch(tf.function(lambda t: broadcast([t]))(mine[0])),
         "error": caught(lambda: all_reduce(mismatched)),
-        "graph_error": graph_error(),
+        "graph_error": graph_error(all_reduce),
+        "check_error": caught(lambda: check(mismatched)),
+        "graph_check_error": graph_error(check),
+        "check_passes": check(inputs),
         "bad_dtype": caught(lambda: all_reduce([tf.zeros([2], tf.int32 if rank == 0 else tf.float32)])),
     }
 
@@ -96,5 +99,7 @@ def bad_input_raises_the_same_error_everywhere(results: list[dict]) -> None:
         assert r["error"].startswith(shape_error), r["error"]
         # Inside a graph TensorFlow re-raises the Python error as its own, with the message.
         assert shape_error.removeprefix("ValueError: ") in r["graph_error"]
+        assert r["check_error"] == r["error"]
+        assert shape_error.removeprefix("ValueError: ") in r["graph_check_error"]
         assert r["bad_dtype"] == results[0]["bad_dtype"]
         assert "int32" in r["bad_dtype"] and r["bad_dtype"].startswith("TypeError")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from adasum._reducer import Reducer
 
-__all__ = ["BACKENDS", "check_backend", "all_reduce", "broadcast_variables"]
+__all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "broadcast_variables"]
 
 BACKENDS = ("tensorflow", "torch")
 
@@ -42,6 +42,16 @@ def all_reduce(values: Sequence[Any], reducer: Reducer) -> list[Any]:
     values = list(values)
     reducer.all_reduce(values)
     return values
+
+
+def check(values: Sequence[Any], reducer: Reducer) -> None:
+    """``reducer``'s validation of ``values`` alone: the same error on every worker, or none."""
+    if keras.backend.backend() == "tensorflow":
+        from adasum.tensorflow import check as tf_check
+
+        tf_check(list(values), reducer)
+        return
+    reducer.check(list(values))
 
 
 def broadcast_variables(

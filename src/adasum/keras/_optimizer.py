@@ -184,7 +184,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, variables)
             return
         # Every variable takes part, with or without a gradient, so that all workers pass the
-        # same tensors whichever gradients they happened to get.
+        # same tensors whichever gradients they happened to get. They are checked before the
+        # local step, so that on a mismatch every worker raises with its weights unchanged.
+        _backend.check([v.value for v in variables], self.reducer)
         start = [ops.copy(v.value) for v in variables]
         self.inner_optimizer.apply(grads, variables)
         deltas = [ops.subtract(v.value, s) for v, s in zip(variables, start)]

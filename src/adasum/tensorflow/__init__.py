@@ -5,6 +5,7 @@ r"""Adasum for TensorFlow: a collective across worker processes, eager and insid
     all_reduce(tensors)          every worker's tensors replaced by their Adasum, per tensor
     all_reduce(tensors, reducer) the same with adasum.Average(), adasum.Sum(), adasum.Hierarchical
     broadcast(tensors, src=0)    rank src's tensors on every worker
+    check(tensors)               all_reduce's validation alone (the same error on every worker)
 
 The reduction is the project's one engine (:class:`adasum.Reducer` over torch.distributed), so
 the semantics are those of the contract (rules 1-6): per tensor,
@@ -25,6 +26,6 @@ The workers form a torch.distributed process group before the first call, e.g. l
 at the top of ``train.py``. For Keras's ``model.fit`` see :mod:`adasum.keras`.
 """
 
-from adasum.tensorflow._collective import all_reduce, broadcast
+from adasum.tensorflow._collective import all_reduce, broadcast, check
 
-__all__ = ["all_reduce", "broadcast"]
+__all__ = ["all_reduce", "broadcast", "check"]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from adasum._adasum import Adasum
 from adasum._reducer import Reducer
 
-__all__ = ["all_reduce", "broadcast"]
+__all__ = ["all_reduce", "broadcast", "check"]
 
 
 # The functions below are Python that builds one py_function node; AutoGraph must leave them be.
@@ -58,6 +58,24 @@ def broadcast(tensors: Any, src: int = 0, group: dist.ProcessGroup | None = None
         return flat
 
     return _apply(sent, tensors)
+
+
+@tf.autograph.experimental.do_not_convert
+def check(tensors: Any, reducer: Reducer | None = None) -> None:
+    """The validation of :func:`all_reduce` alone (:meth:`adasum.Reducer.check`): returns on
+    every worker or raises the same error on every worker, and moves no data. For a caller
+    that must know before it changes anything; inside a graph it runs in program order."""
+    reducer = reducer if reducer is not None else _default()
+    values = [tf.convert_to_tensor(t) for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors])]
+
+    def call(*args: tf.Tensor) -> list:
+        reducer.check([torch.from_dlpack(a) for a in args])  # reads only: no copy needed
+        return []
+
+    if tf.executing_eagerly():
+        call(*values)
+    else:
+        tf.py_function(call, values, [])
 
 
 _DEFAULT: list[Reducer] = []
