@@ -12,26 +12,14 @@ arithmetic (dot products, compensated sums, combinations) next to a plain allred
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
+from _jax_host import parse_host_args
 
-def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=8, help="host CPU devices (default 8)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per case")
-    parser.add_argument("--x64", action="store_true", help="enable x64 (float64 accumulation)")
-    return parser.parse_args()
-
-
-ARGS = _parse()
-# The device count must be set before jax is imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
-)
+ARGS = parse_host_args(__doc__.splitlines()[0])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,38 +47,51 @@ def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
-def _worker(rank: int, world: int, rounds: int, steps: int) -> dict:
+def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s inputs and targets (each rank trains on its own batch)."""
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(BATCH, WIDTHS[0], generator=gen)
-    y = torch.randn(BATCH, WIDTHS[-1], generator=gen)
+    return torch.randn(BATCH, WIDTHS[0], generator=gen), torch.randn(BATCH, WIDTHS[-1], generator=gen)
 
-    def ddp_setup(hook: bool, adam: bool):
-        model = DDP(make_model())
-        if hook:
-            model.register_comm_hook(AdasumState(), adasum_hook)
-        params = model.parameters()
-        opt = torch.optim.Adam(params, lr=1e-4) if adam else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        return model, opt
 
-    def fsdp_setup(adasum: bool):
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        if adasum:
-            use_adasum(model)
-        return model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def ddp_setup(hook: bool, adam: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = DDP(make_model())
+    if hook:
+        model.register_comm_hook(AdasumState(), adasum_hook)
+    params = model.parameters()
+    opt = torch.optim.Adam(params, lr=1e-4) if adam else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return model, opt
 
-    plain = make_model()
-    setups = {
-        "ddp-mean": ddp_setup(hook=False, adam=False),
-        "ddp-adasum": ddp_setup(hook=True, adam=False),
-        "ddp-adam": ddp_setup(hook=False, adam=True),
-        "delta-adam": (plain, DistributedOptimizer(torch.optim.Adam(plain.parameters(), lr=1e-4))),
-        "fsdp-mean": fsdp_setup(adasum=False),
-        "fsdp-adasum": fsdp_setup(adasum=True),
-    }
+
+def delta_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_model()
+    return model, DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-4))
+
+
+def fsdp_setup(adasum: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    if adasum:
+        use_adasum(model)
+    return model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+#: name -> what builds the setup's (model, optimizer), in the order the rounds time them
+SETUPS: dict[str, Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]]] = {
+    "ddp-mean": lambda: ddp_setup(hook=False, adam=False),
+    "ddp-adasum": lambda: ddp_setup(hook=True, adam=False),
+    "ddp-adam": lambda: ddp_setup(hook=False, adam=True),
+    "delta-adam": delta_setup,
+    "fsdp-mean": lambda: fsdp_setup(adasum=False),
+    "fsdp-adasum": lambda: fsdp_setup(adasum=True),
+}
+
+
+def _worker(rank: int, world: int, rounds: int, steps: int) -> dict:
+    x, y = batch(rank)
+    setups = {name: build() for name, build in SETUPS.items()}
 
     def step(model, opt) -> None:
         opt.zero_grad(set_to_none=True)
