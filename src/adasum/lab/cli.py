@@ -1,4 +1,4 @@
-"""The ``adasum`` program: ``train``, ``simulate``, ``bench`` and ``demo``.
+"""The ``adasum`` program: ``train``, ``simulate``, ``study``, ``bench`` and ``demo``.
 
 Anything the user can get wrong (an unknown task or optimizer, a bad data file or checkpoint,
 ``--nproc 0``, a learning rate <= 0, a target score above 1, an ``--out`` that cannot be
@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--title", default="adasum simulate")
     sim.add_argument("--out", default="runs/simulate")
     sim.set_defaults(func=_simulate)
+
+    study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)")
+    study.add_argument("name", help="momentum, adam, lamb, convex or elastic")
+    study.add_argument("--scale", default="cpu", help="cpu (about 30 minutes on 2 cores) or gpu (the study proper)")
+    study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    study.add_argument("--worker-chunk", type=int, help="as for simulate")
+    study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")
+    study.add_argument("--no-progress", action="store_true")
+    study.set_defaults(func=_study)
 
     bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
@@ -301,6 +310,31 @@ def _simulate(args: argparse.Namespace) -> int:
             * len(args.reducers) * len(args.lrs))
     skipped = f" ({grid - len(summaries)} skipped: a step needs more examples than the task has)" if grid > len(summaries) else ""
     print(f"{len(summaries)} runs{skipped}; wrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- study
+
+def _study(args: argparse.Namespace) -> int:
+    from adasum.lab.simulate import resolve_device
+    from adasum.lab.study import SECTIONS, run_study
+    from adasum.lab.study_report import write_study_report
+
+    if args.name not in SECTIONS:
+        raise ConfigError(f"unknown study section {args.name!r} (choose from {', '.join(SECTIONS)})")
+    section = SECTIONS[args.name]
+    scale = section.scale(args.scale)
+    resolve_device(args.device)
+    if args.worker_chunk is not None and args.worker_chunk < 1:
+        raise ConfigError(f"--worker-chunk must be at least 1, got {args.worker_chunk}")
+    out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
+    records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
+                                     progress=not args.no_progress and sys.stderr.isatty())
+    title = f"{section.title} ({args.scale} scale)"
+    written = write_study_report(records, curves, out, title)
+    print((out / "protocol.md").read_text(), end="")
+    print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
+          f"wrote {', '.join(p.name for p in written)} to {out}/")
     return 0
 
 

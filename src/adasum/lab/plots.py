@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from adasum.lab.config import REDUCERS  # noqa: E402
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "save_figure", "plt"]
 
 
 def write_plots(summaries: Sequence[dict], curves: Sequence[dict], out: Path, title: str, *,
@@ -40,7 +40,8 @@ def _series(summaries: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it (figures stay open until closed)."""
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -62,7 +63,7 @@ def _plot_curves(summaries: Sequence[dict], curves: Sequence[dict], path: Path, 
     score_ax.set(xlabel="epoch", ylabel="test score")
     score_ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_by(summaries: Sequence[dict], x: str, y: str, path: Path, title: str, logx: bool) -> Path:
@@ -92,7 +93,7 @@ def _plot_by(summaries: Sequence[dict], x: str, y: str, path: Path, title: str, 
     axes[0][0].set_ylabel(f"final {y} (diverged = 0)")
     axes[0][-1].legend(fontsize=6, loc="lower right")
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_scaling(summaries: Sequence[dict], path: Path, title: str) -> Path:
@@ -112,7 +113,7 @@ def _plot_scaling(summaries: Sequence[dict], path: Path, title: str) -> Path:
     ax.title.set_fontsize(9)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _best_per(runs: Sequence[dict], key: str) -> dict:
@@ -147,4 +148,4 @@ def _plot_distances(summaries: Sequence[dict], path: Path, title: str) -> Path:
            title=title)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -38,20 +38,20 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import adasum
-from adasum.lab.config import DELTA_MODE, REDUCERS, ConfigError, Plan, RunConfig, make_reducer
-from adasum.lab.optimizers import make_optimizer, set_lr
+from adasum.lab.config import REDUCERS, ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.optimizers import set_lr
+from adasum.lab.replicas import Replicas, per_rank
 from adasum.lab.records import evaluate, summarize
 from adasum.lab.tasks import Task
-from adasum.optim import local_delta
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
-           "activation_bytes", "chunk_budget"]
+           "activation_bytes", "chunk_budget", "orthogonality"]
 
 
 def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> list[torch.Tensor]:
     """Reduce ``[workers, ...]`` tensors (one per layer, as vmap returns them) over the worker
     dimension: what ``reducer.all_reduce`` would give every rank of a real run."""
-    return reducer.reduce([[t[r] for t in stacked] for r in range(stacked[0].shape[0])])
+    return reducer.reduce(per_rank(stacked))
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -163,74 +163,113 @@ def _sequential_distances(workers: _Workers, reducers: dict[str, adasum.Reducer]
     return row
 
 
+def _phases(config: RunConfig, workers: int, train_size: int, resize: tuple[int, int] | None,
+            first: int) -> list[tuple[Plan, int, int]]:
+    """``(plan, first epoch, end epoch)`` of each stretch of a run with a fixed worker count."""
+    plan = Plan(config, workers, train_size)
+    if first >= config.epochs:
+        raise ConfigError(f"the checkpoint is at epoch {first}: nothing is left of {config.epochs} epochs")
+    if resize is None:
+        return [(plan, first, config.epochs)]
+    epoch, after = resize
+    if not first < epoch < config.epochs:
+        raise ConfigError(f"the worker count can change only between epochs {first + 1} and "
+                          f"{config.epochs - 1}, not at epoch {epoch}")
+    if after < 1:
+        raise ConfigError(f"the new worker count must be at least 1, got {after}")
+    return [(plan, first, epoch), (Plan(config, after, train_size), epoch, config.epochs)]
+
+
 def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool = True,
                  progress: bool = False, device: str | torch.device = "cpu",
-                 worker_chunk: int | None = None) -> tuple[list[dict], dict]:
+                 worker_chunk: int | None = None, resize: tuple[int, int] | None = None,
+                 resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
+                 diagnostics: bool = False) -> tuple[list[dict], dict]:
     """Train ``config`` with ``workers`` simulated workers on ``device``, their gradients taken
     ``worker_chunk`` workers at a time (None: as many as :func:`chunk_budget` allows); returns
     ``(history, summary)``.
 
     ``history`` has one row per step (as ``adasum train`` writes it); rows at evaluation
-    points add the test score and, with ``distances``, the distances to sequential SGD. The
-    summary adds the device, the chunk and ``seconds_per_step``: the mean wall time of the
-    training steps alone (gradients, reduction, update; no evaluations, no distances), the
-    first step left out when there are others, since it pays the one-time costs (allocations,
-    kernel selection, CUDA's start).
+    points add the test score and, with ``distances``, the distances to sequential SGD; with
+    ``diagnostics``, how orthogonal the workers' reduced vectors (gradients, or deltas in delta
+    mode) are, per layer and per level of Adasum's tree (:meth:`adasum.Stats.summary` under the
+    prefix ``orth``: cosines, and the scaling 1/2 = averaged, 1 = summed), whatever the run's
+    reducer. The summary adds the device, the chunk and ``seconds_per_step``: the mean wall
+    time of the training steps alone (gradients, reduction, update; no evaluations, no
+    distances), the first step left out when there are others, since it pays the one-time
+    costs (allocations, kernel selection, CUDA's start).
+
+    Elastic training: ``resize=(epoch, n)`` continues the run with ``n`` workers from the
+    start of epoch ``epoch`` on, with the same weights, optimizer state and learning rate, and
+    the data order and schedule of an ``n``-worker run from that epoch: what checkpointing
+    after ``epoch`` epochs and resuming with ``n`` workers does. ``on_epoch`` is given a
+    checkpoint after every epoch; ``resume`` (such a checkpoint) continues from it with
+    ``workers`` workers, the history holding the new steps only, numbered on from it.
     """
-    plan = Plan(config.validated(), workers, task.train_size)
     device = resolve_device(device)
+    first = resume["epoch"] if resume is not None else 0
+    phases = _phases(config.validated(), workers, task.train_size, resize, first)
     task = task.to(device)
     # Every reducer, for the distances; the run itself steps with its own.
     reducers = {name: make_reducer(name) for name in REDUCERS}
     reducer = reducers[config.reducer]
-    model = task.build_model(config.seed).to(device)
-    params = list(model.parameters())
-    delta = config.optimizer in DELTA_MODE
-    if delta:
-        # Each worker steps its own copy of the weights with its own optimizer state.
-        copies = [[torch.nn.Parameter(p.detach().clone()) for p in params] for _ in range(workers)]
-        optimizers = [make_optimizer(config.optimizer, c, config.lr) for c in copies]
-    else:
-        optimizers = [make_optimizer(config.optimizer, params, config.lr)]
+    replicas = Replicas(task.build_model(config.seed).to(device), config)
+    if resume is not None:
+        replicas.load(resume)
     if worker_chunk is not None and worker_chunk < 1:
         raise ConfigError(f"--worker-chunk must be at least 1, got {worker_chunk}")
     if worker_chunk is None:
-        x, y = task.examples(torch.arange(plan.per_worker))
-        worker_chunk = max(1, chunk_budget(device) // max(1, activation_bytes(task, model, x, y)))
-    sim = _Workers(task, model, worker_chunk)
+        x, y = task.examples(torch.arange(phases[0][0].per_worker))
+        worker_chunk = max(1, chunk_budget(device) // max(1, activation_bytes(task, replicas.model, x, y)))
+    sim = _Workers(task, replicas.model, worker_chunk)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict] = []
     started, step_times = time.perf_counter(), []
-    for step, examples in tqdm(plan.batches(), total=plan.total_steps, disable=not progress,
-                               leave=False, unit="step"):
-        began = time.perf_counter()
-        lr = plan.lr_at(step)
-        for opt in optimizers:
-            set_lr(opt, lr)
-        x, y = task.examples(examples.view(workers, plan.per_worker))
-        grads, losses = sim.gradients(x, y)
-        row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
-        evaluating = plan.evaluates_after(step + 1)
-        if evaluating and distances:
-            paused = time.perf_counter()
-            row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
-            began += time.perf_counter() - paused
-        if delta:
-            _delta_step(params, copies, optimizers, grads, reducer)
-        else:
-            for p, g in zip(params, reduce_stacked(grads, reducer)):
-                p.grad = g
-            optimizers[0].step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the kernels queued by the step are part of it
-        step_times.append(time.perf_counter() - began)
-        if evaluating:
-            row.update(evaluate(task, model))
-        history.append(row)
-        if not math.isfinite(row["loss"]):
-            break
-    summary = summarize(history, plan)
+    done = resume["steps"] if resume is not None else 0
+    total = sum((end - begin) * plan.steps_per_epoch for plan, begin, end in phases)
+    bar = tqdm(total=total, disable=not progress, leave=False, unit="step")
+    for plan, begin, end in phases:
+        replicas.resize(plan.workers)
+        spe = plan.steps_per_epoch
+        for step, examples in itertools.islice(plan.batches(begin * spe), (end - begin) * spe):
+            began = time.perf_counter()
+            lr = plan.lr_at(step)
+            for opt in replicas.optimizers:
+                set_lr(opt, lr)
+            x, y = task.examples(examples.view(plan.workers, plan.per_worker))
+            grads, losses = sim.gradients(x, y)
+            done += 1
+            row = {"step": done, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
+            evaluating = plan.evaluates_after(step + 1)
+            if evaluating and distances:
+                paused = time.perf_counter()
+                row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
+                began += time.perf_counter() - paused
+            reduced = replicas.step(grads, reducer)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the kernels queued by the step are part of it
+            step_times.append(time.perf_counter() - began)
+            if evaluating:
+                row.update(evaluate(task, replicas.model))
+                if diagnostics:
+                    row.update(orthogonality(reduced, sim.names))
+            history.append(row)
+            bar.update()
+            if not math.isfinite(row["loss"]):
+                break
+            if on_epoch is not None and (step + 1) % spe == 0:
+                on_epoch(replicas.checkpoint((step + 1) // spe, done))
+        if history and not math.isfinite(history[-1]["loss"]):
+            break  # a diverged run stops in whichever stretch it diverged
+    bar.close()
+    summary = summarize(history, phases[-1][0])
+    if resize is not None or resume is not None:
+        # The step plan of one worker count does not count the steps of the other stretch.
+        reached = summary["steps_to_target"]
+        summary.update(steps=len(history), epochs=history[-1]["epoch"] if history else 0.0,
+                       workers_before=workers, resize_epoch=resize[0] if resize else None,
+                       epochs_to_target=next((r["epoch"] for r in history if r["step"] == reached), None))
     measured = [r for r in history if "dist_adasum" in r]
     for key in ("dist_adasum", "dist_average", "dist_sum", "adasum_scale"):
         summary[key] = sum(r[key] for r in measured) / len(measured) if measured else math.nan
@@ -243,23 +282,13 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     return history, summary
 
 
-def _delta_step(params: list[torch.nn.Parameter], copies: list[list[torch.nn.Parameter]],
-                optimizers: list[torch.optim.Optimizer], grads: list[torch.Tensor],
-                reducer: adasum.Reducer) -> None:
-    """Every worker steps its own optimizer from the shared weights and keeps the delta, as
-    each rank of :class:`adasum.optim.DistributedOptimizer` does (:func:`adasum.optim.local_delta`);
-    the shared weights move by the reduced deltas."""
-    start = [p.detach() for p in params]
-    for r, (copy, opt) in enumerate(zip(copies, optimizers)):
-        with torch.no_grad():
-            for c, p, g in zip(copy, start, grads):
-                c.copy_(p)
-                c.grad = g[r]
-        local_delta(opt, copy, start)
-    deltas = reducer.reduce([[c.detach() for c in copy] for copy in copies])
-    with torch.no_grad():
-        for p, d in zip(params, deltas):
-            p.add_(d)
+def orthogonality(per_rank: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> dict[str, float]:
+    """How orthogonal the workers' vectors are, per layer (``orth/layer/NAME/cos`` and
+    ``.../scale``), per level of Adasum's combination tree and overall: the statistics Adasum
+    keeps of its pairwise combinations (:class:`adasum.Stats`). A scaling near 1/2 says Adasum
+    averaged there, near 1 that it summed. Empty for one worker (nothing is combined)."""
+    _, stats = adasum.Adasum().reduce(per_rank, stats=True)
+    return stats.named(names).summary("orth")
 
 
 def sweep(task: Task, base: RunConfig, *, workers: Sequence[int], reducers: Sequence[str],

@@ -1,0 +1,86 @@
+"""What ``adasum study`` writes at the end: the protocol's tables, the orthogonality
+diagnostics, and the plots (steps to the target against E per combiner, log-log with the spread
+over seeds; the diagnostics over training)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from adasum.lab.protocol import GROUP, best_per_setting, elastic_rows, elastic_table, protocol_table
+from adasum.lab.records import write_csv
+from adasum.lab.report import markdown_table
+
+__all__ = ["write_study_report", "orthogonality_rows"]
+
+
+def _best_runs(records: Sequence[dict], best: Sequence[dict]) -> dict[tuple, list[int]]:
+    """Indices of the runs (every seed) at each group's best learning rate."""
+    chosen = {tuple(b[k] for k in GROUP): b["lr"] for b in best}
+    runs: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        key = tuple(r[k] for k in GROUP)
+        if chosen.get(key) == r["lr"]:
+            runs.setdefault(key, []).append(i)
+    return runs
+
+
+def _median_of(rows: Sequence[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+    return statistics.median(values) if values else math.nan
+
+
+def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict]) -> list[dict]:
+    """Per (optimizer, combiner, setting) at its best learning rate, medians over the seeds:
+    the workers' overall cosine and Adasum's scaling (1/2 = it averaged, 1 = it summed) at the
+    first and the last evaluation, and the layers whose final scaling is lowest and highest."""
+    by_run: dict[int, list[dict]] = {}
+    for row in curves:
+        if "orth/scale" in row:
+            by_run.setdefault(row["run"], []).append(row)
+    rows = []
+    for key, indices in _best_runs(records, best_per_setting(records)).items():
+        measured = [by_run[i] for i in indices if i in by_run]
+        if not measured:
+            continue  # one worker: nothing was combined
+        firsts, lasts = [m[0] for m in measured], [m[-1] for m in measured]
+        layers = {k[len("orth/layer/"):-len("/scale")]: _median_of(lasts, k)
+                  for k in lasts[0] if k.startswith("orth/layer/") and k.endswith("/scale")}
+        ranked = sorted((v, n) for n, v in layers.items() if not math.isnan(v))
+        rows.append({**dict(zip(GROUP, key)), "lr": records[indices[0]]["lr"],
+                     "cos first": _median_of(firsts, "orth/cos"), "cos last": _median_of(lasts, "orth/cos"),
+                     "scale first": _median_of(firsts, "orth/scale"), "scale last": _median_of(lasts, "orth/scale"),
+                     "most averaged layer": f"{ranked[0][1]} ({ranked[0][0]:.3g})" if ranked else "-",
+                     "most summed layer": f"{ranked[-1][1]} ({ranked[-1][0]:.3g})" if ranked else "-"})
+    return rows
+
+
+def write_study_report(records: list[dict], curves: list[dict], out: Path, title: str) -> list[Path]:
+    """``runs.csv`` (one row per run), ``protocol.md`` (and ``protocol.csv``),
+    ``orthogonality.md``, ``elastic.md`` when the study changed worker counts, and the plots;
+    returns the files written."""
+    from adasum.lab.study_plots import plot_diagnostics, plot_steps  # matplotlib: reports only
+
+    best = best_per_setting(records)
+    write_csv(records, out / "runs.csv")
+    write_csv(best, out / "protocol.csv")
+    (out / "protocol.md").write_text(f"# {title}\n\n" + protocol_table(best))
+    written = [out / "runs.csv", out / "protocol.csv", out / "protocol.md"]
+    orth = orthogonality_rows(records, curves)
+    if orth:
+        note = ("\nMedians over the seeds at the best learning rate, from Adasum's statistics of the "
+                "workers' reduced vectors (whatever the combiner): cosine between combined pairs, "
+                "and Adasum's scaling of their sum (0.5 = averaged, 1 = summed).\n")
+        (out / "orthogonality.md").write_text(f"# {title}\n\n" + markdown_table(orth, list(orth[0])) + note)
+        written.append(out / "orthogonality.md")
+    elastic = elastic_rows(records)
+    if elastic:
+        (out / "elastic.md").write_text(f"# {title}\n\n" + elastic_table(elastic))
+        written.append(out / "elastic.md")
+    written.append(plot_steps(best, out / "steps_to_target.png", title))
+    runs = _best_runs(records, best)
+    if orth:
+        written.append(plot_diagnostics(records, curves, runs, out / "orthogonality.png", title))
+    return written
