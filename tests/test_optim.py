@@ -175,6 +175,31 @@ def _mismatch(rank: int) -> dict:
             "adam_state": len(opt.state)}
 
 
+def _agreements_per_step(rank: int) -> int:
+    """Agreement rounds in three steps of the wrapper (the check before the local step is the
+    only one: the reduction that follows skips its own)."""
+    import adasum._reducer
+
+    counted = {"rounds": 0}
+    agree = adasum._reducer.agree
+
+    def counting(*args, **kwargs):
+        counted["rounds"] += 1
+        return agree(*args, **kwargs)
+
+    adasum._reducer.agree = counting
+    try:
+        model = new_model(0)
+        opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01))
+        for step in range(3):
+            opt.zero_grad()
+            loss_of(model, rank, step).backward()
+            opt.step()
+    finally:
+        adasum._reducer.agree = agree
+    return counted["rounds"] / 3
+
+
 def _all(rank: int, world: int) -> dict:
     torch.manual_seed(1234)
     return {
@@ -183,6 +208,7 @@ def _all(rank: int, world: int) -> dict:
         "scaler": _grad_scaler(rank, overflow_step=2),
         "baselines": _baselines(rank),
         "mismatch": _mismatch(rank),
+        "agreements": _agreements_per_step(rank),
     }
 
 
@@ -276,6 +302,10 @@ def test_a_parameter_mismatch_raises_everywhere_before_the_step(runs):
     for r in runs:
         assert r["mismatch"]["error"] == "ValueError: adasum: rank 1 passed 5 tensors, rank 0 passed 4"
         assert r["mismatch"]["unchanged"] and r["mismatch"]["adam_state"] == 0
+
+
+def test_one_agreement_round_per_step(runs):
+    assert [r["agreements"] for r in runs] == [1.0] * len(runs)
 
 
 def test_state_dict_round_trip(runs):

@@ -63,8 +63,19 @@ class Reducer(abc.ABC):
         combinations on every rank (statistics never change the result); otherwise None.
         """
         tensor_list = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        return self._all_reduce_agreed(tensor_list, self._validated(tensor_list, stats), stats)
+
+    def _all_reduce_checked(self, tensors: Sequence[torch.Tensor], *, stats: bool = False) -> Stats | None:
+        """:meth:`all_reduce` without its agreement round, for a front door whose every rank
+        ran :meth:`check` on these same tensors (same shapes, dtypes, device) and ``stats``
+        earlier in the same step: the delta-mode optimizer checks before its local step, and a
+        second round would only repeat the answer."""
+        tensor_list = list(tensors)
+        return self._all_reduce_agreed(tensor_list, Layout.of(tensor_list), stats)
+
+    def _all_reduce_agreed(self, tensor_list: list[torch.Tensor], layout: Layout, stats: bool) -> Stats | None:
+        """The reduction of validated tensors whose layout every rank agreed on."""
         with torch.no_grad():  # in place on leaves that require grad, at every size
-            layout = self._validated(tensor_list, stats)
             if self._idle(layout):
                 return self._idle_stats(len(layout)) if stats else None
             in_place = [_end_to_end([tensor_list[i] for i in g.layers]) for g in layout.groups]

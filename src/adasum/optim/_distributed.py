@@ -228,7 +228,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # The parameters hold their deltas: they are reduced in place and shifted back, so delta
         # mode needs no memory beyond the snapshot.
         try:
-            stats = self.reducer.all_reduce(params, stats=self.stats)
+            # Checked together before the local step: no second agreement round.
+            stats = self.reducer._all_reduce_checked(params, stats=self.stats)
         except BaseException:
             # Leave usable parameters behind (the values before this step), not deltas.
             with torch.no_grad():
