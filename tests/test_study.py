@@ -42,6 +42,9 @@ def test_protocol_takes_the_fewest_median_steps_over_seeds():
     assert (best["adasum"]["lr"], best["adasum"]["median_steps"]) == (0.2, 10)
     assert (best["adasum"]["min_steps"], best["adasum"]["max_steps"], best["adasum"]["reached"]) == (9, 12, 3)
     assert best["adasum"]["median_epochs"] == pytest.approx(1.0)
+    assert not best["adasum"]["grid_edge"]
+    # Without lr 0.1 the best, 0.2, is the smallest learning rate tried: the grid's edge.
+    assert best_per_setting([r for r in runs if r["lr"] in (0.2, 0.4)])[0]["grid_edge"]
     assert math.isinf(best["average"]["median_steps"]) and best["average"]["reached"] == 0
     assert math.isinf(steps_of({**record(0.2, 0, 3), "diverged": True}))
 

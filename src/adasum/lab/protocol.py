@@ -60,8 +60,10 @@ def best_per_setting(records: Sequence[dict]) -> list[dict]:
         candidates = [_at_lr(runs) for runs in by_lr.values()]
         best = min(candidates, key=lambda c: (c["median_steps"], -c["reached"], c["lr"]))
         first = next(iter(by_lr.values()))[0]
+        # A best learning rate at either end of the grid may not be the best there is.
+        edge = best["lr"] in (min(by_lr), max(by_lr)) and len(by_lr) > 1
         rows.append({**dict(zip(GROUP, key)), "examples": first["examples_per_step"],
-                     "workers": first["first_workers"], "lrs_tried": len(by_lr), **best})
+                     "workers": first["first_workers"], "lrs_tried": len(by_lr), "grid_edge": edge, **best})
     return sorted(rows, key=lambda r: (r["optimizer"], r["combiner"], r["examples"], r["setting"]))
 
 
@@ -78,14 +80,16 @@ def protocol_table(rows: Sequence[dict]) -> str:
     how many seeds reached the target, the median steps and their spread."""
     cells = [{
         "optimizer": r["optimizer"], "combiner": r["combiner"], "setting": r["setting"],
-        "E": r["examples"], "best lr": f"{r['lr']:g}", "reached": f"{r['reached']}/{r['seeds']}",
+        "E": r["examples"], "best lr": f"{r['lr']:g}" + (" (edge)" if r["grid_edge"] else ""),
+        "reached": f"{r['reached']}/{r['seeds']}",
         "median steps": _steps_cell(r["median_steps"]),
         "spread (min-max)": f"{_steps_cell(r['min_steps'])}-{_steps_cell(r['max_steps'])}",
         "median epochs": _steps_cell(r["median_epochs"]), "median score": r["median_score"],
     } for r in rows]
     note = ("\nSteps and epochs to the target at the best learning rate of the grid (fewest median "
             "steps over the seeds); `reached`: seeds that reached the target within the epoch "
-            "budget; `-`: not reached (for the median: not by most seeds).\n")
+            "budget; `-`: not reached (for the median: not by most seeds); `(edge)`: the best learning "
+            "rate is the grid's smallest or largest, so the grid should be widened there.\n")
     return markdown_table(cells, _PROTOCOL_COLUMNS) + note
 
 

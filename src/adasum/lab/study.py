@@ -160,10 +160,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         "convex", "momentum SGD, 10-class logistic regression (the convex sanity check)", "logistic",
         ("momentum",), ("adasum", "average", "sum"), _MOMENTUM_RULES,
         cpu=Scale(_grid([(16, 64, 1), (16, 64, 4), (64, 64, 1), (64, 64, 4)]), base_lr=0.025,
-                  lr_factors=(0.25, 0.5, 1, 2, 4, 8), reference=64, warmup_epochs=0.25, seeds=_SEEDS,
+                  lr_factors=(0.5, 1, 2, 4, 8, 16, 32), reference=64, warmup_epochs=0.25, seeds=_SEEDS,
                   target=0.85, epochs=3, samples=65536, evals_per_epoch=8),
         gpu=Scale(_grid([(16, 64, 1), (16, 64, 4), (64, 64, 1), (64, 64, 4), (64, 64, 16)]), base_lr=0.025,
-                  lr_factors=(0.25, 0.5, 1, 2, 4, 8), reference=64, warmup_epochs=0.25,
+                  lr_factors=(0.5, 1, 2, 4, 8, 16, 32), reference=64, warmup_epochs=0.25,
                   seeds=(0, 1, 2, 3, 4), target=0.85, epochs=3, samples=262144, evals_per_epoch=16),
     ),
     Section(

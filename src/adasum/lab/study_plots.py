@@ -13,27 +13,35 @@ __all__ = ["plot_steps", "plot_diagnostics"]
 
 
 def plot_steps(best: Sequence[dict], path: Path, title: str) -> Path:
-    """Median steps to the target at the best learning rate against E, log-log, one line per
-    combiner (a panel per optimizer), bars from the fewest to the most steps over the seeds;
-    an x on the top edge marks an E where most seeds missed the target. Elastic settings are
-    left out (their E changes midway)."""
+    """Median steps to the target at the best learning rate against E, log-log, a colour and
+    marker per combiner and a line style per worker count (E grows along a line by
+    accumulation; a panel per optimizer), bars from the fewest to the most steps over the
+    seeds; an x on the top edge marks an E where most seeds missed the target. Elastic
+    settings are left out (their E changes midway). Hollow markers: lines that coincide
+    (summing at lr x is averaging at lr N x) stay visible."""
     optimizers = sorted({b["optimizer"] for b in best})
     fig, axes = plt.subplots(1, len(optimizers), figsize=(5.5 * len(optimizers), 4), squeeze=False)
     for ax, optimizer in zip(axes[0], optimizers):
         rows = [b for b in best if b["optimizer"] == optimizer and ">" not in b["setting"]]
         top = max([b["max_steps"] for b in rows if math.isfinite(b["max_steps"])] or [1.0]) * 2
-        for combiner in sorted({b["combiner"] for b in rows}):
-            line = sorted((b for b in rows if b["combiner"] == combiner), key=lambda b: (b["examples"], b["workers"]))
-            done = [b for b in line if math.isfinite(b["median_steps"])]
-            es, med = [b["examples"] for b in done], [b["median_steps"] for b in done]
-            low = [m - b["min_steps"] for m, b in zip(med, done)]
-            high = [(b["max_steps"] if math.isfinite(b["max_steps"]) else top) - m for m, b in zip(med, done)]
-            drawn = ax.errorbar(es, med, yerr=[low, high], fmt="o-", capsize=3, label=combiner)
-            missed = [b["examples"] for b in line if not math.isfinite(b["median_steps"])]
-            ax.plot(missed, [top] * len(missed), "x", ms=9, mew=2, color=drawn[0].get_color())
+        combiners = sorted({b["combiner"] for b in rows})
+        workers = sorted({b["workers"] for b in rows})
+        for c, combiner in enumerate(combiners):
+            for w, n in enumerate(workers):
+                line = sorted((b for b in rows if (b["combiner"], b["workers"]) == (combiner, n)),
+                              key=lambda b: b["examples"])
+                done = [b for b in line if math.isfinite(b["median_steps"])]
+                med = [b["median_steps"] for b in done]
+                low = [m - b["min_steps"] for m, b in zip(med, done)]
+                high = [(b["max_steps"] if math.isfinite(b["max_steps"]) else top) - m for m, b in zip(med, done)]
+                ax.errorbar([b["examples"] for b in done], med, yerr=[low, high], color=f"C{c}",
+                            marker="osD^v"[c % 5], ms=8 - 2 * c, mfc="none", capsize=3,
+                            ls=["-", "--", ":", "-."][w % 4], label=f"{combiner} N={n}")
+                missed = [b["examples"] for b in line if not math.isfinite(b["median_steps"])]
+                ax.plot(missed, [top] * len(missed), "x", ms=9, mew=2, color=f"C{c}")
         ax.set(xscale="log", yscale="log", xlabel="examples before communication (E)",
                ylabel="steps to target (median, min-max over seeds)", title=optimizer)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
