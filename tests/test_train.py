@@ -199,8 +199,11 @@ def test_ctrl_c_names_the_checkpoint_it_resumed_from_or_none(checkpointed, tmp_p
                                                     f"adasum: interrupted; last checkpoint: {good}"]
 
 
-#: A run that saves a checkpoint every 32 steps and would go on for an hour.
-ENDLESS = ["--task", "linear", "--samples", "256", "--batch", "8", "--epochs", "100000", "--no-progress"]
+#: A run that saves a checkpoint every 32 steps and would go on for an hour. The learning rate
+#: is one it never diverges at: at 0.05 the loss overflows after about 800 steps and the run
+#: ends by itself (status 0), which a test slowed down by a busy machine would see instead.
+ENDLESS = ["--task", "linear", "--samples", "256", "--batch", "8", "--epochs", "100000", "--lr", "0.005",
+           "--no-progress"]
 SECONDS = 90  # the longest any wait below may take
 
 
@@ -209,7 +212,7 @@ def _start(nproc: int, out: Path) -> subprocess.Popen:
     foreground process group (Ctrl-C reaches the program and its workers alike)."""
     return subprocess.Popen([sys.executable, "-m", "adasum.lab", "train", "--nproc", str(nproc),
                              "--out", str(out), *ENDLESS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -238,7 +241,7 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def _assert_loadable(path: Path, workers: int) -> None:
-    config = RunConfig(task="linear", samples=256, batch=8, epochs=100000)
+    config = RunConfig(task="linear", samples=256, batch=8, epochs=100000, lr=0.005)  # as ENDLESS
     check_resume(path, config, workers, load_task("linear", samples=256).build_model(0))
 
 
@@ -261,8 +264,8 @@ def test_ctrl_c_is_one_line_status_130_and_the_checkpoint_stays(nproc, tmp_path,
     program.append(proc)
     _wait_for_checkpoint(proc, checkpoint)
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=SECONDS)
-    assert (proc.returncode, err) == (130, f"adasum: interrupted; last checkpoint: {checkpoint}\n")
+    out, err = proc.communicate(timeout=SECONDS)
+    assert (proc.returncode, err) == (130, f"adasum: interrupted; last checkpoint: {checkpoint}\n"), out
     _assert_loadable(checkpoint, nproc)
 
 
@@ -276,6 +279,6 @@ def test_a_killed_worker_is_one_line_naming_its_rank_and_signal(tmp_path, progra
     workers = _workers_of(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=SECONDS)
-    assert (proc.returncode, err) == (1, "adasum: error: worker 1 was killed by signal 9 (SIGKILL)\n")
+    out, err = proc.communicate(timeout=SECONDS)
+    assert (proc.returncode, err) == (1, "adasum: error: worker 1 was killed by signal 9 (SIGKILL)\n"), out
     _assert_loadable(checkpoint, 2)
