@@ -6,7 +6,6 @@ workers, so the test process stays light."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
