@@ -15,8 +15,9 @@ every phase of every step:
 - on the hook's background thread (concurrent with the backward pass, so outside the sum):
   per bucket, the validation (``all_reduce_flat`` less the algorithm) and the reduction
   (``Adasum._reduce``);
-- for delta mode, inside ``DistributedOptimizer.step``: the check, the snapshot, the local step,
-  the reduction (its validation, the algorithm, and the packing around them) and the apply.
+- for delta mode, inside ``DistributedOptimizer.step``: the check (with the step's one agreement
+  among the ranks), the snapshot, the local step, the reduction (the algorithm and the packing
+  around it) and the apply.
 
 Setups run interleaved as in ``bench_training.py``; the table gives rank 0's mean milliseconds
 per step over all timed steps (means, so that the phases add up to the step; ``other`` is what no
@@ -122,7 +123,8 @@ def _instrument(clock: Clock) -> None:
     # step() calls these through the module's globals, so they are replaced there.
     distributed.local_delta = clock.timed("local step (inner Adam, then new - old)", distributed.local_delta)
     distributed.apply_delta = clock.timed("apply (old + reduced delta)", distributed.apply_delta)
-    Reducer.all_reduce = clock.timed("all_reduce", Reducer.all_reduce)
+    # The reduction after the check (which agreed for it, so it has no agreement of its own).
+    Reducer._all_reduce_checked = clock.timed("all_reduce", Reducer._all_reduce_checked)
     Reducer._validated = clock.timed("validation", Reducer._validated)
     # The part of the validation that exchanges messages (every rank waits for the slowest).
     Reducer._agree = clock.timed("agreement among the ranks", Reducer._agree)
