@@ -126,3 +126,7 @@ if __name__ == "__main__":
         num_sanity_val_steps=0,
     )
     trainer.fit(model, *digits_loaders(batch_size=32))  # batch_size per rank
+    # Lightning leaves the process group up. Gloo's threads must stop before the interpreter
+    # does, or a rank may abort at exit ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

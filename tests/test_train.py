@@ -3,6 +3,7 @@ program does when a checkpoint is damaged, when the user presses Ctrl-C and when
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -240,6 +241,20 @@ def _workers_of(pid: int) -> list[int]:
     return [p for _, p in sorted(found)]
 
 
+def _ended(proc: subprocess.Popen) -> tuple[str, str]:
+    """The program's stdout and stderr once it has ended; a failure saying where the program
+    and its workers stand (state and kernel wait channel) if it does not end in time."""
+    try:
+        return proc.communicate(timeout=SECONDS)
+    except subprocess.TimeoutExpired:
+        where = []
+        for pid in [proc.pid, *_workers_of(proc.pid)]:
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                where.append(f"{pid}: {state} in {Path(f'/proc/{pid}/wchan').read_text() or '-'}")
+        pytest.fail(f"the program did not end within {SECONDS} s: {'; '.join(where)}")
+
+
 def _assert_loadable(path: Path, workers: int) -> None:
     config = RunConfig(task="linear", samples=256, batch=8, epochs=100000, lr=0.005)  # as ENDLESS
     check_resume(path, config, workers, load_task("linear", samples=256).build_model(0))
@@ -264,7 +279,7 @@ def test_ctrl_c_is_one_line_status_130_and_the_checkpoint_stays(nproc, tmp_path,
     program.append(proc)
     _wait_for_checkpoint(proc, checkpoint)
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=SECONDS)
+    out, err = _ended(proc)
     assert (proc.returncode, err) == (130, f"adasum: interrupted; last checkpoint: {checkpoint}\n"), out
     _assert_loadable(checkpoint, nproc)
 
@@ -279,6 +294,6 @@ def test_a_killed_worker_is_one_line_naming_its_rank_and_signal(tmp_path, progra
     workers = _workers_of(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=SECONDS)
+    out, err = _ended(proc)
     assert (proc.returncode, err) == (1, "adasum: error: worker 1 was killed by signal 9 (SIGKILL)\n"), out
     _assert_loadable(checkpoint, 2)
