@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
+import adasum._reducer
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.launch import spawn
 from conftest import TIMEOUT, bits
@@ -68,10 +69,22 @@ def _train(rank: int, world: int) -> dict:
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.0005)
     state = AdasumState(stats=True, named_parameters=model.named_parameters())
     seen: set[int] = set()
+    layouts: set[tuple] = set()
+    calls = {"hook": 0, "agree": 0}
 
     def counting_hook(st, bucket):  # unannotated: DDP checks annotations against real types
         seen.add(bucket.index())
+        layouts.add((bucket.index(), tuple(g.numel() for g in bucket.gradients()), bucket.buffer().dtype))
+        calls["hook"] += 1
         return adasum_hook(st, bucket)
+
+    agree = adasum._reducer.agree
+
+    def counting_agree(*args, **kwargs):
+        calls["agree"] += 1
+        return agree(*args, **kwargs)
+
+    adasum._reducer.agree = counting_agree
 
     ddp.register_comm_hook(state, counting_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM)
@@ -96,6 +109,8 @@ def _train(rank: int, world: int) -> dict:
         out["params"].append([p.detach().clone() for p in model.parameters()])
     out["stats"] = state.last_stats.summary()
     state.close()
+    adasum._reducer.agree = agree
+    out["calls"], out["layouts"] = calls, len(layouts)
     out["buckets"] = len(seen)
     out["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     out["world"] = dist.get_world_size()
@@ -184,6 +199,13 @@ def test_baselines_run_through_the_same_hook(runs, name):
     for r in runs[1:]:
         for a, b in zip(runs[0]["baselines"][name]["reduced"], r["baselines"][name]["reduced"]):
             assert torch.equal(bits(a), bits(b))
+
+
+def test_one_agreement_round_per_bucket_layout(runs):
+    """The hook agrees on a bucket's layout the first time it meets it (DDP's first buckets,
+    then the rebuilt ones), not at every backward pass."""
+    for r in runs:
+        assert r["calls"]["agree"] == r["layouts"] < r["calls"]["hook"], (r["calls"], r["layouts"])
 
 
 def test_state_pickles_without_its_process_group():

@@ -97,9 +97,19 @@ class Reducer(abc.ABC):
             problem = flat_problem(buffer, numels, device_type_of(self.group)) or self._problem([buffer])
             layout = None if problem else Layout.of_flat(numels, buffer.dtype)
             self._agree(problem, layout, stats)
-            if self._idle(layout):
-                return self._idle_stats(len(layout)) if stats else None
-            return self._reduce(Flats([buffer], layout.groups, len(layout)), stats)
+            return self._all_reduce_flat_agreed(buffer, layout, stats)
+
+    def _all_reduce_flat_checked(self, buffer: torch.Tensor, numels: Sequence[int], *, stats: bool = False) -> Stats | None:
+        """:meth:`all_reduce_flat` without its agreement round, for a front door whose every
+        rank already agreed on this layout (``numels``, dtype, device) and ``stats`` with this
+        reducer: the DDP hook agrees once per bucket layout."""
+        with torch.no_grad():
+            return self._all_reduce_flat_agreed(buffer, Layout.of_flat(tuple(int(n) for n in numels), buffer.dtype), stats)
+
+    def _all_reduce_flat_agreed(self, buffer: torch.Tensor, layout: Layout, stats: bool) -> Stats | None:
+        if self._idle(layout):
+            return self._idle_stats(len(layout)) if stats else None
+        return self._reduce(Flats([buffer], layout.groups, len(layout)), stats)
 
     def check(self, tensors: Tensors, *, stats: bool = False) -> None:
         """The validation of :meth:`all_reduce` alone: returns on every rank, or raises the same

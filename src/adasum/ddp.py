@@ -61,6 +61,7 @@ class AdasumState:
 
     __slots__ = (
         "reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_group", "_worker", "_executor", "_streams",
+        "_agreed",
     )
 
     def __init__(
@@ -81,6 +82,8 @@ class AdasumState:
         self._worker: Optional[Reducer] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        #: The bucket layouts (with the settings) every rank has agreed on; see _reduce.
+        self._agreed: set[tuple] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"reducer": self.reducer, "stats": self.stats, "overlap": self.overlap}
@@ -145,7 +148,16 @@ class AdasumState:
             yield
 
     def _reduce(self, job: "_Bucket", reducer: Reducer) -> torch.Tensor:
-        stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats)
+        # One agreement round per bucket layout, not per call. DDP checked at construction that
+        # every rank has the same parameters, and it hands every rank the same buckets in the
+        # same order, so a layout agreed once stays agreed: every rank takes the same branch.
+        # A new layout (DDP rebuilds its buckets after the first step) is agreed anew.
+        key = (job.index, tuple(job.numels), job.buffer.dtype, job.buffer.device, self.stats, reducer.setting())
+        if key in self._agreed:
+            stats = reducer._all_reduce_flat_checked(job.flat, job.numels, stats=self.stats)
+        else:
+            stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats)
+            self._agreed.add(key)
         if stats is not None:
             self._record(job, stats)
         return job.buffer
