@@ -210,11 +210,18 @@ SECONDS = 90  # the longest any wait below may take
 
 def _start(nproc: int, out: Path) -> subprocess.Popen:
     """``adasum train`` in a session of its own: the test signals it as a terminal would the
-    foreground process group (Ctrl-C reaches the program and its workers alike)."""
+    foreground process group (Ctrl-C reaches the program and its workers alike). SIGINT starts
+    at its default, as in a terminal: a test run started in the background of a script
+    inherits SIGINT ignored (POSIX shells ignore it in asynchronous commands), and a program
+    started with SIGINT ignored rightly keeps ignoring it."""
     return subprocess.Popen([sys.executable, "-m", "adasum.lab", "train", "--nproc", str(nproc),
                              "--out", str(out), *ENDLESS],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, path: Path) -> None:
