@@ -1,5 +1,6 @@
-"""The PyTorch-ops path of the operator (CUDA buffers, or CPU without the C kernels): its extra
-memory against the half-buffer target, and its time against ``torch.add``.
+"""The arithmetic paths that do not use the C kernels, the chunked PyTorch-ops path (CUDA
+buffers without Triton, CPU without the C kernels) and, on a GPU with Triton, the fused Triton
+kernels: their extra memory against the half-buffer target, and their time against ``torch.add``.
 
     python benchmarks/bench_memory.py                  # CPU, the C kernels switched off
     python benchmarks/bench_memory.py --device cuda    # a GPU (scripts/gpu-check.sh runs this)
@@ -23,7 +24,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from adasum import _chunked, _ops
+from adasum import _chunked, _ops, _triton
 
 #: The target: at most half of one operand buffer's bytes.
 TARGET = 0.5
@@ -56,16 +57,29 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def torch_path(a: torch.Tensor, b: torch.Tensor, numels: list[int]) -> tuple[Callable[[], object], Callable[[], object]]:
-    """``(partials, combine)``: the two steps of the PyTorch-ops path on ``a`` and ``b`` (the
-    C kernels are never used: calls go straight to the chunked path's functions), the
-    combination written into ``a``."""
+def steps(path, a: torch.Tensor, b: torch.Tensor, numels: list[int]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """``(partials, combine)``: the two steps of ``path`` (:mod:`adasum._chunked` or
+    :mod:`adasum._triton`, called directly, so the C kernels are never used) on ``a`` and
+    ``b``, the combination written into ``a``."""
     offsets = _ops.offsets_of(numels)
-    ca, cb = _ops.coefficients(_chunked.partials(a, b, offsets))
+    ca, cb = _ops.coefficients(path.partials(a, b, offsets))
     return (
-        lambda: _chunked.partials(a, b, offsets),
-        lambda: _chunked.combine(a, b, a, offsets, ca, cb),
+        lambda: path.partials(a, b, offsets),
+        lambda: path.combine(a, b, a, offsets, ca, cb),
     )
+
+
+def torch_path(a: torch.Tensor, b: torch.Tensor, numels: list[int]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """:func:`steps` of the chunked PyTorch-ops path."""
+    return steps(_chunked, a, b, numels)
+
+
+def paths(device: torch.device) -> dict[str, object]:
+    """The paths that serve buffers on ``device`` without the C kernels, by name."""
+    found = {"chunked": _chunked}
+    if _triton.available(torch.empty(0, device=device)):
+        found["triton"] = _triton
+    return found
 
 
 def layouts(n: int) -> dict[str, list[int]]:
@@ -78,32 +92,33 @@ def layouts(n: int) -> dict[str, list[int]]:
     }
 
 
-def memory_rows(n: int, device: torch.device) -> list[tuple[str, str, float, float]]:
-    """``(layout, dtype, partials ratio, combine ratio)`` for every layout and dtype."""
+def memory_rows(n: int, device: torch.device) -> list[tuple[str, str, str, float, float]]:
+    """``(path, layout, dtype, partials ratio, combine ratio)`` for every path, layout and dtype."""
     rows = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         a = torch.randn(n, device=device).to(dtype)
         b = torch.randn(n, device=device).to(dtype)
         buffer = a.numel() * a.element_size()
-        for name, numels in layouts(n).items():
-            partials, combine = torch_path(a, b, numels)
-            rows.append((name, str(dtype).removeprefix("torch."), peak_extra_bytes(partials, device) / buffer,
-                         peak_extra_bytes(combine, device) / buffer))
+        for path_name, path in paths(device).items():
+            for name, numels in layouts(n).items():
+                partials, combine = steps(path, a, b, numels)
+                rows.append((path_name, name, str(dtype).removeprefix("torch."),
+                             peak_extra_bytes(partials, device) / buffer, peak_extra_bytes(combine, device) / buffer))
     return rows
 
 
 def time_rows(n: int, device: torch.device, reps: int) -> dict[str, float]:
-    """Median milliseconds of partials, combine and ``torch.add`` on two float32 buffers."""
+    """Median milliseconds of each path's partials and combine and of ``torch.add`` on two
+    float32 buffers, interleaved."""
     a, b = torch.randn(n, device=device), torch.randn(n, device=device)
     out = torch.empty_like(a)
-    partials, _ = torch_path(a, b, [n])
     offsets = _ops.offsets_of([n])
-    ca, cb = _ops.coefficients(partials())
-    fns = {
-        "partials": partials,
-        "combine": lambda: _chunked.combine(a, b, out, offsets, ca, cb),
-        "torch.add": lambda: torch.add(a, b, out=out),
-    }
+    fns = {}
+    for name, path in paths(device).items():
+        ca, cb = _ops.coefficients(path.partials(a, b, offsets))
+        fns[f"{name} partials"] = lambda path=path: path.partials(a, b, offsets)
+        fns[f"{name} combine"] = lambda path=path, ca=ca, cb=cb: path.combine(a, b, out, offsets, ca, cb)
+    fns["torch.add"] = lambda: torch.add(a, b, out=out)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(reps + 1):
         for name, fn in fns.items():
@@ -113,7 +128,7 @@ def time_rows(n: int, device: torch.device, reps: int) -> dict[str, float]:
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if rep:  # the first round warms up the allocator and the kernels
+            if rep:  # the first round warms up the allocator and compiles the kernels
                 samples[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
@@ -129,18 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     time_exp = args.time_exponent or (26 if device.type == "cuda" else 24)
 
     print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
-    print(f"\nExtra memory of the PyTorch-ops path, 2^{args.memory_exponent} elements (target <= {TARGET}x one buffer)\n")
-    print("| layout | dtype | partials extra / buffer | combine extra / buffer |")
-    print("|---|---|---:|---:|")
+    print(f"\nExtra memory, 2^{args.memory_exponent} elements (target <= {TARGET}x one buffer)\n")
+    print("| path | layout | dtype | partials extra / buffer | combine extra / buffer |")
+    print("|---|---|---|---:|---:|")
     worst = 0.0
-    for name, dtype, p, c in memory_rows(1 << args.memory_exponent, device):
+    for path, name, dtype, p, c in memory_rows(1 << args.memory_exponent, device):
         worst = max(worst, p, c)
-        print(f"| {name} | {dtype} | {p:.3f} | {c:.3f} |", flush=True)
+        print(f"| {path} | {name} | {dtype} | {p:.3f} | {c:.3f} |", flush=True)
     print(f"\nworst ratio {worst:.3f}: {'within' if worst <= TARGET else 'ABOVE'} the target of {TARGET}")
     print(f"(a buffer too small for the bound may use one block's working set, at most {_chunked.BLOCK * 32 // 1024} KiB)")
 
     ms = time_rows(1 << time_exp, device, args.reps)
-    print(f"\nTime of the PyTorch-ops path, 2^{time_exp} float32, one layer, median of {args.reps}\n")
+    for name in paths(device):  # the whole operator: both steps, one after the other
+        ms[f"{name} partials + combine"] = ms[f"{name} partials"] + ms[f"{name} combine"]
+    print(f"\nTime, 2^{time_exp} float32, one layer, median of {args.reps} interleaved runs\n")
     print("| step | ms | / torch.add |")
     print("|---|---:|---:|")
     for name, value in ms.items():

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # On a machine with one or more CUDA GPUs: set up a virtual environment with a CUDA build of
-# torch, then run every GPU-relevant test (tests/test_cuda.py: the CUDA arithmetic against the
-# CPU kernels, its memory high-water mark, the simulator, the DDP hook's stream order, the hook
-# and the optimizer on one NCCL rank, multi-rank NCCL when there are two GPUs or more; and
-# tests/test_chunked.py, the same arithmetic on CPU) and the benchmark of the CUDA arithmetic
-# (extra memory against half a buffer; two 2^26 float32 buffers combined against torch.add).
+# torch, then run every GPU-relevant test (tests/test_cuda.py: the CUDA arithmetic, the fused
+# Triton kernels and the chunked PyTorch ops, against the CPU kernels, their memory high-water
+# mark, the simulator, the DDP hook's stream order, the hook and the optimizer on one NCCL rank,
+# multi-rank NCCL when there are two GPUs or more; and
+# tests/test_chunked.py and tests/test_triton.py, the same arithmetic on CPU) and the benchmark
+# of the CUDA arithmetic (extra memory against half a buffer; two 2^26 float32 buffers combined
+# against torch.add).
 #
 #   scripts/gpu-check.sh                # everything; the figures also go to gpu-check.log
 #   PYTHON=python3.11 scripts/gpu-check.sh
@@ -37,6 +39,8 @@ if ! python -c 'import torch' 2>/dev/null; then
 fi
 # --no-deps: never let the project's requirement replace the torch chosen above.
 pip install --quiet pytest pytest-timeout
+# The fused kernels: the CUDA builds of torch bring Triton; install it where one did not.
+python -c 'import triton' 2>/dev/null || pip install --quiet triton
 pip install --quiet --no-deps -e .
 
 python - <<'EOF'
@@ -56,7 +60,7 @@ if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; th
 fi
 
 echo; echo "== tests =="
-python -m pytest -q -rs tests/test_cuda.py tests/test_chunked.py
+python -m pytest -q -rs tests/test_cuda.py tests/test_chunked.py tests/test_triton.py
 
 echo; echo "== the CUDA arithmetic: extra memory and time against torch.add =="
 python benchmarks/bench_memory.py --device cuda --memory-exponent 24 --time-exponent 26

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv (with the JAX, Lightning, Accelerate and TensorFlow/Keras
-# extras, so their tests run too), then run the whole test suite. Extra arguments go to pytest.
+# The README's test command: set up .venv (with the JAX, Lightning, Accelerate, TensorFlow/Keras and
+# Triton extras, so their tests run too), then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ADASUM_EXTRAS="lab,jax,lightning,accelerate,tensorflow,test" . scripts/setup.sh
+ADASUM_EXTRAS="lab,jax,lightning,accelerate,tensorflow,triton,test" . scripts/setup.sh
 python -c "import importlib.util as u; print('adasum C kernels:', 'built' if u.find_spec('adasum._kernels') else 'NOT built, using the PyTorch fallback')"
 python -m pytest -q "$@"

@@ -82,7 +82,7 @@ def test_torch_path_matches_the_kernels_with_small_chunks(monkeypatch, dtype, la
 def test_torch_path_matches_the_kernels_at_natural_chunk_sizes(monkeypatch, dtype):
     numels = [300_000, 1, 0, 123_457, 40_000]
     a, b = operands(sum(numels), dtype, seed=11)
-    assert len(_chunked._Blocks(ops.offsets_of(numels), _chunked.chunk_elements(a.numel(), a.element_size(), 32, a.device)).chunks) > 5
+    assert len(_chunked.Blocks(ops.offsets_of(numels), _chunked.chunk_elements(a.numel(), a.element_size(), 32, a.device)).chunks) > 5
     (fast_p, fast), (slow_p, slow) = both_paths(monkeypatch, a, b, numels)
     assert same_bits(fast, slow)
     assert_partials_close(fast_p, slow_p, a, b, numels)

@@ -31,16 +31,30 @@ if GPUS:  # the shared layouts and checks, and the measurement of bench_memory.p
     from test_chunked import LAYOUTS, assert_partials_close, operands
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_memory import TARGET, peak_extra_bytes, torch_path
+    from bench_memory import TARGET, paths, peak_extra_bytes, steps
 
 
 # -- the arithmetic -------------------------------------------------------------------------
 
 
+PATHS = ["triton", "chunked"]
+
+
+def _only(monkeypatch, path: str) -> None:
+    """Makes CUDA buffers take ``path``: the Triton kernels (skipped where Triton is missing)
+    or the chunked PyTorch ops."""
+    if path == "triton" and ops._triton.triton is None:
+        pytest.skip("Triton not installed")
+    if path == "chunked":
+        monkeypatch.setattr(ops._triton, "available", lambda *tensors: False)
+
+
 @pytest.mark.skipif(ops._kernels is None, reason="C kernels not built: nothing to compare with")
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", [*LAYOUTS, [3 << 20, 5, 0, 1 << 20]] if GPUS else [])
-def test_cuda_arithmetic_against_the_cpu_kernels(dtype, layout):
+def test_cuda_arithmetic_against_the_cpu_kernels(monkeypatch, path, dtype, layout):
+    _only(monkeypatch, path)
     a, b = operands(sum(layout), dtype, seed=len(layout))
     offsets = ops.offsets_of(layout)
     cpu_partials = ops.segment_partials(a, b, offsets)
@@ -59,12 +73,15 @@ def test_cuda_arithmetic_against_the_cpu_kernels(dtype, layout):
     assert same_bits(again, gpu_partials)  # deterministic on the GPU too
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numels", [[1 << 24], [1000] * 16777 + [216]], ids=["one", "many"])
-def test_cuda_extra_memory_is_at_most_half_the_buffer(dtype, numels):
+def test_cuda_extra_memory_is_at_most_half_the_buffer(path, dtype, numels):
     a, b = (t.cuda() for t in operands(sum(numels), dtype, seed=3))
+    if path not in paths(a.device):
+        pytest.skip("Triton not installed")
     buffer = a.numel() * a.element_size()
-    for step in torch_path(a, b, numels):
+    for step in steps(paths(a.device)[path], a, b, numels):
         assert peak_extra_bytes(step, a.device) <= TARGET * buffer
 
 

@@ -27,7 +27,7 @@ import bisect
 
 import torch
 
-__all__ = ["BLOCK", "compute_dtype", "chunk_elements", "partials", "combine"]
+__all__ = ["BLOCK", "Blocks", "compute_dtype", "chunk_elements", "partials", "combine"]
 
 #: Largest block, in elements, of a segment's partial sums; also the smallest chunk, which
 #: sets the fixed floor of the extra memory for small buffers (:func:`chunk_elements`).
@@ -56,7 +56,7 @@ def chunk_elements(numel: int, itemsize: int, extra_per_element: int, device: to
     return max(BLOCK, min(budget, _MAX_CHUNK.get(device.type, _MAX_CHUNK_ELSEWHERE)))
 
 
-class _Blocks:
+class Blocks:
     """The blocks of segmented buffers (host-side int64 bookkeeping, computed from the CPU
     ``offsets``) and their grouping into chunks of at most ``chunk`` elements."""
 
@@ -94,7 +94,7 @@ def partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.T
     # Working memory per chunk element: the float64 product, and the float64 operands if the
     # buffers are not float64 already.
     per_element = 8 + (16 if convert else 0)
-    blocks = _Blocks(offsets, chunk_elements(a.numel(), a.element_size(), per_element, device))
+    blocks = Blocks(offsets, chunk_elements(a.numel(), a.element_size(), per_element, device))
     block_sums = torch.empty(3, blocks.segment.numel(), dtype=torch.float64, device=device)
     lengths = blocks.lengths.to(device)
     product = torch.empty(blocks.longest, dtype=torch.float64, device=device)
@@ -122,7 +122,7 @@ def combine(
     size = torch.finfo(compute).bits // 8
     # Per chunk element: both operands and the expanded coefficients in the compute dtype, and
     # the int64 index of each element's block that the expansion goes through.
-    blocks = _Blocks(offsets, chunk_elements(a.numel(), a.element_size(), 3 * size + 8, device))
+    blocks = Blocks(offsets, chunk_elements(a.numel(), a.element_size(), 3 * size + 8, device))
     ca, cb = ca.to(device=device, dtype=compute), cb.to(device=device, dtype=compute)
     segment = blocks.segment.to(device)
     lengths = blocks.lengths.to(device)

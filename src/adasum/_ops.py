@@ -14,9 +14,10 @@ and gets the coefficient 1, so a zero vector leaves the other unchanged. The com
 float16 and bfloat16, then rounded once to the tensors' dtype: two multiplications and an
 addition, no fused multiply-add, on every device, so results do not depend on which kernel ran.
 
-On CPU the C kernels (``_kernels.c``) compute both steps; CUDA buffers, and CPU ones when the
-kernels are not built, take :mod:`adasum._chunked`: the same arithmetic in PyTorch ops, chunk by
-chunk, in at most half a buffer of extra memory.
+On CPU the C kernels (``_kernels.c``) compute both steps; CUDA buffers take the fused Triton
+kernels of :mod:`adasum._triton` where Triton is installed. Other buffers (CUDA without Triton,
+CPU when the C kernels are not built) take :mod:`adasum._chunked`: the same arithmetic in
+PyTorch ops, chunk by chunk, in at most half a buffer of extra memory.
 
 The building blocks here work on *segmented* flat buffers: a 1-D tensor that holds several
 layers end to end, split by an int64 offsets tensor ``[0, n0, n0 + n1, ...]``. This is how the
@@ -32,7 +33,7 @@ import math
 
 import torch
 
-from adasum import _chunked
+from adasum import _chunked, _triton
 
 try:
     from adasum import _kernels
@@ -90,6 +91,8 @@ def segment_partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
             torch.get_num_threads(),
         )
         return out
+    if _triton.available(a, b):
+        return _triton.partials(a, b, offsets)
     return _chunked.partials(a, b, offsets)
 
 
@@ -126,6 +129,9 @@ def segment_combine(
             cb.data_ptr(),
             torch.get_num_threads(),
         )
+        return
+    if _triton.available(a, b, out):
+        _triton.combine(a, b, out, offsets, ca, cb)
         return
     _chunked.combine(a, b, out, offsets, ca, cb)
 

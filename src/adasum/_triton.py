@@ -1,0 +1,128 @@
+"""The operator's arithmetic as fused Triton kernels, for CUDA buffers when Triton is installed.
+
+:mod:`adasum._chunked` does the same arithmetic in PyTorch ops: several kernel launches per
+chunk and float64 working copies of each chunk. Here each quantity is one launch over the whole
+buffer, one program per block, that reads each operand once and keeps the float64 values in
+registers, so the extra memory is the bookkeeping alone (a few numbers per block: under 1% of
+a float32 buffer whose layers hold a block or more) and the combination reads and writes what
+``torch.add`` does.
+
+Blocks are :mod:`adasum._chunked`'s (at most :data:`~adasum._chunked.BLOCK` elements counted
+from a segment's start, never straddling two segments).
+
+Partial sums: each program sums its block's float64 products ``[a.b, |a|^2, |b|^2]`` (Triton's
+reduction tree: the same bits on every call of the same kernel on the same GPU); a segment's
+total is its block sums added in block order, as in :mod:`adasum._chunked`. Results agree with
+the C kernels to float64 rounding.
+
+Combination: ``ca * a + cb * b`` in the compute dtype (:func:`adasum._chunked.compute_dtype`),
+two multiplications and an addition, rounded once to the buffer's dtype. The kernels are
+compiled with floating-point contraction off (``enable_fp_fusion=False``), so no fused
+multiply-add changes the rounding: bit for bit what the C kernels compute.
+
+With ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on the
+CPU in NumPy; the tests check them against the C kernels that way on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from adasum import _chunked
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the chunked PyTorch-ops path serves CUDA buffers instead
+    triton = None
+
+__all__ = ["available", "partials", "combine"]
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether these kernels serve the tensors: Triton is installed and every tensor is a
+    contiguous CUDA tensor."""
+    return triton is not None and all(t.is_cuda and t.is_contiguous() for t in tensors)
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(offsets: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(starts, lengths, segment, counts)`` of the blocks of a layout, on ``device``: the
+    element where each block starts, its length, its segment, and each segment's number of
+    blocks. Cached per layout, so a training loop copies them to the device once."""
+    blocks = _chunked.Blocks(torch.tensor(offsets, dtype=torch.int64), chunk=max(offsets[-1], _chunked.BLOCK))
+    return tuple(t.to(device) for t in (blocks.starts, blocks.lengths, blocks.segment, blocks.counts))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_bfloat16(z):
+        # Round to nearest, ties to even, NaN kept quiet, in integer arithmetic: what the C
+        # kernels do. Triton's own conversion may truncate (its interpreter does).
+        u = z.to(tl.uint32, bitcast=True)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        rounded = tl.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _partials_kernel(a_ptr, b_ptr, starts_ptr, lengths_ptr, sums_ptr, nblocks, BLOCK: tl.constexpr):
+        k = tl.program_id(0)
+        start = tl.load(starts_ptr + k)
+        inside = tl.arange(0, BLOCK) < tl.load(lengths_ptr + k)
+        x = tl.load(a_ptr + start + tl.arange(0, BLOCK), mask=inside, other=0.0).to(tl.float64)
+        y = tl.load(b_ptr + start + tl.arange(0, BLOCK), mask=inside, other=0.0).to(tl.float64)
+        tl.store(sums_ptr + k, tl.sum(x * y, axis=0))
+        tl.store(sums_ptr + nblocks + k, tl.sum(x * x, axis=0))
+        tl.store(sums_ptr + 2 * nblocks + k, tl.sum(y * y, axis=0))
+
+    @triton.jit
+    def _combine_kernel(
+        a_ptr, b_ptr, out_ptr, ca_ptr, cb_ptr, starts_ptr, lengths_ptr, segment_ptr, BLOCK: tl.constexpr
+    ):
+        k = tl.program_id(0)
+        start = tl.load(starts_ptr + k)
+        s = tl.load(segment_ptr + k)
+        inside = tl.arange(0, BLOCK) < tl.load(lengths_ptr + k)
+        where = start + tl.arange(0, BLOCK)
+        # The compute dtype: float64 for float32 and float64 buffers, float32 for 16-bit ones.
+        if out_ptr.dtype.element_ty == tl.float32 or out_ptr.dtype.element_ty == tl.float64:
+            ca = tl.load(ca_ptr + s)
+            cb = tl.load(cb_ptr + s)
+            x = tl.load(a_ptr + where, mask=inside).to(tl.float64)
+            y = tl.load(b_ptr + where, mask=inside).to(tl.float64)
+        else:
+            ca = tl.load(ca_ptr + s).to(tl.float32)
+            cb = tl.load(cb_ptr + s).to(tl.float32)
+            x = tl.load(a_ptr + where, mask=inside).to(tl.float32)
+            y = tl.load(b_ptr + where, mask=inside).to(tl.float32)
+        z = ca * x + cb * y
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            z = _to_bfloat16(z)
+        tl.store(out_ptr + where, z.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-segment float64 ``[a.b, |a|^2, |b|^2]`` as a ``[3, nseg]`` tensor on a's device."""
+    starts, lengths, _, counts = _blocks(tuple(offsets.tolist()), a.device)
+    nblocks, nseg = starts.numel(), offsets.numel() - 1
+    sums = torch.empty(3, nblocks, dtype=torch.float64, device=a.device)
+    if nblocks:
+        _partials_kernel[(nblocks,)](a, b, starts, lengths, sums, nblocks, BLOCK=_chunked.BLOCK)
+    # A segment's blocks are adjacent: its total is their sum in block order (0 if it has none).
+    return torch.segment_reduce(sums, "sum", lengths=counts.expand(3, nseg).contiguous(), axis=1, unsafe=True)
+
+
+def combine(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor
+) -> None:
+    """``out = ca[s] * a + cb[s] * b`` on every segment s; ``out`` may be ``a`` or ``b`` (a
+    program reads its whole block before it writes)."""
+    starts, lengths, segment, _ = _blocks(tuple(offsets.tolist()), a.device)
+    if starts.numel():
+        ca, cb = (c.to(device=a.device, dtype=torch.float64).contiguous() for c in (ca, cb))
+        _combine_kernel[(starts.numel(),)](
+            a, b, out, ca, cb, starts, lengths, segment, BLOCK=_chunked.BLOCK, enable_fp_fusion=False
+        )

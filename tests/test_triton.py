@@ -1,0 +1,96 @@
+"""The fused Triton kernels (:mod:`adasum._triton`) against the C kernels, without a GPU.
+
+Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined) runs the
+kernels on CPU tensors in NumPy. This file runs itself once as a script in a child interpreter
+with that setting, over every layout of ``test_chunked`` and every dtype, and each test reads its
+case's result: the combination bit for bit, the partial sums to float64 rounding, the partial
+sums the same on a second call, and ``out`` aliasing an operand. On a GPU, ``test_cuda`` checks
+the compiled kernels the same way.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adasum import _ops as ops
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed"),
+    pytest.mark.skipif(ops._kernels is None, reason="C kernels not built: nothing to compare with"),
+]
+
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _case(dtype_name: str, layout: int) -> str | None:
+    """Runs one case in the interpreter; returns what went wrong, or None."""
+    from adasum import _triton
+    from conftest import same_bits
+    from test_chunked import LAYOUTS, assert_partials_close, operands
+
+    numels = LAYOUTS[layout]
+    a, b = operands(sum(numels), getattr(torch, dtype_name), seed=layout)
+    offsets = ops.offsets_of(numels)
+    want_partials = ops.segment_partials(a, b, offsets)
+    ca, cb = ops.coefficients(want_partials)
+    want = torch.empty_like(a)
+    ops.segment_combine(a, b, want, offsets, ca, cb)
+
+    got_partials = _triton.partials(a, b, offsets)
+    try:
+        assert_partials_close(want_partials, got_partials, a, b, numels)
+    except AssertionError as e:
+        return f"partial sums: {e}"
+    if not same_bits(_triton.partials(a, b, offsets), got_partials):
+        return "partial sums differ between two calls"
+    got = torch.empty_like(a)
+    _triton.combine(a, b, got, offsets, ca, cb)
+    if not same_bits(got, want):
+        differ = (got.view(-1, 1).view(torch.uint8) != want.view(-1, 1).view(torch.uint8)).any(dim=1)
+        return f"combination: {int(differ.sum())} of {a.numel()} elements differ"
+    in_place = b.clone()
+    _triton.combine(a, in_place, in_place, offsets, ca, cb)
+    if not same_bits(in_place, want):
+        return "combination into an operand differs"
+    if a.numel() > 1:  # NaN and Inf propagate as in the C kernels: the same NaN positions
+        a[0], b[-1] = float("nan"), float("inf")
+        ca, cb = ops.coefficients(ops.segment_partials(a, b, offsets))
+        ops.segment_combine(a, b, want, offsets, ca, cb)
+        _triton.combine(a, b, got, offsets, ca, cb)
+        nan = torch.isnan(want)
+        if not torch.equal(nan, torch.isnan(got)) or not same_bits(got[~nan], want[~nan]):
+            return "combination with NaN and Inf differs"
+    return None
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str | None]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", range(8))
+def test_triton_kernels_match_the_c_kernels(interpreted, dtype, layout):
+    from test_chunked import LAYOUTS
+
+    assert len(LAYOUTS) == 8  # every layout is a case here
+    assert interpreted[f"{dtype}/{layout}"] is None, interpreted[f"{dtype}/{layout}"]
+
+
+if __name__ == "__main__":
+    # The child: TRITON_INTERPRET is set, so importing adasum defines interpreted kernels.
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from test_chunked import LAYOUTS
+
+    print(json.dumps({f"{d}/{k}": _case(d, k) for d in DTYPES for k in range(len(LAYOUTS))}))
