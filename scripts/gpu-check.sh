@@ -6,7 +6,7 @@
 # multi-rank NCCL when there are two GPUs or more; and
 # tests/test_chunked.py and tests/test_triton.py, the same arithmetic on CPU) and the benchmark
 # of the CUDA arithmetic (extra memory against half a buffer; two 2^26 float32 buffers combined
-# against torch.add).
+# against torch.add), then times the simulator with 64 workers on the GPU.
 #
 #   scripts/gpu-check.sh                # everything; the figures also go to gpu-check.log
 #   PYTHON=python3.11 scripts/gpu-check.sh
@@ -38,7 +38,7 @@ if ! python -c 'import torch' 2>/dev/null; then
     pip install --quiet torch==2.13.0
 fi
 # --no-deps: never let the project's requirement replace the torch chosen above.
-pip install --quiet pytest pytest-timeout
+pip install --quiet pytest pytest-timeout numpy tqdm scikit-learn matplotlib  # tests and the lab's tools
 # The fused kernels: the CUDA builds of torch bring Triton; install it where one did not.
 python -c 'import triton' 2>/dev/null || pip install --quiet triton
 pip install --quiet --no-deps -e .
@@ -64,3 +64,8 @@ python -m pytest -q -rs tests/test_cuda.py tests/test_chunked.py tests/test_trit
 
 echo; echo "== the CUDA arithmetic: extra memory and time against torch.add =="
 python benchmarks/bench_memory.py --device cuda --memory-exponent 24 --time-exponent 26
+
+echo; echo "== the simulator on CUDA: 64 workers of the 3.3M-parameter transformer, seconds per step =="
+python -m adasum.lab simulate --device cuda --task stdlib-transformer-large --workers 64 --batches 16 \
+    --samples 8192 --epochs 1 --optimizers adam --reducers adasum,average --lrs 0.003 --no-distances \
+    --out runs/gpu-check/simulate

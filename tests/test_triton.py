@@ -1,5 +1,9 @@
 """The fused Triton kernels (:mod:`adasum._triton`) against the C kernels, without a GPU.
 
+Triton compiles for a GPU it does not see (its wheel carries the NVIDIA assembler), so the
+kernels are compiled for Ampere and Hopper here, and the combination's code is checked for
+fused multiply-adds, which would change its rounding.
+
 Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined) runs the
 kernels on CPU tensors in NumPy. This file runs itself once as a script in a child interpreter
 with that setting, over every layout of ``test_chunked`` and every dtype, and each test reads its
@@ -66,6 +70,42 @@ def _case(dtype_name: str, layout: int) -> str | None:
         if not torch.equal(nan, torch.isnan(got)) or not same_bits(got[~nan], want[~nan]):
             return "combination with NaN and Inf differs"
     return None
+
+
+_POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_nvidia_gpus_without_fused_multiply_adds(dtype, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from adasum import _triton
+
+    ptr, index = _POINTER[dtype], "*i64"
+    options = _triton.OPTIONS  # what every launch uses
+    target = GPUTarget("cuda", arch, 32)
+    wide = dtype in ("float32", "float64")
+    combine = triton.compile(ASTSource(
+        fn=_triton._combine_kernel,
+        signature={"a_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "ca_ptr": "*fp64", "cb_ptr": "*fp64",
+                   "starts_ptr": index, "lengths_ptr": index, "segment_ptr": index,
+                   "BLOCK": "constexpr", "WIDE": "constexpr", "BFLOAT16": "constexpr"},
+        constexprs={"BLOCK": 4096, "WIDE": wide, "BFLOAT16": dtype == "bfloat16"},
+    ), target=target, options=options)
+    partials = triton.compile(ASTSource(
+        fn=_triton._partials_kernel,
+        signature={"a_ptr": ptr, "b_ptr": ptr, "starts_ptr": index, "lengths_ptr": index, "sums_ptr": "*fp64",
+                   "nblocks": "i32", "BLOCK": "constexpr"},
+        constexprs={"BLOCK": 4096},
+    ), target=target, options=options)
+    assert combine.asm["cubin"] and partials.asm["cubin"]  # the assembler accepted both
+    ptx = combine.asm["ptx"]
+    compute = "f64" if wide else "f32"
+    assert f"mul.rn.{compute}" in ptx and f"add.rn.{compute}" in ptx  # the arithmetic is there ...
+    assert "fma." not in ptx  # ... and not contracted
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ compiled with floating-point contraction off (``enable_fp_fusion=False``), so no
 multiply-add changes the rounding: bit for bit what the C kernels compute.
 
 With ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on the
-CPU in NumPy; the tests check them against the C kernels that way on machines without a GPU.
+CPU in NumPy; the tests check them against the C kernels that way on machines without a GPU,
+and compile them for Ampere and Hopper GPUs (Triton carries the NVIDIA assembler) to check that
+the combination's machine code has no fused multiply-add.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ try:
 except ImportError:  # the chunked PyTorch-ops path serves CUDA buffers instead
     triton = None
 
-__all__ = ["available", "partials", "combine"]
+__all__ = ["OPTIONS", "available", "partials", "combine"]
+
+#: Compiler options of every launch: no floating-point contraction (a fused multiply-add would
+#: round differently from the C kernels), and 8 warps, whose 256 threads hold a 4096-element
+#: block as 16 elements each, so the float64 operands stay in registers.
+OPTIONS = {"enable_fp_fusion": False, "num_warps": 8}
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -80,15 +87,16 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(
-        a_ptr, b_ptr, out_ptr, ca_ptr, cb_ptr, starts_ptr, lengths_ptr, segment_ptr, BLOCK: tl.constexpr
+        a_ptr, b_ptr, out_ptr, ca_ptr, cb_ptr, starts_ptr, lengths_ptr, segment_ptr,
+        BLOCK: tl.constexpr, WIDE: tl.constexpr, BFLOAT16: tl.constexpr,
     ):
         k = tl.program_id(0)
         start = tl.load(starts_ptr + k)
         s = tl.load(segment_ptr + k)
         inside = tl.arange(0, BLOCK) < tl.load(lengths_ptr + k)
         where = start + tl.arange(0, BLOCK)
-        # The compute dtype: float64 for float32 and float64 buffers, float32 for 16-bit ones.
-        if out_ptr.dtype.element_ty == tl.float32 or out_ptr.dtype.element_ty == tl.float64:
+        # The compute dtype: float64 for float32 and float64 buffers (WIDE), float32 for 16-bit ones.
+        if WIDE:
             ca = tl.load(ca_ptr + s)
             cb = tl.load(cb_ptr + s)
             x = tl.load(a_ptr + where, mask=inside).to(tl.float64)
@@ -99,7 +107,7 @@ if triton is not None:
             x = tl.load(a_ptr + where, mask=inside).to(tl.float32)
             y = tl.load(b_ptr + where, mask=inside).to(tl.float32)
         z = ca * x + cb * y
-        if out_ptr.dtype.element_ty == tl.bfloat16:
+        if BFLOAT16:
             z = _to_bfloat16(z)
         tl.store(out_ptr + where, z.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -110,7 +118,9 @@ def partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.T
     nblocks, nseg = starts.numel(), offsets.numel() - 1
     sums = torch.empty(3, nblocks, dtype=torch.float64, device=a.device)
     if nblocks:
-        _partials_kernel[(nblocks,)](a, b, starts, lengths, sums, nblocks, BLOCK=_chunked.BLOCK)
+        _partials_kernel[(nblocks,)](
+            a, b, starts, lengths, sums, nblocks, BLOCK=_chunked.BLOCK, **OPTIONS
+        )
     # A segment's blocks are adjacent: its total is their sum in block order (0 if it has none).
     return torch.segment_reduce(sums, "sum", lengths=counts.expand(3, nseg).contiguous(), axis=1, unsafe=True)
 
@@ -124,5 +134,7 @@ def combine(
     if starts.numel():
         ca, cb = (c.to(device=a.device, dtype=torch.float64).contiguous() for c in (ca, cb))
         _combine_kernel[(starts.numel(),)](
-            a, b, out, ca, cb, starts, lengths, segment, BLOCK=_chunked.BLOCK, enable_fp_fusion=False
+            a, b, out, ca, cb, starts, lengths, segment, BLOCK=_chunked.BLOCK,
+            WIDE=_chunked.compute_dtype(a.dtype) == torch.float64, BFLOAT16=a.dtype == torch.bfloat16,
+            **OPTIONS,
         )
