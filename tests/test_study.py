@@ -46,6 +46,10 @@ def test_protocol_takes_the_fewest_median_steps_over_seeds():
     # Without lr 0.1 the best, 0.2, is the smallest learning rate tried: the grid's edge.
     assert best_per_setting([r for r in runs if r["lr"] in (0.2, 0.4)])[0]["grid_edge"]
     assert math.isinf(best["average"]["median_steps"]) and best["average"]["reached"] == 0
+    # Where no learning rate reaches the target, the best median final score decides.
+    missed = [{**record(lr, s, None, combiner="sum"), "score": score}
+              for lr, score in ((0.1, 0.3), (0.2, 0.5), (0.4, 0.45)) for s in range(3)]
+    assert best_per_setting(missed)[0]["lr"] == 0.2
     assert math.isinf(steps_of({**record(0.2, 0, 3), "diverged": True}))
 
 

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)")
     study.add_argument("name", help="momentum, adam, lamb, convex or elastic")
-    study.add_argument("--scale", default="cpu", help="cpu (about 30 minutes on 2 cores) or gpu (the study proper)")
+    study.add_argument("--scale", default="cpu", help="cpu (30-50 minutes of one core per section) or gpu (the study proper)")
     study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     study.add_argument("--worker-chunk", type=int, help="as for simulate")
     study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")

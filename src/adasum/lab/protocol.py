@@ -8,7 +8,8 @@ none when the target was not reached within the epoch budget (the paper's criter
 best learning rate of a (setting, combiner) is the one with the fewest median steps over the
 seeds (a seed that missed the target counts as infinitely many steps, so a learning rate
 that fails for most seeds never wins); ties go to the learning rate that more seeds brought
-to the target, then to the smaller learning rate. Reported: the median and the spread
+to the target, then to the higher median final score (which decides where no rate reaches the
+target by most seeds), then to the smaller learning rate. Reported: the median and the spread
 (min-max) of the steps over the seeds at that learning rate.
 
 A run record is a run's summary (:func:`adasum.lab.records.summarize`) plus the study's own
@@ -58,7 +59,7 @@ def best_per_setting(records: Sequence[dict]) -> list[dict]:
     rows = []
     for key, by_lr in groups.items():
         candidates = [_at_lr(runs) for runs in by_lr.values()]
-        best = min(candidates, key=lambda c: (c["median_steps"], -c["reached"], c["lr"]))
+        best = min(candidates, key=lambda c: (c["median_steps"], -c["reached"], -c["median_score"], c["lr"]))
         first = next(iter(by_lr.values()))[0]
         # A best learning rate at either end of the grid may not be the best there is.
         edge = best["lr"] in (min(by_lr), max(by_lr)) and len(by_lr) > 1
@@ -87,7 +88,7 @@ def protocol_table(rows: Sequence[dict]) -> str:
         "median epochs": _steps_cell(r["median_epochs"]), "median score": r["median_score"],
     } for r in rows]
     note = ("\nSteps and epochs to the target at the best learning rate of the grid (fewest median "
-            "steps over the seeds); `reached`: seeds that reached the target within the epoch "
+            "steps over the seeds; where no rate reaches the target, the best median final score); `reached`: seeds that reached the target within the epoch "
             "budget; `-`: not reached (for the median: not by most seeds); `(edge)`: the best learning "
             "rate is the grid's smallest or largest, so the grid should be widened there.\n")
     return markdown_table(cells, _PROTOCOL_COLUMNS) + note
