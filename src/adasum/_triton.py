@@ -20,7 +20,7 @@ two multiplications and an addition, rounded once to the buffer's dtype. The ker
 compiled with floating-point contraction off (``enable_fp_fusion=False``), so no fused
 multiply-add changes the rounding: bit for bit what the C kernels compute.
 
-With ``TRITON_INTERPRET=1`` set before this module is imported, Triton runs the kernels on the
+With ``TRITON_INTERPRET=1`` set before the kernels are first used, Triton runs them on the
 CPU in NumPy; the tests check them against the C kernels that way on machines without a GPU,
 and compile them for Ampere and Hopper GPUs (Triton carries the NVIDIA assembler) to check that
 the combination's machine code has no fused multiply-add.
@@ -29,16 +29,15 @@ the combination's machine code has no fused multiply-add.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
 from adasum import _chunked
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the chunked PyTorch-ops path serves CUDA buffers instead
-    triton = None
+#: Whether Triton is installed. It is imported only when a CUDA buffer needs the kernels
+#: (:mod:`adasum._triton_kernels`), never by ``import adasum``.
+INSTALLED = importlib.util.find_spec("triton") is not None
 
 __all__ = ["OPTIONS", "available", "partials", "combine"]
 
@@ -51,7 +50,7 @@ OPTIONS = {"enable_fp_fusion": False, "num_warps": 8}
 def available(*tensors: torch.Tensor) -> bool:
     """Whether these kernels serve the tensors: Triton is installed and every tensor is a
     contiguous CUDA tensor."""
-    return triton is not None and all(t.is_cuda and t.is_contiguous() for t in tensors)
+    return INSTALLED and all(t.is_cuda and t.is_contiguous() for t in tensors)
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,62 +62,15 @@ def _blocks(offsets: tuple[int, ...], device: torch.device) -> tuple[torch.Tenso
     return tuple(t.to(device) for t in (blocks.starts, blocks.lengths, blocks.segment, blocks.counts))
 
 
-if triton is not None:
-
-    @triton.jit
-    def _to_bfloat16(z):
-        # Round to nearest, ties to even, NaN kept quiet, in integer arithmetic: what the C
-        # kernels do. Triton's own conversion may truncate (its interpreter does).
-        u = z.to(tl.uint32, bitcast=True)
-        nan = (u & 0x7FFFFFFF) > 0x7F800000
-        rounded = tl.where(nan, (u >> 16) | 0x40, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _partials_kernel(a_ptr, b_ptr, starts_ptr, lengths_ptr, sums_ptr, nblocks, BLOCK: tl.constexpr):
-        k = tl.program_id(0)
-        start = tl.load(starts_ptr + k)
-        inside = tl.arange(0, BLOCK) < tl.load(lengths_ptr + k)
-        x = tl.load(a_ptr + start + tl.arange(0, BLOCK), mask=inside, other=0.0).to(tl.float64)
-        y = tl.load(b_ptr + start + tl.arange(0, BLOCK), mask=inside, other=0.0).to(tl.float64)
-        tl.store(sums_ptr + k, tl.sum(x * y, axis=0))
-        tl.store(sums_ptr + nblocks + k, tl.sum(x * x, axis=0))
-        tl.store(sums_ptr + 2 * nblocks + k, tl.sum(y * y, axis=0))
-
-    @triton.jit
-    def _combine_kernel(
-        a_ptr, b_ptr, out_ptr, ca_ptr, cb_ptr, starts_ptr, lengths_ptr, segment_ptr,
-        BLOCK: tl.constexpr, WIDE: tl.constexpr, BFLOAT16: tl.constexpr,
-    ):
-        k = tl.program_id(0)
-        start = tl.load(starts_ptr + k)
-        s = tl.load(segment_ptr + k)
-        inside = tl.arange(0, BLOCK) < tl.load(lengths_ptr + k)
-        where = start + tl.arange(0, BLOCK)
-        # The compute dtype: float64 for float32 and float64 buffers (WIDE), float32 for 16-bit ones.
-        if WIDE:
-            ca = tl.load(ca_ptr + s)
-            cb = tl.load(cb_ptr + s)
-            x = tl.load(a_ptr + where, mask=inside).to(tl.float64)
-            y = tl.load(b_ptr + where, mask=inside).to(tl.float64)
-        else:
-            ca = tl.load(ca_ptr + s).to(tl.float32)
-            cb = tl.load(cb_ptr + s).to(tl.float32)
-            x = tl.load(a_ptr + where, mask=inside).to(tl.float32)
-            y = tl.load(b_ptr + where, mask=inside).to(tl.float32)
-        z = ca * x + cb * y
-        if BFLOAT16:
-            z = _to_bfloat16(z)
-        tl.store(out_ptr + where, z.to(out_ptr.dtype.element_ty), mask=inside)
-
-
 def partials(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-segment float64 ``[a.b, |a|^2, |b|^2]`` as a ``[3, nseg]`` tensor on a's device."""
     starts, lengths, _, counts = _blocks(tuple(offsets.tolist()), a.device)
     nblocks, nseg = starts.numel(), offsets.numel() - 1
     sums = torch.empty(3, nblocks, dtype=torch.float64, device=a.device)
     if nblocks:
-        _partials_kernel[(nblocks,)](
+        from adasum._triton_kernels import partials_kernel
+
+        partials_kernel[(nblocks,)](
             a, b, starts, lengths, sums, nblocks, BLOCK=_chunked.BLOCK, **OPTIONS
         )
     # A segment's blocks are adjacent: its total is their sum in block order (0 if it has none).
@@ -133,7 +85,9 @@ def combine(
     starts, lengths, segment, _ = _blocks(tuple(offsets.tolist()), a.device)
     if starts.numel():
         ca, cb = (c.to(device=a.device, dtype=torch.float64).contiguous() for c in (ca, cb))
-        _combine_kernel[(starts.numel(),)](
+        from adasum._triton_kernels import combine_kernel
+
+        combine_kernel[(starts.numel(),)](
             a, b, out, ca, cb, starts, lengths, segment, BLOCK=_chunked.BLOCK,
             WIDE=_chunked.compute_dtype(a.dtype) == torch.float64, BFLOAT16=a.dtype == torch.bfloat16,
             **OPTIONS,
