@@ -62,6 +62,7 @@ def test_cuda_arithmetic_against_the_cpu_kernels(monkeypatch, path, dtype, layou
     cpu = torch.empty_like(a)
     ops.segment_combine(a, b, cpu, offsets, ca, cb)
     ga, gb = a.cuda(), b.cuda()
+    assert ops._triton.available(ga, gb) == (path == "triton")  # the path under test serves them
     gpu_partials = ops.segment_partials(ga, gb, offsets)
     gpu = torch.empty_like(ga)
     ops.segment_combine(ga, gb, gpu, offsets, ca.cuda(), cb.cuda())
