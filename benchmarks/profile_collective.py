@@ -54,7 +54,7 @@ STEPS = {
 VALIDATION = {"flat_problem": "validation (local)", "_agree": "agreement (one round of small messages)"}
 OTHER = "other (dispatch, plan, buffers, slicing)"
 #: The medians beside the phases: the instrumented call, the plain call, the SUM all-reduce.
-TOTALS = ("call", "plain", "SUM")
+TOTALS = ("call", "plain", "SUM", "phases")
 
 
 class _Frame:
@@ -130,7 +130,8 @@ def instrumented(clock: Clock) -> Iterator[None]:
 
 
 def _worker(rank: int, world: int, n: int, reps: int) -> dict[str, float]:
-    """This rank's medians in ms: every phase row, "call" (instrumented), "plain" and "SUM"."""
+    """This rank's medians in ms: every phase row, "phases" (their sum in each repetition),
+    "call" (instrumented), "plain" and "SUM"."""
     gen = torch.Generator().manual_seed(rank)
     source = torch.randn(n, generator=gen)
     buf = torch.empty_like(source)
@@ -146,7 +147,10 @@ def _worker(rank: int, world: int, n: int, reps: int) -> dict[str, float]:
         total = _timed(lambda: dist.all_reduce(buf), reset)
         if rep < 2:
             continue
-        for label, seconds in {**clock.seconds, "call": call, "plain": plain, "SUM": total}.items():
+        # The phases' sum per repetition, not the sum of their medians: a slow phase in one
+        # repetition and another in the next would make the medians' sum fall short of the call.
+        phases = sum(clock.seconds.values())
+        for label, seconds in {**clock.seconds, "phases": phases, "call": call, "plain": plain, "SUM": total}.items():
             samples.setdefault(label, []).append(seconds)
     return {label: statistics.median(s) * 1e3 for label, s in samples.items()}
 
@@ -156,11 +160,9 @@ def table(world: int, n: int, ranks: list[dict[str, float]]) -> list[str]:
     # Ranks run different phases (a folded rank has no reduce-scatter): rows in order of first sight.
     seen = dict.fromkeys(label for r in ranks for label in r if label not in TOTALS and label != OTHER)
     phases = [*seen, OTHER]
-    for r in ranks:
-        r["phases"] = sum(r.get(label, 0.0) for label in phases)
     call, total = ranks[0]["call"], ranks[0]["SUM"]
     rows = [(label, label) for label in phases] + [
-        ("**sum of the phases**", "phases"),
+        ("**sum of the phases, median over repetitions**", "phases"),
         ("**call, instrumented**", "call"),
         ("**call, plain**", "plain"),
         ("**dist.all_reduce SUM**", "SUM"),
