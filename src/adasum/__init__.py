@@ -12,6 +12,8 @@ The engine, from the top down:
     adasum.combine(a, b)            the operator on one layer
     adasum.schedule(n), adasum.expression(n)   the combination order
     adasum.Stats                    what each combination saw, per layer
+    adasum.NoiseScale               the gradient noise scale (Stats.noise_scale(batch))
+    adasum.RunningNoiseScale        its smoothed estimate, for logging
 
 The front doors are the modules ``adasum.ddp`` (gradient mode, a DDP communication hook),
 ``adasum.optim`` (delta mode, an optimizer wrapper) and ``adasum.jax``; the program, the simulator
@@ -41,6 +43,8 @@ _EXPORTS = {
     "schedule": "adasum._order",
     "expression": "adasum._order",
     "Stats": "adasum._stats",
+    "NoiseScale": "adasum._noise",
+    "RunningNoiseScale": "adasum._noise",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
     from adasum._adasum import Adasum, all_reduce, all_reduce_flat
     from adasum._baselines import Average, Sum
     from adasum._hierarchical import Hierarchical
+    from adasum._noise import NoiseScale, RunningNoiseScale
     from adasum._ops import combine
     from adasum._order import expression, schedule
     from adasum._reduce import reduce

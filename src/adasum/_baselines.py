@@ -3,7 +3,9 @@
 They run through the same interface, validation, packing, DDP hook and optimizer as Adasum, so
 a difference in a study's result comes from the reduction, not from the code around it.
 float16 and bfloat16 are summed in float32 (a sum of many values in bfloat16 would lose most of
-the mantissa) and rounded once at the end.
+the mantissa) and rounded once at the end. Their statistics have no stages (nothing is combined
+pairwise) but the moments of the gradient noise scale: each rank's squared norms and the
+result's, at the cost of one small all-reduce.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from adasum._layout import Flats
+from adasum._noise import Moments, rank_moments
+from adasum._ops import segment_partials
 from adasum._reduce import ranks_of
 from adasum._reducer import Reducer
 from adasum._stats import Stats
@@ -44,7 +48,15 @@ def _sum_ranks(per_rank, divisor: int, stats: bool):
             total += tensors[i]
         out.append((total / divisor if divisor != 1 else total).to(dtype))
     result = out[0] if single else out
-    return (result, Stats(())) if stats else result
+    if not stats:
+        return result
+    stacked = [torch.stack([tensors[i] for tensors in ranks]) for i in range(len(layout))]
+    return result, Stats((), moments=rank_moments(stacked) if len(ranks) > 1 and stacked else None)
+
+
+def _squared_norms(flats: Flats) -> torch.Tensor:
+    """Per-layer float64 |x|^2 of the buffers, ``[layers]``."""
+    return flats.partials_row([segment_partials(f, f, g.offsets) for f, g in zip(flats.buffers, flats.groups)])[1]
 
 
 class _Summing(Reducer):
@@ -58,10 +70,17 @@ class _Summing(Reducer):
         return _sum_ranks(per_rank, self._divisor(len(per_rank)), stats)
 
     def _reduce(self, flats: Flats, stats: bool) -> Stats | None:
-        divisor = self._divisor(dist.get_world_size(self.group))
+        world = dist.get_world_size(self.group)
+        divisor = self._divisor(world)
+        small = _squared_norms(flats) if stats else None
         for buffer in flats.buffers:
             sum_over(buffer, self.group, divisor)
-        return Stats(()) if stats else None
+        if not stats:
+            return None
+        dist.all_reduce(small, group=self.group)
+        # The result is the sum over the ranks divided by the divisor; its mean is over all ranks.
+        large = _squared_norms(flats) * (divisor / world) ** 2
+        return Stats((), moments=Moments(small.cpu() / world, large.cpu(), 1, world))
 
 
 class Sum(_Summing):

@@ -37,6 +37,7 @@ from adasum._baselines import Average, sum_over
 from adasum._check import Problem, Setting
 from adasum._groups import all_gather_single, global_ranks, new_group_like
 from adasum._layout import DtypeGroup, Flats
+from adasum._noise import pair_moments
 from adasum._ops import offsets_of
 from adasum._reduce import ranks_of, reduce
 from adasum._reducer import Reducer
@@ -128,7 +129,8 @@ class Hierarchical(Reducer):
         if len(ranks) % per_node:
             raise ValueError(self._split_error(len(ranks)))
         averages = [Average().reduce(ranks[k : k + per_node]) for k in range(0, len(ranks), per_node)]
-        return reduce([a[0] for a in averages] if single else averages, stats=stats)
+        out = reduce([a[0] for a in averages] if single else averages, stats=stats)
+        return (out[0], _node_stats(out[1].stages, per_node)) if stats else out
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_levels": None}
@@ -200,7 +202,7 @@ class Hierarchical(Reducer):
             dist.all_reduce(packed, group=intra)
             chunks = torch.split(packed.cpu(), [s.numel() for s in stages])
             stages = [chunk.view(s.shape) for chunk, s in zip(chunks, stages)]
-        return Stats(tuple(stages))
+        return _node_stats(stages, self._per_node)
 
     def _gather_shares(self, flat: torch.Tensor, ranges: list[tuple[int, int]], intra: dist.ProcessGroup) -> None:
         # Bytes, not values, travel: the copy is exact and independent of the backend's dtypes.
@@ -214,3 +216,10 @@ class Hierarchical(Reducer):
         raw = flat.view(torch.uint8)
         for j, (lo, hi) in enumerate(ranges):
             raw[lo * size : hi * size] = everyone[j * width : j * width + (hi - lo) * size]
+
+
+def _node_stats(stages: Sequence[torch.Tensor], per_node: int) -> Stats:
+    """Statistics of Adasum across nodes whose operands are averages of ``per_node`` ranks:
+    the noise scale's batches are node batches, not rank batches."""
+    moments = pair_moments(stages[0], per_node) if stages and stages[0].shape[0] else None
+    return Stats(tuple(stages), moments=moments)

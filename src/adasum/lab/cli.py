@@ -255,7 +255,8 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
 
 
 _SUMMARY_COLUMNS = ("reducer", "optimizer", "workers", "examples_per_step", "lr", "steps",
-                    "train_loss", "test_loss", "score", "steps_to_target", "epochs_to_target")
+                    "train_loss", "test_loss", "score", "steps_to_target", "epochs_to_target",
+                    "noise_scale")
 
 
 def _print_summaries(summaries: Sequence[dict]) -> None:
@@ -295,7 +296,8 @@ def _simulate(args: argparse.Namespace) -> int:
     def report(summary: dict) -> None:
         print(f"  {summary['optimizer']}/{summary['reducer']} N={summary['workers']} "
               f"E={summary['examples_per_step']} lr={summary['lr']:g}: score {summary['score']:.4f}, "
-              f"epochs to target {summary['epochs_to_target']}, {summary['seconds_per_step']:.3g} s/step "
+              f"epochs to target {summary['epochs_to_target']}, noise scale {summary['noise_scale']:.4g}, "
+              f"{summary['seconds_per_step']:.3g} s/step "
               f"({summary['device']}, {summary['worker_chunk']} workers per chunk"
               + (f", peak {summary['peak_gib']:.2f} GiB)" if "peak_gib" in summary else ")"), file=sys.stderr)
 

@@ -36,6 +36,9 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
 
     ``train_loss`` is the mean training loss over the last epoch's steps (one step's loss is
     too noisy to compare runs by); a run whose loss stopped being finite is ``diverged``.
+    ``noise_scale`` and ``noise_scale_at_target`` are the smoothed gradient noise scale of the
+    evaluation rows (B_simple in examples; NaN with one worker) at the end and where the target
+    was first reached.
     """
     cfg = plan.config
     last_epoch = [r["loss"] for r in history[-plan.steps_per_epoch:]]
@@ -44,6 +47,7 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
     if cfg.target is not None:
         reached = next((r["step"] for r in evaluated if r["score"] >= cfg.target), None)
     final = evaluated[-1] if evaluated else {}
+    at_target = next((r for r in evaluated if r["step"] == reached), {})
     return {
         "task": cfg.task, "reducer": cfg.reducer, "optimizer": cfg.optimizer,
         "workers": plan.workers, "batch": cfg.batch, "accum": cfg.accum,
@@ -56,6 +60,8 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
         "target": cfg.target,
         "steps_to_target": reached,
         "epochs_to_target": None if reached is None else plan.epoch_of(reached),
+        "noise_scale": final.get("noise_scale", math.nan),
+        "noise_scale_at_target": at_target.get("noise_scale", math.nan),
     }
 
 

@@ -17,7 +17,7 @@ from adasum.lab.records import write_csv
 __all__ = ["markdown_table", "lr_grid_table", "distance_table", "has_distances", "write_report"]
 
 _TABLE_COLUMNS = ("optimizer", "reducer", "workers", "batch", "accum", "examples_per_step", "lr",
-                  "steps", "score", "train_loss", "steps_to_target", "epochs_to_target",
+                  "steps", "score", "train_loss", "steps_to_target", "epochs_to_target", "noise_scale",
                   "dist_adasum", "dist_average", "dist_sum")
 #: What makes runs the same setting in the learning-rate grid: everything but the learning rate.
 _SETTING = ("optimizer", "reducer", "workers", "batch", "accum", "examples_per_step")

@@ -7,6 +7,11 @@ reducer (Adasum, the average or the sum). Data order, learning-rate schedule and
 points are those of ``adasum train`` (:class:`~adasum.lab.config.Plan`), so a simulated run
 follows the real one to float tolerance.
 
+Every step with two or more workers also feeds the gradient noise scale (:class:`adasum.NoiseScale`,
+McCandlish et al. 2018) of the workers' gradients, at one worker's batch and all workers'
+batch, into a smoothed estimate (:class:`adasum.RunningNoiseScale`); evaluation rows carry it as
+``noise_scale`` (B_simple in examples), as in ``adasum train``.
+
 At every evaluation point the simulator also measures how far each reducer's update is from
 the update sequential SGD would make over the same examples: starting from the current
 weights, worker 0's examples, then worker 1's at the new weights, and so on, each a plain SGD
@@ -45,7 +50,7 @@ from adasum.lab.records import evaluate, summarize
 from adasum.lab.tasks import Task
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
-           "activation_bytes", "chunk_budget", "orthogonality"]
+           "activation_bytes", "chunk_budget", "orthogonality", "gradient_noise"]
 
 
 def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> list[torch.Tensor]:
@@ -225,6 +230,7 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history: list[dict] = []
+    noise = adasum.RunningNoiseScale()
     started, step_times = time.perf_counter(), []
     done = resume["steps"] if resume is not None else 0
     total = sum((end - begin) * plan.steps_per_epoch for plan, begin, end in phases)
@@ -239,6 +245,8 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
                 set_lr(opt, lr)
             x, y = task.examples(examples.view(plan.workers, plan.per_worker))
             grads, losses = sim.gradients(x, y)
+            if plan.workers > 1:
+                noise.update(gradient_noise(grads, plan.per_worker))
             done += 1
             row = {"step": done, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
             evaluating = plan.evaluates_after(step + 1)
@@ -251,7 +259,7 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
                 torch.cuda.synchronize(device)  # the kernels queued by the step are part of it
             step_times.append(time.perf_counter() - began)
             if evaluating:
-                row.update(evaluate(task, replicas.model))
+                row.update(evaluate(task, replicas.model), noise_scale=noise.value)
                 if diagnostics:
                     row.update(orthogonality(reduced, sim.names))
             history.append(row)
@@ -280,6 +288,13 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     if device.type == "cuda":
         summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return history, summary
+
+
+def gradient_noise(grads: Sequence[torch.Tensor], per_worker: int) -> adasum.NoiseScale:
+    """The gradient noise scale of one step from the ``[workers, ...]`` gradients of workers
+    that each average ``per_worker`` examples: the statistics of averaging them."""
+    _, stats = adasum.Average().reduce(per_rank(grads), stats=True)
+    return stats.noise_scale(per_worker)
 
 
 def orthogonality(per_rank: Sequence[Sequence[torch.Tensor]], names: Sequence[str]) -> dict[str, float]:

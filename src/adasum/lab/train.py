@@ -15,7 +15,10 @@ front doors only:
   optimizer on its own gradient, reduces the parameter deltas and applies the result.
 
 The baselines thus run the same code as Adasum: a difference between reducers in a study comes
-from the reduction alone. Rank 0 evaluates, shows the progress bar, writes the history and the
+from the reduction alone. Both front doors keep statistics (``stats=True``), from which every
+worker follows the gradient noise scale (:class:`adasum.RunningNoiseScale`); evaluation rows
+carry it as ``noise_scale``. In delta mode that costs one more all-reduce of the gradients per
+step (:class:`adasum.optim.DistributedOptimizer`). Rank 0 evaluates, shows the progress bar, writes the history and the
 checkpoints; the checkpoint holds every rank's optimizer state, because in delta mode each
 worker's moments are its own, and a checksum, so that a damaged file is refused.
 """
@@ -35,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import adasum
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.config import DELTA_MODE, ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
@@ -55,18 +59,20 @@ _FIELDS = ("config", "workers", "step", "model", "optimizers", "history")
 
 def _data_parallel(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager]:
-    """What this worker runs forward and steps, and what to close when the run ends (the
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, AdasumState | DistributedOptimizer, contextlib.AbstractContextManager]:
+    """What this worker runs forward and steps, the front door whose ``last_stats`` hold the
+    step's statistics (for the gradient noise scale), and what to close when the run ends (the
     reducer's buffers; in gradient mode also the hook's thread and process group)."""
     reducer = make_reducer(config.reducer)
     if config.optimizer in DELTA_MODE:
         # Each worker's optimizer steps on its own gradient; the wrapper reduces the deltas.
-        return model, DistributedOptimizer(optimizer, reducer), reducer
+        wrapped = DistributedOptimizer(optimizer, reducer, stats=True)
+        return model, wrapped, wrapped, reducer
     # The hook reduces the gradients in the backward pass, before the (identical) steps.
     ddp = DistributedDataParallel(model)
-    state = AdasumState(reducer)
+    state = AdasumState(reducer, stats=True)
     ddp.register_comm_hook(state, adasum_hook)
-    return ddp, optimizer, state
+    return ddp, optimizer, state, state
 
 
 def check_resume(path: str | os.PathLike, config: RunConfig, workers: int,
@@ -154,8 +160,9 @@ def train_worker(
     plan = Plan(config, workers, task.train_size)
     model = task.build_model(config.seed)
     # The checkpoint and the evaluation use the bare model, whatever wraps it for training.
-    net, optimizer, resources = _data_parallel(
+    net, optimizer, front, resources = _data_parallel(
         model, make_optimizer(config.optimizer, model.parameters(), config.lr), config)
+    noise = adasum.RunningNoiseScale()
     start, history = 0, []
     if resume is not None:
         state = check_resume(resume, config, workers, model)
@@ -172,10 +179,11 @@ def train_worker(
             set_lr(optimizer, plan.lr_at(step))
             mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
             loss = _step(task, net, optimizer, mine, config)
+            noise.update(front.last_stats.noise_scale(plan.per_worker))
             row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": plan.lr_at(step), "loss": loss}
             if rank == 0 and plan.evaluates_after(step + 1):
-                row.update(evaluate(task, model))
-                bar.set_postfix(loss=f"{loss:.4f}", score=f"{row['score']:.4f}")
+                row.update(evaluate(task, model), noise_scale=noise.value)
+                bar.set_postfix(loss=f"{loss:.4f}", score=f"{row['score']:.4f}", noise=f"{noise.value:.3g}")
             history.append(row)
             bar.update()
             if not math.isfinite(loss):

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from adasum._adasum import Adasum
+from adasum._baselines import Average
+from adasum._noise import Moments
 from adasum._reducer import Reducer
 from adasum._stats import Stats
 from adasum.optim._delta import apply_delta, local_delta
@@ -57,7 +59,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             that an overflow on one rank makes every rank skip the step and every rank's scaler
             back off (see :meth:`step`).
         stats: record what each combination of the deltas saw, per layer, in
-            :attr:`last_stats` (:class:`adasum.Stats`); never changes the result.
+            :attr:`last_stats` (:class:`adasum.Stats`); never changes the result. Its
+            :meth:`~adasum.Stats.noise_scale` is that of the gradients before the local step:
+            they are averaged, on a copy, over the group, which costs one more all-reduce of the
+            gradients' size on every step with ``stats``.
         named_parameters: ``model.named_parameters()`` to name the layers in the statistics.
 
     Before the local step every rank checks, together with the others, that all pass the same
@@ -208,11 +213,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self._unscale(grad_scale)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.reducer.check(params, stats=self.stats)  # before anything changes
+        moments = self._gradient_moments(params) if self.stats else None
         start = self._snapshot(params)
         loss = local_delta(self.optimizer, params, start, closure)
-        self._reduce(params, start)
+        self._reduce(params, start, moments)
         self._end_cycle()
         return loss
+
+    def _gradient_moments(self, params: list[torch.Tensor]) -> Moments | None:
+        """The noise scale's moments of this step's gradients (the deltas the reduction sees are
+        not gradients): every rank's squared norms and their average's. A missing gradient
+        counts as zero, as it does in the local step."""
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        # The check before the local step agreed on the parameters, whose shapes the gradients share.
+        return Average(self.reducer.group)._all_reduce_checked(grads, stats=True).moments
 
     def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         # The copies of the parameters are kept between steps: allocating 1x the model every
@@ -224,7 +238,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_(self._start, [p.detach() for p in params])
         return self._start
 
-    def _reduce(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+    def _reduce(self, params: list[torch.Tensor], start: list[torch.Tensor], moments: Moments | None) -> None:
         # The parameters hold their deltas: they are reduced in place and shifted back, so delta
         # mode needs no memory beyond the snapshot.
         try:
@@ -237,7 +251,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise
         apply_delta(params, start)
         if stats is not None:
-            self.last_stats = stats.named([self._names.get(id(p), str(i)) for i, p in enumerate(params)])
+            names = tuple(self._names.get(id(p), str(i)) for i, p in enumerate(params))
+            self.last_stats = Stats(stats.stages, names, moments)
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
         if self.grad_scaler is None:
