@@ -107,7 +107,7 @@ def _train(rank: int, world: int) -> dict:
         out["combined"].append(grads_or_zeros(model))
         opt.step()
         out["params"].append([p.detach().clone() for p in model.parameters()])
-    out["stats"] = state.last_stats.summary()
+    out["stats"] = state.last_stats.summary(batch=4)  # with the noise scale of the gradients
     state.close()
     adasum._reducer.agree = agree
     out["calls"], out["layouts"] = calls, len(layouts)
@@ -181,12 +181,13 @@ def test_parameters_follow_momentum_sgd_on_the_reduced_gradients(runs):
 def test_stats_match_the_reducers(runs):
     names = [n for n, _ in MixedNet().named_parameters()]
     _, tree = adasum.reduce([r["local"][-1] for r in runs], stats=True)
-    expected = tree.named(names).summary()
+    expected = tree.named(names).summary(batch=4)
     got = runs[0]["stats"]
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
     assert 0.4 < got["adasum/scale"] < 1.1
+    assert "adasum/noise/scale" in got and all(f"adasum/noise/layer/{n}/scale" in got for n in names)
     assert all(r["stats"] == got for r in runs[1:])
 
 
