@@ -156,8 +156,9 @@ class RunningNoiseScale:
 
     @property
     def value(self) -> float:
-        """The smoothed B_simple in examples (NaN before the first finite update). Both averages
-        start at zero and so carry the same bias factor, which cancels in the ratio."""
-        if not self._seen:
+        """The smoothed B_simple in examples (NaN before the first finite update and while the
+        gradients are zero). Both averages start at zero and so carry the same bias factor,
+        which cancels in the ratio."""
+        if not self._seen or self._grad_sq == 0.0:  # nothing yet, or no gradient at all
             return math.nan
         return self._trace / self._grad_sq
