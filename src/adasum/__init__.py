@@ -16,8 +16,10 @@ The engine, from the top down:
     adasum.RunningNoiseScale        its smoothed estimate, for logging
 
 The front doors are the modules ``adasum.ddp`` (gradient mode, a DDP communication hook),
-``adasum.optim`` (delta mode, an optimizer wrapper) and ``adasum.jax``; the program, the simulator
-and the experiments are in ``adasum.lab`` (``pip install 'adasum[lab]'``).
+``adasum.optim`` (delta mode, an optimizer wrapper), ``adasum.fsdp`` (FSDP2 and HSDP),
+``adasum.tensorflow`` and ``adasum.keras`` (TensorFlow 2 and Keras 3) and ``adasum.jax`` (JAX and
+Optax); the program, the simulator and the experiments are in ``adasum.lab``
+(``pip install 'adasum[lab]'``).
 """
 
 from __future__ import annotations
