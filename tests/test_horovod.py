@@ -216,6 +216,31 @@ def _train(rank: int, scenario: str) -> dict:
     return {"start": start, "grads": grads, "after": after}
 
 
+def _amp(rank: int) -> dict:
+    """Gradient mode with a GradScaler, as docs/horovod.md shows: an overflow on one rank makes
+    every rank skip the step and back off alike. A learning-rate scheduler drives the wrapper."""
+    model = _model(0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    params, scales = [], []
+    for step in range(2):
+        opt.zero_grad()
+        scaler.scale(_loss(model, rank, step)).backward()
+        if step == 1 and rank == WORLD - 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        opt.synchronize()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with opt.skip_synchronize():
+            scaler.step(opt)
+        scaler.update()
+        scheduler.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+        scales.append(scaler.get_scale())
+    return {"params": params, "scales": scales, "lr": opt.param_groups[0]["lr"]}
+
+
 def _autograd(rank: int) -> dict:
     w = torch.arange(3.0) + rank
     out = {}
@@ -289,6 +314,7 @@ def _group_of_three(rank: int, world: int) -> dict:
     out = {s: _train(rank, s) for s in ("sgd_average", "sgd_clip", "adam_adasum")}
     out["collectives"] = _run_collectives(rank, world)
     out["autograd"] = _autograd(rank)
+    out["amp"] = _amp(rank)
     out["bad"] = _bad_inputs(rank)
     out["optimizer_state"] = _optimizer_state(rank)
     out["duplicates"] = _duplicates(rank)
@@ -356,6 +382,17 @@ def test_optimizer_matches_single_process_replay(three, scenario):
         for got, ref in zip(run[0]["after"][step], want[step]):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert not all(same_bits(a, b) for a, b in zip(run[0]["after"][1], run[0]["start"]))  # it moved
+
+
+def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(three):
+    start = [p.detach() for p in _model(0).parameters()]
+    for out in three:
+        amp = out["amp"]
+        assert same_bits(amp["params"][0], three[0]["amp"]["params"][0])
+        assert not same_bits(amp["params"][0], start)  # the first step moved
+        assert same_bits(amp["params"][1], amp["params"][0])  # the second was skipped everywhere
+        assert amp["scales"] == [2.0**8, 2.0**7]  # and every scaler backed off once
+        assert amp["lr"] == 0.1 * 0.5**2
 
 
 def test_autograd_of_allreduce_allgather_broadcast(three):

@@ -23,7 +23,7 @@ from adasum._check import local_problem
 from adasum._groups import device_type_of
 from adasum._layout import Layout
 from adasum.horovod._agree import agree, describe
-from adasum.horovod._handles import Handle
+from adasum.horovod._handles import Handle, HorovodInternalError
 from adasum.horovod._reduce_ops import Adasum, Average, Compression, Max, Min, ReduceOp, Sum, resolve_op
 from adasum.horovod._runtime import group_of
 
@@ -53,10 +53,8 @@ def scale_(tensors: Sequence[torch.Tensor], factor: float) -> None:
             t.copy_(t * factor)
 
 
-def _problem(tensors: Sequence[object], op: ReduceOp | None, given_op: object, group) -> str | None:
-    """What this rank alone sees wrong."""
-    if op is None:
-        return f"op={given_op!r} is not one of Average, Sum, Adasum, Min, Max, Product"
+def _problem(tensors: Sequence[object], op: ReduceOp, group) -> str | None:
+    """What this rank alone sees wrong with its tensors."""
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             return f"item {i} is a {type(t).__name__}, not a torch.Tensor"
@@ -80,22 +78,34 @@ def _start(
     """Agree, then start the reduction of ``tensors`` into ``outputs`` (the same tensors for
     the in-place forms)."""
     group = group_of(process_set)
-    resolved = resolve_op(op, average)
+    resolved, problem = resolve_op(op, average)
     setting = (
         ("op", resolved.name if resolved is not None else repr(op)),
         ("prescale_factor", float(prescale_factor)), ("postscale_factor", float(postscale_factor)),
     )
-    agree(group, operation, [describe(t) for t in tensors], setting, _problem(tensors, resolved, op, group))
+    problem = problem or _problem(tensors, resolved, group)
+    agree(group, operation, [describe(t) for t in tensors], setting, problem)
     with torch.no_grad():
         for out, t in zip(outputs, tensors):
             if out is not t:
                 out.copy_(t)
         scale_(outputs, prescale_factor)
         if resolved is Adasum:
-            reducer = _reducers.setdefault(group, _AdasumReducer(group))
-            reducer._all_reduce_checked(outputs)  # agreed above: shapes, dtypes, device, op
+            _adasum(outputs, group)
             return Handle([], lambda: _finished(outputs, postscale_factor))
         return _start_torch(outputs, resolved, postscale_factor, group)
+
+
+def _adasum(tensors: Sequence[torch.Tensor], group) -> None:
+    """Adasum in place, with the group's reducer (kept, so its buffers are reused)."""
+    if group not in _reducers:
+        _reducers[group] = _AdasumReducer(group)
+    try:
+        # Agreed before: same shapes, dtypes, device and op everywhere, so the engine's own
+        # agreement round would only repeat the answer.
+        _reducers[group]._all_reduce_checked(tensors)
+    except RuntimeError as e:  # the exchanges failed: a peer died or the group timed out
+        raise HorovodInternalError(str(e)) from e
 
 
 def _start_torch(outputs: Sequence[torch.Tensor], op: ReduceOp, postscale_factor: float, group) -> Handle:
@@ -227,7 +237,7 @@ class _Allreduce(torch.autograd.Function):
         outputs = [_like(t) for t in tensors]
         result = _start(tensors, outputs, op, average, pre, post, process_set, operation).wait()
         ctx.settings = settings
-        resolved = resolve_op(op, average)
+        resolved, _ = resolve_op(op, average)
         if resolved in (Min, Max):
             ctx.save_for_backward(*[(t * pre == r / post) for t, r in zip(tensors, result)])
         return tuple(result)
@@ -235,7 +245,7 @@ class _Allreduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
         op, average, pre, post, process_set, operation = ctx.settings
-        resolved = resolve_op(op, average)
+        resolved, _ = resolve_op(op, average)
         if resolved not in (Sum, Average, Min, Max):
             raise NotImplementedError(
                 f"adasum.horovod: the gradient of allreduce with op={resolved.name} is not "

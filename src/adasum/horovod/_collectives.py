@@ -260,7 +260,8 @@ def barrier(process_set: dist.ProcessGroup | None = None) -> None:
 
 def join(device: int = -1) -> int:
     """Wait until every rank has called ``join``; returns the rank that called last (by the
-    ranks' own clocks), the same on every rank.
+    ranks' own clocks), the same on every rank. ``device`` is accepted for Horovod's scripts
+    (its join made zero tensors there) and not needed.
 
     Horovod's join also made a rank that ran out of data stand in, with zeros, for the other
     ranks' allreduces until they joined too. Here every rank must issue the same operations

@@ -45,6 +45,8 @@ class Handle:
             try:
                 for w in self._works:
                     w.wait()
+            except HorovodInternalError:
+                raise  # from a handle this one waits on
             except RuntimeError as e:
                 raise HorovodInternalError(str(e)) from e
             self._result = self._finish()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from adasum._adasum import Adasum as _AdasumReducer
 from adasum.horovod._allreduce import grouped_allreduce_async_
-from adasum.horovod._reduce_ops import Adasum, Average, Compression, ReduceOp
+from adasum.horovod._reduce_ops import Adasum, Average, Compression, ReduceOp, resolve_op
 from adasum.horovod._runtime import group_of
 from adasum.optim import DistributedOptimizer as _DeltaBase
 
@@ -236,7 +236,9 @@ def DistributedOptimizer(
         sparse_as_dense: reduce sparse gradients as dense ones (otherwise they are refused).
         process_set: None (every rank) or a ``torch.distributed`` group.
     """
-    resolved = ReduceOp(op)  # ValueError for something that is not an operation
+    resolved, problem = resolve_op(op, None)
+    if problem is not None:  # the same arguments on every rank: every rank raises here
+        raise ValueError(f"hvd.DistributedOptimizer: {problem}")
     if int(backward_passes_per_step) <= 0:
         raise ValueError("backward_passes_per_step must be > 0")
     if gradient_predivide_factor != 1.0 and resolved is not Average:

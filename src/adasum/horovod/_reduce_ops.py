@@ -25,18 +25,18 @@ Average, Sum, Adasum = ReduceOp.Average, ReduceOp.Sum, ReduceOp.Adasum
 Min, Max, Product = ReduceOp.Min, ReduceOp.Max, ReduceOp.Product
 
 
-def resolve_op(op: object, average: bool | None) -> ReduceOp | None:
-    """The operation asked for, from ``op`` or Horovod's older ``average=`` flag (None: the
-    default, Average); None when ``op`` is not an operation (the caller reports it to every
-    rank rather than raising alone)."""
+def resolve_op(op: object, average: bool | None) -> tuple[ReduceOp | None, str | None]:
+    """The operation asked for, from ``op`` or Horovod's older ``average=`` flag (neither:
+    Average), or None and what is wrong, for the caller to report to every rank (raising on
+    this rank alone would leave the others waiting)."""
     if op is not None and average is not None:
-        raise ValueError("adasum.horovod: pass op= or the deprecated average=, not both")
+        return None, "pass op= or the deprecated average=, not both"
     if op is None:
-        return Sum if average is False else Average
+        return (Sum if average is False else Average), None
     try:
-        return ReduceOp(op)
+        return ReduceOp(op), None
     except ValueError:
-        return None
+        return None, f"op={op!r} is not one of Average, Sum, Adasum, Min, Max, Product"
 
 
 class _NoCompression:
