@@ -275,6 +275,7 @@ def _bad_inputs(rank: int) -> dict:
         "root": caught(lambda: hvd.broadcast(torch.ones(2), root_rank=7 if last else 0)),
         "splits": caught(lambda: hvd.alltoall(torch.ones(3), splits=[1, 1, 2] if last else [1, 1, 1])),
         "allgather": caught(lambda: hvd.allgather(torch.ones(2, 3 + last))),
+        "allgather_scalar": caught(lambda: hvd.allgather(torch.tensor(1.0) if last else torch.ones(1))),
         "join": caught(lambda: hvd.join() if last else hvd.allreduce(torch.ones(2))),
         "optimizer": caught(lambda: _mismatched_step(rank)),
         "still_works": hvd.allreduce(torch.ones(2), op=hvd.Sum),
@@ -419,6 +420,7 @@ def test_bad_input_raises_on_every_rank(three):
         "root": "rank 2: root_rank=7 is not a rank of the 3 processes",
         "splits": "rank 2: splits add up to 4, dimension 0 is 3",
         "allgather": "tensor 0 is (*, 4) float32 cpu on rank 2 but (*, 3) float32 cpu on rank 0",
+        "allgather_scalar": "hvd.allgather: rank 2: tensor 0 has 0 dimensions",
         "join": "operation='join' on rank 2 but operation='allreduce' on rank 0",
         "optimizer": "on rank 2 but",
     }

@@ -56,8 +56,12 @@ def grouped_allgather_async(
 ) -> Handle:
     """Start concatenating, for each position, every rank's tensor along dimension 0 (in rank
     order; the first dimension may differ between ranks, the others not)."""
+    return _start_allgather(tensors, process_set, "grouped_allgather")
+
+
+def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: str) -> Handle:
     group = group_of(process_set)
-    agree(group, "grouped_allgather", [describe(t, any_first_dim=True) for t in tensors], (),
+    agree(group, operation, [describe(t, any_first_dim=True) for t in tensors], (),
           _tensor_problem(tensors, group, min_dim=1))
     world = dist.get_world_size(group)
     rows = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=message_device(group))
@@ -83,7 +87,7 @@ def grouped_allgather_async(
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> Handle:
     """:func:`grouped_allgather_async` of one tensor; :func:`synchronize` returns the result."""
-    handle = grouped_allgather_async([tensor], name, process_set)
+    handle = _start_allgather([tensor], process_set, "allgather")
     return Handle([handle], lambda: handle.wait()[0])
 
 
@@ -92,10 +96,11 @@ class _Allgather(torch.autograd.Function):
     output gradients (the ranks' losses taken as averaged)."""
 
     @staticmethod
-    def forward(ctx, process_set, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, process_set, operation: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.process_set = process_set
+        gathered = tuple(_start_allgather(tensors, process_set, operation).wait())  # agreed: 1-D or more
         ctx.rows = [t.shape[0] for t in tensors]
-        return tuple(grouped_allgather_async(tensors, None, process_set).wait())
+        return gathered
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
@@ -104,7 +109,7 @@ class _Allgather(torch.autograd.Function):
         mine = torch.tensor(ctx.rows, dtype=torch.int64, device=message_device(group))
         everyone = grouped_allgather_async([mine.view(1, -1)], None, ctx.process_set).wait()[0]
         before = everyone[: dist.get_rank(group)].sum(0).tolist() if dist.get_rank(group) else [0] * len(grads)
-        return (None, *[a.narrow(0, int(start), n) for a, start, n in zip(averaged, before, ctx.rows)])
+        return (None, None, *[a.narrow(0, int(start), n) for a, start, n in zip(averaged, before, ctx.rows)])
 
 
 def grouped_allgather(
@@ -112,13 +117,13 @@ def grouped_allgather(
 ) -> list[torch.Tensor]:
     """Each position's tensors of every rank, concatenated along dimension 0 in rank order
     (differentiable)."""
-    return list(_Allgather.apply(process_set, *tensors))
+    return list(_Allgather.apply(process_set, "grouped_allgather", *tensors))
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Every rank's ``tensor`` concatenated along dimension 0 in rank order; the first
     dimension may differ between ranks (differentiable)."""
-    return _Allgather.apply(process_set, tensor)[0]
+    return _Allgather.apply(process_set, "allgather", tensor)[0]
 
 
 # -- broadcast -----------------------------------------------------------------------------
