@@ -85,6 +85,8 @@ def _run_collectives(rank: int, world: int) -> dict:
     out["polled"] = all(hvd.poll(h) for h in handles)
     hvd.barrier()
     out["join"] = hvd.join()
+    out["topology"] = (hvd.is_initialized(), hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                       hvd.cross_rank(), hvd.cross_size())
     return out
 
 
@@ -162,6 +164,8 @@ def test_allgather_broadcast_alltoall_reducescatter(collectives):
         assert same_bits(out["async"][0], out["sum"]) and same_bits(out["async"][2], out["adasum"])
         assert torch.equal(out["async"][3], rows) and out["polled"]
         assert out["join"] == results[0]["join"] and 0 <= out["join"] < world
+        # spawn's workers are one node: LOCAL_RANK = RANK, LOCAL_WORLD_SIZE = WORLD_SIZE
+        assert out["topology"] == (True, r, world, r, world, 0, 1)
 
 
 # -- the optimizer, autograd and bad input: one group of 3 ---------------------------------
@@ -444,6 +448,8 @@ def test_broadcast_optimizer_state_and_duplicate_names(three):
 # -- launching -------------------------------------------------------------------------------
 
 def test_init_without_torchrun_says_how_to_launch(monkeypatch):
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already holds a process group, which init would adopt")
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="launch with torchrun"):
@@ -456,7 +462,7 @@ def test_init_without_torchrun_says_how_to_launch(monkeypatch):
 def test_unoffered_api_says_what_to_use():
     with pytest.raises(NotImplementedError, match="torch.nn.SyncBatchNorm"):
         hvd.SyncBatchNorm(3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gradient_predivide_factor needs op=Average"):
         hvd.DistributedOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), op=hvd.Sum,
                                  gradient_predivide_factor=2.0)
 

@@ -236,6 +236,8 @@ def DistributedOptimizer(
         sparse_as_dense: reduce sparse gradients as dense ones (otherwise they are refused).
         process_set: None (every rank) or a ``torch.distributed`` group.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, (_GradientOptimizer, _DeltaBase)):
+        raise TypeError(f"hvd.DistributedOptimizer wraps a torch.optim.Optimizer once, got {type(optimizer).__name__}")
     resolved, problem = resolve_op(op, None)
     if problem is not None:  # the same arguments on every rank: every rank raises here
         raise ValueError(f"hvd.DistributedOptimizer: {problem}")
