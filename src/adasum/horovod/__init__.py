@@ -40,8 +40,12 @@ __all__ = [
     "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "reducescatter",
     "barrier", "join", "synchronize", "poll", "Handle",
     "broadcast_object", "allgather_object", "broadcast_parameters", "broadcast_optimizer_state",
-    "DistributedOptimizer", "MismatchError", "HorovodInternalError",
+    "DistributedOptimizer", "MismatchError", "HorovodInternalError", "global_process_set",
 ]
+
+
+#: Horovod's name for "every process": operations take ``process_set=None`` for that.
+global_process_set = None
 
 
 def _not_offered(name: str, instead: str):

@@ -75,7 +75,7 @@ def _hollow(value: Any, tensors: list[torch.Tensor]) -> Any:
         return _Placeholder(len(tensors) - 1, tuple(value.shape), value.dtype)
     if isinstance(value, dict):
         return {k: _hollow(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not isinstance(value, _Placeholder):
+    if isinstance(value, (list, tuple)):
         return type(value)(_hollow(v, tensors) for v in value)
     return value
 
