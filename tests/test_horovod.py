@@ -281,6 +281,8 @@ def _bad_inputs(rank: int) -> dict:
         "allgather": caught(lambda: hvd.allgather(torch.ones(2, 3 + last))),
         "allgather_scalar": caught(lambda: hvd.allgather(torch.tensor(1.0) if last else torch.ones(1))),
         "join": caught(lambda: hvd.join() if last else hvd.allreduce(torch.ones(2))),
+        # Horovod matched operations by name; issued in different orders, they must not pair.
+        "names": caught(lambda: [hvd.allreduce(torch.ones(2), name=n) for n in (("b", "a") if last else ("a", "b"))]),
         "optimizer": caught(lambda: _mismatched_step(rank)),
         "still_works": hvd.allreduce(torch.ones(2), op=hvd.Sum),
     }
@@ -426,6 +428,7 @@ def test_bad_input_raises_on_every_rank(three):
         "allgather": "tensor 0 is (*, 4) float32 cpu on rank 2 but (*, 3) float32 cpu on rank 0",
         "allgather_scalar": "hvd.allgather: rank 2: tensor 0 has 0 dimensions",
         "join": "operation='join' on rank 2 but operation='allreduce' on rank 0",
+        "names": "name='b' on rank 2 but name='a' on rank 0",
         "optimizer": "on rank 2 but",
     }
     for key, text in expected.items():

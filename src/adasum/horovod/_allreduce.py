@@ -13,6 +13,7 @@ toward zero, as Horovod does).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -71,29 +72,48 @@ def _problem(tensors: Sequence[object], op: ReduceOp, group) -> str | None:
     return None
 
 
-def _start(
-    tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], op: object, average: bool | None,
-    prescale_factor: float, postscale_factor: float, process_set, operation: str,
-) -> Handle:
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What the ranks pass to one allreduce besides the tensors, and agree on."""
+
+    operation: str  # the function called, for messages (its kind is agreed on)
+    op: object = None
+    average: bool | None = None
+    prescale_factor: float = 1.0
+    postscale_factor: float = 1.0
+    process_set: dist.ProcessGroup | None = None
+    name: str | None = None
+
+    def gradient(self, op: ReduceOp) -> _Call:
+        """The reduction of the output gradients in the backward pass (unnamed)."""
+        return dataclasses.replace(self, op=op, average=None, name=None)
+
+
+def _start(tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], call: _Call) -> Handle:
     """Agree, then start the reduction of ``tensors`` into ``outputs`` (the same tensors for
-    the in-place forms)."""
-    group = group_of(process_set)
-    resolved, problem = resolve_op(op, average)
+    the in-place forms).
+
+    ``name`` is part of what the ranks agree on: Horovod matched operations by name, and
+    torch.distributed matches them by the order the ranks issue them, so two named operations
+    issued in different orders make every rank raise rather than pair the wrong tensors.
+    """
+    group = group_of(call.process_set)
+    resolved, problem = resolve_op(call.op, call.average)
     setting = (
-        ("op", resolved.name if resolved is not None else repr(op)),
-        ("prescale_factor", float(prescale_factor)), ("postscale_factor", float(postscale_factor)),
+        ("name", call.name), ("op", resolved.name if resolved is not None else repr(call.op)),
+        ("prescale_factor", float(call.prescale_factor)), ("postscale_factor", float(call.postscale_factor)),
     )
     problem = problem or _problem(tensors, resolved, group)
-    agree(group, operation, [describe(t) for t in tensors], setting, problem)
+    agree(group, call.operation, [describe(t) for t in tensors], setting, problem)
     with torch.no_grad():
         for out, t in zip(outputs, tensors):
             if out is not t:
                 out.copy_(t)
-        scale_(outputs, prescale_factor)
+        scale_(outputs, call.prescale_factor)
         if resolved is Adasum:
             _adasum(outputs, group)
-            return Handle([], lambda: _finished(outputs, postscale_factor))
-        return _start_torch(outputs, resolved, postscale_factor, group)
+            return Handle([], lambda: _finished(outputs, call.postscale_factor))
+        return _start_torch(outputs, resolved, call.postscale_factor, group)
 
 
 def _adasum(tensors: Sequence[torch.Tensor], group) -> None:
@@ -169,10 +189,9 @@ def grouped_allreduce_async_(
     prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set: dist.ProcessGroup | None = None,
 ) -> Handle:
     """Start reducing each of ``tensors`` in place over all ranks (position i with position
-    i); :func:`synchronize` returns the list. ``name`` is accepted for Horovod's scripts and
-    not needed: operations are matched by the order every rank issues them, and the ranks
-    check that they agree."""
-    return _start(tensors, tensors, op, average, prescale_factor, postscale_factor, process_set, "grouped_allreduce_")
+    i); :func:`synchronize` returns the list."""
+    call = _Call("grouped_allreduce_", op, average, prescale_factor, postscale_factor, process_set, name)
+    return _start(tensors, tensors, call)
 
 
 def grouped_allreduce_async(
@@ -180,8 +199,8 @@ def grouped_allreduce_async(
     prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set: dist.ProcessGroup | None = None,
 ) -> Handle:
     """:func:`grouped_allreduce_async_` into new tensors; the inputs are not changed."""
-    outputs = [_like(t) for t in tensors]
-    return _start(tensors, outputs, op, average, prescale_factor, postscale_factor, process_set, "grouped_allreduce")
+    call = _Call("grouped_allreduce", op, average, prescale_factor, postscale_factor, process_set, name)
+    return _start(tensors, [_like(t) for t in tensors], call)
 
 
 def grouped_allreduce_(
@@ -197,8 +216,8 @@ def allreduce_async_(
     prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set: dist.ProcessGroup | None = None,
 ) -> Handle:
     """Start reducing ``tensor`` in place; :func:`synchronize` returns it."""
-    handle = _start([tensor], [tensor], op, average, prescale_factor, postscale_factor, process_set, "allreduce_")
-    return _single(handle)
+    call = _Call("allreduce_", op, average, prescale_factor, postscale_factor, process_set, name)
+    return _single(_start([tensor], [tensor], call))
 
 
 def allreduce_async(
@@ -206,9 +225,8 @@ def allreduce_async(
     prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set: dist.ProcessGroup | None = None,
 ) -> Handle:
     """Start reducing a copy of ``tensor``; :func:`synchronize` returns the result."""
-    output = _like(tensor)
-    handle = _start([tensor], [output], op, average, prescale_factor, postscale_factor, process_set, "allreduce")
-    return _single(handle)
+    call = _Call("allreduce", op, average, prescale_factor, postscale_factor, process_set, name)
+    return _single(_start([tensor], [_like(tensor)], call))
 
 
 def _single(handle: Handle) -> Handle:
@@ -232,30 +250,27 @@ class _Allreduce(torch.autograd.Function):
     Adasum and Product have no gradient here."""
 
     @staticmethod
-    def forward(ctx, settings: tuple, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        op, average, pre, post, process_set, operation = settings
-        outputs = [_like(t) for t in tensors]
-        result = _start(tensors, outputs, op, average, pre, post, process_set, operation).wait()
-        ctx.settings = settings
-        resolved, _ = resolve_op(op, average)
-        if resolved in (Min, Max):
+    def forward(ctx, call: _Call, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        result = _start(tensors, [_like(t) for t in tensors], call).wait()
+        ctx.call = call
+        ctx.op, _ = resolve_op(call.op, call.average)
+        if ctx.op in (Min, Max):  # whose input was the result
+            pre, post = call.prescale_factor, call.postscale_factor
             ctx.save_for_backward(*[(t * pre == r / post) for t, r in zip(tensors, result)])
         return tuple(result)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
-        op, average, pre, post, process_set, operation = ctx.settings
-        resolved, _ = resolve_op(op, average)
-        if resolved not in (Sum, Average, Min, Max):
+        if ctx.op not in (Sum, Average, Min, Max):
             raise NotImplementedError(
-                f"adasum.horovod: the gradient of allreduce with op={resolved.name} is not "
+                f"adasum.horovod: the gradient of allreduce with op={ctx.op.name} is not "
                 "implemented; use op=Sum or op=Average inside a differentiated graph"
             )
         grads = [g.contiguous() for g in grads]
-        if resolved in (Sum, Average):
-            return (None, *_start(grads, [torch.empty_like(g) for g in grads], resolved, None, pre, post,
-                                  process_set, operation).wait())
-        summed = _start(grads, [torch.empty_like(g) for g in grads], Sum, None, pre, post, process_set, operation).wait()
+        outputs = [torch.empty_like(g) for g in grads]
+        if ctx.op in (Sum, Average):
+            return (None, *_start(grads, outputs, ctx.call.gradient(ctx.op)).wait())
+        summed = _start(grads, outputs, ctx.call.gradient(Sum)).wait()
         return (None, *[s * mask for s, mask in zip(summed, ctx.saved_tensors)])
 
 
@@ -267,8 +282,8 @@ def grouped_allreduce(
     """The reduction of each of ``tensors`` over all ranks, as new tensors (differentiable for
     Sum, Average, Min and Max); each travels compressed by ``compression``."""
     compressed = [compression.compress(t) for t in tensors]
-    settings = (op, average, prescale_factor, postscale_factor, process_set, "grouped_allreduce")
-    reduced = _Allreduce.apply(settings, *[c for c, _ in compressed])
+    call = _Call("grouped_allreduce", op, average, prescale_factor, postscale_factor, process_set, name)
+    reduced = _Allreduce.apply(call, *[c for c, _ in compressed])
     return [compression.decompress(r, ctx) for r, (_, ctx) in zip(reduced, compressed)]
 
 
@@ -281,10 +296,10 @@ def allreduce(
 
     ``op=Adasum`` gives the Adasum of the ranks' tensors (:func:`adasum.all_reduce`: any
     number of ranks, bit-identical everywhere). Differentiable for Sum, Average, Min and Max.
-    Every rank passes the same shape, dtype, op and factors, or every rank raises
+    Every rank passes the same shape, dtype, op, factors and ``name``, or every rank raises
     :class:`MismatchError`.
     """
     compressed, ctx = compression.compress(tensor)
-    settings = (op, average, prescale_factor, postscale_factor, process_set, "allreduce")
-    (reduced,) = _Allreduce.apply(settings, compressed)
+    call = _Call("allreduce", op, average, prescale_factor, postscale_factor, process_set, name)
+    (reduced,) = _Allreduce.apply(call, compressed)
     return compression.decompress(reduced, ctx)

@@ -56,12 +56,12 @@ def grouped_allgather_async(
 ) -> Handle:
     """Start concatenating, for each position, every rank's tensor along dimension 0 (in rank
     order; the first dimension may differ between ranks, the others not)."""
-    return _start_allgather(tensors, process_set, "grouped_allgather")
+    return _start_allgather(tensors, process_set, "grouped_allgather", name)
 
 
-def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: str) -> Handle:
+def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: str, name: str | None) -> Handle:
     group = group_of(process_set)
-    agree(group, operation, [describe(t, any_first_dim=True) for t in tensors], (),
+    agree(group, operation, [describe(t, any_first_dim=True) for t in tensors], (("name", name),),
           _tensor_problem(tensors, group, min_dim=1))
     world = dist.get_world_size(group)
     rows = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=message_device(group))
@@ -87,7 +87,7 @@ def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: st
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> Handle:
     """:func:`grouped_allgather_async` of one tensor; :func:`synchronize` returns the result."""
-    handle = _start_allgather([tensor], process_set, "allgather")
+    handle = _start_allgather([tensor], process_set, "allgather", name)
     return Handle([handle], lambda: handle.wait()[0])
 
 
@@ -96,9 +96,9 @@ class _Allgather(torch.autograd.Function):
     output gradients (the ranks' losses taken as averaged)."""
 
     @staticmethod
-    def forward(ctx, process_set, operation: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, process_set, operation: str, name: str | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.process_set = process_set
-        gathered = tuple(_start_allgather(tensors, process_set, operation).wait())  # agreed: 1-D or more
+        gathered = tuple(_start_allgather(tensors, process_set, operation, name).wait())  # agreed: 1-D or more
         ctx.rows = [t.shape[0] for t in tensors]
         return gathered
 
@@ -109,7 +109,7 @@ class _Allgather(torch.autograd.Function):
         mine = torch.tensor(ctx.rows, dtype=torch.int64, device=message_device(group))
         everyone = grouped_allgather_async([mine.view(1, -1)], None, ctx.process_set).wait()[0]
         before = everyone[: dist.get_rank(group)].sum(0).tolist() if dist.get_rank(group) else [0] * len(grads)
-        return (None, None, *[a.narrow(0, int(start), n) for a, start, n in zip(averaged, before, ctx.rows)])
+        return (None, None, None, *[a.narrow(0, int(start), n) for a, start, n in zip(averaged, before, ctx.rows)])
 
 
 def grouped_allgather(
@@ -117,27 +117,29 @@ def grouped_allgather(
 ) -> list[torch.Tensor]:
     """Each position's tensors of every rank, concatenated along dimension 0 in rank order
     (differentiable)."""
-    return list(_Allgather.apply(process_set, "grouped_allgather", *tensors))
+    return list(_Allgather.apply(process_set, "grouped_allgather", name, *tensors))
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Every rank's ``tensor`` concatenated along dimension 0 in rank order; the first
     dimension may differ between ranks (differentiable)."""
-    return _Allgather.apply(process_set, "allgather", tensor)[0]
+    return _Allgather.apply(process_set, "allgather", name, tensor)[0]
 
 
 # -- broadcast -----------------------------------------------------------------------------
 
 def broadcast_many_async_(
     tensors: Sequence[torch.Tensor], root_rank: int, process_set: dist.ProcessGroup | None, operation: str,
-    names: Sequence[str] | None = None,
+    name: str | None = None, names: Sequence[str] | None = None,
 ) -> Handle:
     """Start overwriting every rank's ``tensors`` with their values on ``root_rank`` (a rank of
-    ``process_set``), after one agreement for all of them; the result is the list."""
+    ``process_set``), after one agreement for all of them (``names`` label the tensors in its
+    messages); the result is the list."""
     group = group_of(process_set)
     root, problem = root_of(root_rank, group)
     described = [describe(t) for t in tensors] if names is None else [f"{n}: {describe(t)}" for n, t in zip(names, tensors)]
-    agree(group, operation, described, (("root_rank", root_rank),), problem or _tensor_problem(tensors, group))
+    agree(group, operation, described, (("name", name), ("root_rank", root_rank)),
+          problem or _tensor_problem(tensors, group))
     targets = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t in tensors]
     works = [dist.broadcast(t, src=root, group=group, async_op=True) for t in targets]
 
@@ -156,7 +158,7 @@ def broadcast_async_(
 ) -> Handle:
     """Start overwriting ``tensor`` on every rank with its value on ``root_rank`` (a rank of
     ``process_set``); :func:`synchronize` returns it."""
-    handle = broadcast_many_async_([tensor], root_rank, process_set, "broadcast_")
+    handle = broadcast_many_async_([tensor], root_rank, process_set, "broadcast_", name)
     return Handle([handle], lambda: handle.wait()[0])
 
 
@@ -180,23 +182,23 @@ class _Broadcast(torch.autograd.Function):
     gradients; zero elsewhere (their input did not reach the output)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, root_rank: int, process_set) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, root_rank: int, name: str | None, process_set) -> torch.Tensor:
         ctx.root_rank, ctx.process_set = root_rank, process_set
-        return broadcast_async(tensor, root_rank, None, process_set).wait()
+        return broadcast_async(tensor, root_rank, name, process_set).wait()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
         averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
         if dist.get_rank(group_of(ctx.process_set)) != ctx.root_rank:
             averaged = torch.zeros_like(averaged)
-        return averaged, None, None
+        return averaged, None, None, None
 
 
 def broadcast(
     tensor: torch.Tensor, root_rank: int, name: str | None = None, process_set: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """``tensor``'s value on ``root_rank``, as a new tensor on every rank (differentiable)."""
-    return _Broadcast.apply(tensor, root_rank, process_set)
+    return _Broadcast.apply(tensor, root_rank, name, process_set)
 
 
 # -- alltoall, reducescatter -----------------------------------------------------------------
@@ -225,7 +227,8 @@ def alltoall(
     world = dist.get_world_size(group)
     problem = _tensor_problem([tensor], group, min_dim=1)
     problem = problem or _splits_problem(tensor, splits, world)
-    agree(group, "alltoall", [describe(tensor, any_first_dim=True)], (("splits", splits is not None),), problem)
+    setting = (("name", name), ("splits", splits is not None))
+    agree(group, "alltoall", [describe(tensor, any_first_dim=True)], setting, problem)
     sent = [tensor.shape[0] // world] * world if splits is None else [int(v) for v in (
         splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
     counts = torch.tensor(sent, dtype=torch.int64, device=message_device(group))
@@ -248,7 +251,7 @@ def reducescatter(
     group = group_of(process_set)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     with torch.no_grad():
-        reduced = allreduce(tensor, compression=compression, op=op, prescale_factor=prescale_factor,
+        reduced = allreduce(tensor, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
                             postscale_factor=postscale_factor, process_set=process_set)
     if reduced.dim() == 0:  # the same shape on every rank (agreed), so every rank raises
         raise MismatchError("hvd.reducescatter: needs a tensor with at least one dimension")

@@ -19,19 +19,20 @@ __all__ = ["broadcast_object", "allgather_object", "broadcast_parameters", "broa
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: dist.ProcessGroup | None = None) -> Any:
     """``obj`` as ``root_rank`` passed it, on every rank (pickled; other ranks' ``obj`` is
-    ignored)."""
+    ignored). A ``name``, if given, must be the same on every rank."""
     group = group_of(process_set)
     root, problem = root_of(root_rank, group)
-    agree(group, "broadcast_object", [], (("root_rank", root_rank),), problem)
+    agree(group, "broadcast_object", [], (("name", name), ("root_rank", root_rank)), problem)
     box = [obj]
     dist.broadcast_object_list(box, src=root, group=group)
     return box[0]
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> list[Any]:
-    """Every rank's ``obj``, in rank order (pickled)."""
+    """Every rank's ``obj``, in rank order (pickled). A ``name``, if given, must be the same
+    on every rank."""
     group = group_of(process_set)
-    agree(group, "allgather_object", [], (), None)
+    agree(group, "allgather_object", [], (("name", name),), None)
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, obj, group=group)
     return everyone
@@ -57,7 +58,7 @@ def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable, root_ran
     ``model.parameters()``, or a module. One agreement on all names and shapes first."""
     pairs = _named_tensors(params)
     names = [n for n, _ in pairs]
-    broadcast_many_async_([t for _, t in pairs], root_rank, process_set, "broadcast_parameters", names).wait()
+    broadcast_many_async_([t for _, t in pairs], root_rank, process_set, "broadcast_parameters", names=names).wait()
 
 
 class _Placeholder(NamedTuple):
