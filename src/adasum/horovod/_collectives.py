@@ -56,10 +56,15 @@ def grouped_allgather_async(
 ) -> Handle:
     """Start concatenating, for each position, every rank's tensor along dimension 0 (in rank
     order; the first dimension may differ between ranks, the others not)."""
-    return _start_allgather(tensors, process_set, "grouped_allgather", name)
+    return _start_allgather(tensors, process_set, "grouped_allgather", name)[0]
 
 
-def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: str, name: str | None) -> Handle:
+def _start_allgather(
+    tensors: Sequence[torch.Tensor], process_set, operation: str, name: str | None
+) -> tuple[Handle, list[list[int]]]:
+    """The gather in flight, and ``counts[i][r]``: the rows of tensor i on rank r. The ranks
+    exchange their row counts, then every tensor travels padded to the longest rank's rows
+    (torch's all-gather needs equal sizes) and the padding is cut away."""
     group = group_of(process_set)
     agree(group, operation, [describe(t, any_first_dim=True) for t in tensors], (("name", name),),
           _tensor_problem(tensors, group, min_dim=1))
@@ -68,26 +73,26 @@ def _start_allgather(tensors: Sequence[torch.Tensor], process_set, operation: st
     everyone = torch.empty(world * len(tensors), dtype=torch.int64, device=rows.device)
     if len(tensors):
         all_gather_single(everyone, rows, group=group)
-    counts = everyone.view(world, len(tensors)).t().tolist()  # counts[i][r]: rows of tensor i on rank r
+    counts = everyone.view(world, len(tensors)).t().tolist()
     gathered, works = [], []
-    for t, n in zip(tensors, counts):
-        most = max(n)
-        padded = t.new_zeros((most, *t.shape[1:])) if t.shape[0] != most else t.contiguous()
-        if padded is not t and t.shape[0]:
-            padded[: t.shape[0]] = t
-        out = t.new_empty((world * most, *t.shape[1:]))
-        works.append(all_gather_single(out, padded, group=group, async_op=True))
-        gathered.append((out, n, most))
+    with torch.no_grad():
+        for t, n in zip(tensors, counts):
+            most = max(n)
+            padded = t.contiguous() if t.shape[0] == most else torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
+            out = t.new_empty((world * most, *t.shape[1:]))
+            if out.numel():  # every rank knows the counts, so every rank skips alike
+                works.append(all_gather_single(out, padded, group=group, async_op=True))
+            gathered.append((out, n, most))
 
     def finish() -> list[torch.Tensor]:
         return [torch.cat([out[r * most: r * most + n[r]] for r in range(world)]) for out, n, most in gathered]
 
-    return Handle(works, finish)
+    return Handle(works, finish), counts
 
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: dist.ProcessGroup | None = None) -> Handle:
     """:func:`grouped_allgather_async` of one tensor; :func:`synchronize` returns the result."""
-    handle = _start_allgather([tensor], process_set, "allgather", name)
+    handle, _ = _start_allgather([tensor], process_set, "allgather", name)
     return Handle([handle], lambda: handle.wait()[0])
 
 
@@ -97,19 +102,16 @@ class _Allgather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, process_set, operation: str, name: str | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        handle, counts = _start_allgather(tensors, process_set, operation, name)
+        me = dist.get_rank(group_of(process_set))
         ctx.process_set = process_set
-        gathered = tuple(_start_allgather(tensors, process_set, operation, name).wait())  # agreed: 1-D or more
-        ctx.rows = [t.shape[0] for t in tensors]
-        return gathered
+        ctx.rows = [(sum(n[:me]), n[me]) for n in counts]  # where this rank's rows are
+        return tuple(handle.wait())
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
-        group = group_of(ctx.process_set)
         averaged = grouped_allreduce_async([g.contiguous() for g in grads], op=Average, process_set=ctx.process_set).wait()
-        mine = torch.tensor(ctx.rows, dtype=torch.int64, device=message_device(group))
-        everyone = grouped_allgather_async([mine.view(1, -1)], None, ctx.process_set).wait()[0]
-        before = everyone[: dist.get_rank(group)].sum(0).tolist() if dist.get_rank(group) else [0] * len(grads)
-        return (None, None, None, *[a.narrow(0, int(start), n) for a, start, n in zip(averaged, before, ctx.rows)])
+        return (None, None, None, *[a.narrow(0, start, n) for a, (start, n) in zip(averaged, ctx.rows)])
 
 
 def grouped_allgather(
