@@ -123,7 +123,7 @@ class _GradientOptimizer(torch.optim.Optimizer):
         reduced = grouped_allreduce_async_([c for c, _ in compressed], op=self.op, prescale_factor=pre,
                                            postscale_factor=post, process_set=self.process_set).wait()
         with torch.no_grad():
-            for p, grad, out, (_, ctx) in zip(params, grads, reduced, compressed):
+            for p, out, (_, ctx) in zip(params, reduced, compressed):
                 result = self._compression.decompress(out, ctx)
                 if p.grad.is_sparse:
                     p.grad = result.to_sparse()
