@@ -245,6 +245,27 @@ def _amp(rank: int) -> dict:
     return {"params": params, "scales": scales, "lr": opt.param_groups[0]["lr"]}
 
 
+def _sparse_fp16(rank: int) -> dict:
+    """Gradient mode with a sparse embedding: refused without sparse_as_dense (on every rank),
+    reduced as dense and compressed to float16 with it."""
+    out = {}
+    for as_dense in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(6, 3, sparse=True), torch.nn.Linear(3, 1))
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), sparse_as_dense=as_dense,
+                                       compression=hvd.Compression.fp16)
+        start = [p.detach().clone() for p in model.parameters()]
+        model(torch.tensor([rank, rank + 1, 5])).sum().backward()
+        grads = [p.grad.to_dense().clone() for p in model.parameters()]
+        try:
+            opt.step()
+        except hvd.MismatchError as e:
+            out["refused"] = str(e)
+            continue
+        out.update(start=start, grads=grads, after=[p.detach().clone() for p in model.parameters()])
+    return out
+
+
 def _autograd(rank: int) -> dict:
     w = torch.arange(3.0) + rank
     out = {}
@@ -322,6 +343,7 @@ def _group_of_three(rank: int, world: int) -> dict:
     out["collectives"] = _run_collectives(rank, world)
     out["autograd"] = _autograd(rank)
     out["amp"] = _amp(rank)
+    out["sparse_fp16"] = _sparse_fp16(rank)
     out["bad"] = _bad_inputs(rank)
     out["optimizer_state"] = _optimizer_state(rank)
     out["duplicates"] = _duplicates(rank)
@@ -400,6 +422,17 @@ def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank(three):
         assert same_bits(amp["params"][1], amp["params"][0])  # the second was skipped everywhere
         assert amp["scales"] == [2.0**8, 2.0**7]  # and every scaler backed off once
         assert amp["lr"] == 0.1 * 0.5**2
+
+
+def test_sparse_gradients_as_dense_compressed_to_fp16(three):
+    runs = [out["sparse_fp16"] for out in three]
+    for run in runs:
+        assert "sparse_as_dense=True" in run["refused"]  # every rank, the first attempt
+        assert same_bits(run["after"], runs[0]["after"])
+    for i, (start, after) in enumerate(zip(runs[0]["start"], runs[0]["after"])):
+        mean = torch.stack([run["grads"][i].half().float() for run in runs]).mean(0)
+        torch.testing.assert_close(after, start - 0.5 * mean, rtol=2e-3, atol=2e-3)
+    assert not same_bits(runs[0]["after"][0], runs[0]["start"][0])
 
 
 def test_autograd_of_allreduce_allgather_broadcast(three):
