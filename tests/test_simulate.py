@@ -57,6 +57,28 @@ def test_delta_mode_with_one_worker_is_the_plain_optimizer():
         assert row["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_delta_mode_momentum_with_one_worker_is_gradient_mode():
+    """One worker's own momentum step is the step on the reduced gradient: the two modes differ
+    only in what more workers reduce."""
+    task = load_task("logistic", samples=512)
+    config = RunConfig(task="logistic", samples=512, optimizer="momentum", reducer="adasum",
+                       lr=0.05, epochs=1, batch=32)
+    modes = {m: simulate_run(task, config.with_(mode=m), 1, distances=False)[0] for m in ("gradient", "delta")}
+    for g, d in zip(modes["gradient"], modes["delta"], strict=True):
+        assert d["loss"] == pytest.approx(g["loss"], rel=1e-6)
+    # With four workers Adasum's modes part: each worker's momentum follows its own gradients,
+    # and Adasum of the momenta is not the momentum of Adasum (averaging would be: it is linear).
+    four = {m: simulate_run(task, config.with_(mode=m), 4, distances=False)[0] for m in ("gradient", "delta")}
+    assert max(abs(g["loss"] - d["loss"]) for g, d in zip(four["gradient"], four["delta"])) > 1e-4
+
+
+def test_mode_must_be_gradient_or_delta():
+    with pytest.raises(ConfigError, match="unknown mode"):
+        RunConfig(mode="deltas").validated()
+    assert RunConfig(optimizer="adam").reduces_deltas and not RunConfig(optimizer="adam", mode="gradient").reduces_deltas
+    assert RunConfig(optimizer="momentum", mode="delta").reduces_deltas and not RunConfig().reduces_deltas
+
+
 def test_sum_diverges_where_adasum_does_not():
     task = load_task("digits-mlp")
     runs = {c: simulate_run(task, RunConfig(reducer=c, lr=0.5, epochs=2, batch=8), 32, distances=False)[1]

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.lab.config import OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
 from adasum.lab.launch import WorkerError
 from adasum.lab.tasks import TASKS, TaskError, load_task
 
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="real data-parallel training on N local workers or under torchrun")
     _add_run_options(train)
     train.add_argument("--reducer", default="adasum", help=f"{', '.join(REDUCERS)} (default adasum)")
-    train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)}; adam and lamb run in delta mode")
+    train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)} (default momentum)")
+    train.add_argument("--mode", choices=MODES, help="reduce the gradients (one optimizer step on the reduced "
+                                                     "gradient) or each worker's optimizer update (delta); "
+                                                     "default: gradient for sgd and momentum, delta for adam and lamb")
     train.add_argument("--lr", type=float, default=0.05)
     train.add_argument("--batch", type=int, default=32, help="examples per worker per micro-batch")
     train.add_argument("--accum", type=int, default=1, help="micro-batches per worker before the workers reduce")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers", type=_list_of(int, "--workers"), default=[1, 2, 4, 8, 16, 32, 64])
     sim.add_argument("--reducers", type=_names(REDUCERS, "reducer"), default=list(REDUCERS))
     sim.add_argument("--optimizers", type=_names(OPTIMIZERS, "optimizer"), default=["momentum"])
+    sim.add_argument("--mode", choices=MODES, help="as for train (default: the optimizer's)")
     sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
     sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])
@@ -187,7 +191,7 @@ def _train(args: argparse.Namespace) -> int:
     from adasum.lab.launch import spawn
     from adasum.lab.train import CHECKPOINT, train_worker
 
-    config = _config(args, reducer=args.reducer, optimizer=args.optimizer, lr=args.lr,
+    config = _config(args, reducer=args.reducer, optimizer=args.optimizer, mode=args.mode, lr=args.lr,
                      batch=args.batch, accum=args.accum)
     launched = _torchrun_world()
     if args.nproc is not None and args.nproc < 1:
@@ -288,7 +292,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    base = _config(args)
+    base = _config(args, mode=args.mode)
     task = load_task(base.task, base.data, base.samples)
     Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
     out = _output_dir(args.out)

@@ -16,7 +16,7 @@ import torch
 import adasum
 
 __all__ = [
-    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
+    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES",
     "ConfigError", "RunConfig", "Plan", "make_reducer",
 ]
 
@@ -26,8 +26,13 @@ REDUCERS: dict[str, type[adasum.Reducer]] = {
     cls.name: cls for cls in (adasum.Adasum, adasum.Average, adasum.Sum)
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
-#: Optimizers whose parameter updates (not gradients) are reduced, as in the paper.
+#: Optimizers whose parameter updates (not gradients) are reduced by default, as in the paper.
 DELTA_MODE = frozenset({"adam", "lamb"})
+#: What a run reduces: ``gradient`` (the reduced gradient feeds one optimizer step, the same on
+#: every worker) or ``delta`` (each worker steps its own optimizer, the updates are reduced).
+#: Every optimizer runs in either: Adam or LAMB in gradient mode is prior work's baseline (one
+#: optimizer on the averaged gradient), momentum in delta mode is Horovod's update mode.
+MODES = ("gradient", "delta")
 SCHEDULES = ("constant", "cosine", "linear")
 #: The largest seed: each epoch's data order is drawn from ``seed * 1_000_003 + epoch``, which
 #: must stay within what ``torch.Generator.manual_seed`` takes (64 bits).
@@ -49,6 +54,10 @@ class RunConfig:
     samples: int | None = None
     reducer: str = "adasum"
     optimizer: str = "momentum"
+    #: ``gradient`` or ``delta`` (see :data:`MODES`); None: the optimizer's default
+    #: (:data:`DELTA_MODE`). Kept None rather than filled in, so that a stored run or a
+    #: checkpoint of an earlier version still names the same configuration.
+    mode: str | None = None
     lr: float = 0.05
     schedule: str = "constant"
     warmup: int = 0
@@ -65,6 +74,8 @@ class RunConfig:
             raise ConfigError(f"unknown reducer {self.reducer!r} (choose from {', '.join(REDUCERS)})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -80,6 +91,11 @@ class RunConfig:
             # Accuracy and R^2 are at most 1: a larger target can never be reached.
             raise ConfigError(f"the target score must be in (0, 1] (accuracy or R^2), got {self.target}")
         return self
+
+    @property
+    def reduces_deltas(self) -> bool:
+        """Whether the workers' parameter updates are reduced (delta mode), not their gradients."""
+        return self.optimizer in DELTA_MODE if self.mode is None else self.mode == "delta"
 
     def with_(self, **changes) -> RunConfig:
         return replace(self, **changes)
