@@ -11,6 +11,7 @@ import torch
 
 import adasum
 from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.records import crossing
 from adasum.lab.tasks import TaskError, load_task
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
@@ -87,14 +88,35 @@ def test_sum_diverges_where_adasum_does_not():
     assert not runs["adasum"]["diverged"]
 
 
-def test_steps_to_target_is_the_first_evaluation_at_the_target():
+def test_steps_to_target_is_the_first_of_two_evaluations_at_the_target():
     task = load_task("digits-mlp")
     config = RunConfig(epochs=3, batch=16, target=0.8)
     history, summary = simulate_run(task, config, 4, distances=False)
     scored = [r for r in history if "score" in r]
-    first = next(r for r in scored if r["score"] >= 0.8)
+    first = next(r for r, s in zip(scored, scored[1:]) if r["score"] >= 0.8 and s["score"] >= 0.8)
     assert summary["steps_to_target"] == first["step"]
     assert summary["epochs_to_target"] == pytest.approx(first["step"] * 64 / len(task.x_train))
+
+
+def test_sum_at_lr_is_average_at_workers_times_lr():
+    """Why the study sweeps no sum: in gradient mode the sum of N gradients at lr is their
+    average at N x lr, step for step (the SGD and momentum updates are linear in lr x gradient)."""
+    task = load_task("logistic", samples=512)
+    config = RunConfig(task="logistic", samples=512, optimizer="momentum", lr=0.01, epochs=1, batch=16,
+                       warmup=3, schedule="cosine")
+    summed, _ = simulate_run(task, config.with_(reducer="sum"), 4, distances=False)
+    averaged, _ = simulate_run(task, config.with_(reducer="average", lr=0.04), 4, distances=False)
+    adasum_, _ = simulate_run(task, config.with_(reducer="adasum", lr=0.04), 4, distances=False)
+    for s, a in zip(summed, averaged, strict=True):
+        assert s["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert max(abs(s["loss"] - a["loss"]) for s, a in zip(summed, adasum_)) > 1e-3
+
+
+def test_one_evaluation_at_the_target_is_no_crossing():
+    rows = [{"step": s, "score": v} for s, v in enumerate([0.5, 0.81, 0.7, 0.82, 0.85, 0.9], start=1)]
+    assert crossing(rows, 0.8) == 4  # step 2 touched the target and fell back
+    assert crossing(rows[:4], 0.8) is None  # the last evaluation alone is not enough
+    assert crossing(rows, 0.95) is None
 
 
 def test_sweep_skips_settings_larger_than_the_training_set():
