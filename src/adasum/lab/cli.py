@@ -120,13 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs/simulate")
     sim.set_defaults(func=_simulate)
 
-    study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)")
-    study.add_argument("name", help="momentum, adam, lamb, convex or elastic")
-    study.add_argument("--scale", default="cpu", help="cpu (30-50 minutes of one core per section) or gpu (the study proper)")
+    study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)",
+                           description="Runs a section until its plan is complete: every combiner tuned on one "
+                                       "learning-rate axis at every E (widened while a best rate sits at an end; more "
+                                       "seeds at the best rates), and the recipe reading at fixed hyperparameters. "
+                                       "Writes protocol.md, tuned.md and recipe.md (verdicts with 95%% bootstrap "
+                                       "intervals), orthogonality.md, the plots, and runs/<id>.json per run; a rerun "
+                                       "continues where an interrupted one stopped.")
+    study.add_argument("name", help="convex, momentum, adam, lamb, elastic, logistic-stream or teacher-mlp "
+                                    "(see adasum.lab.sections)")
+    study.add_argument("--scale", default="cpu", help="cpu (a laptop's grid) or gpu (the study proper; use --device cuda)")
     study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     study.add_argument("--worker-chunk", type=int, help="as for simulate")
     study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")
-    study.add_argument("--no-progress", action="store_true")
+    study.add_argument("--no-progress", action="store_true", help="no progress bar")
     study.set_defaults(func=_study)
 
     bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
@@ -322,8 +329,9 @@ def _simulate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- study
 
 def _study(args: argparse.Namespace) -> int:
+    from adasum.lab.sections import SECTIONS
     from adasum.lab.simulate import resolve_device
-    from adasum.lab.study import SECTIONS, run_study
+    from adasum.lab.study import run_study
     from adasum.lab.study_report import write_study_report
 
     if args.name not in SECTIONS:
@@ -336,9 +344,10 @@ def _study(args: argparse.Namespace) -> int:
     out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
     records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
                                      progress=not args.no_progress and sys.stderr.isatty())
-    title = f"{section.title} ({args.scale} scale)"
-    written = write_study_report(records, curves, out, title)
-    print((out / "protocol.md").read_text(), end="")
+    title = f"{section.title} ({args.scale} scale, b_crit {scale.b_crit:g})"
+    written = write_study_report(records, curves, out, title, scale, section.readings)
+    for name in ("protocol", *section.readings):
+        print((out / f"{name}.md").read_text())
     print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
           f"wrote {', '.join(p.name for p in written)} to {out}/")
     return 0
