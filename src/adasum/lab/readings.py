@@ -86,8 +86,10 @@ def _by_setting(records: Sequence[dict], combiner: str) -> dict[str, list[dict]]
     return runs
 
 
-def _row(claim: str, setting: str, reading: str, outcomes: Sequence[str], evidence: str) -> dict:
-    return {"claim": claim, "setting": setting, "reading": reading, "verdict": verdict(outcomes), "evidence": evidence}
+def _row(claim: str, setting: str, reading: str, outcomes: Sequence[str] | None, evidence: str) -> dict:
+    """A table row; ``outcomes`` None: a row of context (E*), no verdict of its own."""
+    return {"claim": claim, "setting": setting, "reading": reading,
+            "verdict": "-" if outcomes is None else verdict(outcomes), "evidence": evidence}
 
 
 TUNED_CLAIM = "tuned at every E, Adasum needs fewer steps to the target than averaging"
@@ -142,7 +144,7 @@ def recipe_rows(records: Sequence[dict]) -> list[dict]:
         tried = ", ".join(f"{g[0]['examples_per_step']}: {sum(map(_reached, g))}/{len(g)}" for g in averaged.values())
         return [_row(RECIPE_CLAIM, "E*", "recipe", ["untestable"],
                      f"averaging reached the target at no E (seeds reached per E: {tried or 'none run'})")]
-    rows = [_row(RECIPE_CLAIM, f"E* = {star}", "recipe", [],
+    rows = [_row(RECIPE_CLAIM, f"E* = {star}", "recipe", None,
                  "; ".join(f"average at E={g[0]['examples_per_step']}: {sum(map(_reached, g))}/{len(g)} "
                            f"reached at lr {g[0]['lr']:g}" for g in sorted(averaged.values(), key=lambda g: g[0]['examples_per_step'])))]
     adasum = _by_setting(recipe, CANDIDATE)
