@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Runs a section until its plan is complete: every combiner tuned on one "
                                        "learning-rate axis at every E (widened while a best rate sits at an end; more "
                                        "seeds at the best rates), and the recipe reading at fixed hyperparameters. "
-                                       "Writes protocol.md, tuned.md and recipe.md (verdicts with 95%% bootstrap "
+                                       "Writes protocol.md, tuned.md and recipe.md (verdicts with 95% bootstrap "
                                        "intervals), orthogonality.md, the plots, and runs/<id>.json per run; a rerun "
                                        "continues where an interrupted one stopped.")
     study.add_argument("name", help="convex, momentum, adam, lamb, elastic, logistic-stream or teacher-mlp "
