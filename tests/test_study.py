@@ -189,6 +189,11 @@ def test_sections_grow_from_below_b_crit_by_workers_to_a_budget_of_128_steps():
             if section.name != "elastic":
                 assert min(s.examples for s in main_grid) < scale.b_crit
                 assert max(s.examples for s in main_grid) >= 16 * scale.b_crit
+            epochs = scale.epochs_for(scale.samples)  # every E gets the largest's 128 steps or more
+            for s in main_grid:
+                assert Plan(RunConfig(batch=s.batch, accum=s.accum, epochs=epochs), s.workers,
+                            scale.samples).total_steps >= MIN_STEPS
+    assert SECTIONS["adam"].task_at(SECTIONS["adam"].gpu) == "stdlib-transformer-large"  # 3.3M parameters
     with pytest.raises(ConfigError, match="2x apart"):
         replace(TINY_SCALE, lrs=(0.1, 0.3), seeds=(0, 1, 2, 3, 4), min_steps=MIN_STEPS).check()
     with pytest.raises(ConfigError, match="seeds"):

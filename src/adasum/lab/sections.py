@@ -144,6 +144,8 @@ class Scale:
     min_warmup: int = 10
     schedule: str = "cosine"
     evals_per_epoch: int = 8
+    #: The task at this scale, where it is not the section's (a larger model on a GPU).
+    task: str | None = None
 
     def check(self) -> Scale:
         lrs = sorted(self.lrs)
@@ -185,6 +187,9 @@ class Section:
     cpu: Scale
     gpu: Scale
     readings: tuple[str, ...] = ("tuned", "recipe")
+
+    def task_at(self, scale: Scale) -> str:
+        return scale.task or self.task
 
     def scale(self, name: str) -> Scale:
         if name not in ("cpu", "gpu"):
@@ -233,9 +238,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         # ESTIMATE (placeholder until measured), in windows of 64 bytes.
         cpu=Scale(critical_grid(32, 8, span=16), b_crit=32, lrs=_axis(lr / 4, 5), base_lr=lr, reference=8,
                   target=0.4, samples=4096, evals_per_epoch=4),
-        # The 3.3M-parameter transformer: 128 steps at E = 32 x 128 windows is 8 epochs of 65,536.
+        # The 3.3M-parameter transformer: 128 steps at E = 32 x 128 windows take 8 epochs of
+        # 65,536 windows (the smallest E, 64, gets 8,192 steps).
         gpu=Scale(critical_grid(128, 16, span=32, max_workers=128), b_crit=128, lrs=_axis(lr / 8, 6), base_lr=lr,
-                  reference=16, target=0.55, samples=65536),
+                  reference=16, target=0.55, samples=65536, task="stdlib-transformer-large"),
     ) for opt, lr in (("adam", 3e-3), ("lamb", 1e-2))),
     Section(
         "elastic", "elastic training: momentum SGD, the worker count changed midway at the same "

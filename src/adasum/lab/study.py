@@ -51,7 +51,7 @@ def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> R
     """The configuration of ``point``: the scale's budget, schedule and warm-up for its setting."""
     s, combiner = point.setting, section.combiners[point.combiner]
     config = RunConfig(
-        task=section.task, samples=scale.samples, reducer=combiner.reducer, optimizer=section.optimizer,
+        task=section.task_at(scale), samples=scale.samples, reducer=combiner.reducer, optimizer=section.optimizer,
         mode=combiner.mode, lr=point.lr, schedule=scale.schedule, batch=s.batch, accum=s.accum,
         epochs=scale.epochs_for(train_size), seed=point.seed, target=scale.target,
         evals_per_epoch=scale.evals_per_epoch)
@@ -96,7 +96,7 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
     made. ``on_run`` sees each new record as soon as its file is written."""
     from adasum.lab.simulate import resolve_device
 
-    task = (task or load_task(section.task, None, scale.samples)).to(resolve_device(device))
+    task = (task or load_task(section.task_at(scale), None, scale.samples)).to(resolve_device(device))
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     records, curves, ran = [], [], 0
