@@ -151,6 +151,9 @@ def test_compare_pairs_by_seed_on_steps_or_on_the_final_score():
     missed = [*average[:4], record(0.4, 4, None, "average", score=0.9)]
     assert compare(adasum, missed)["metric"] == "score"
     assert compare(adasum, missed)["outcome"] == "same"
+    # A run that diverged scores nothing, whatever its last evaluation said.
+    diverged = [{**r, "steps_to_target": None, "diverged": True, "score": math.nan} for r in adasum]
+    assert compare(diverged, missed)["outcome"] == "worse"
 
 
 def test_the_paired_bootstrap_covers_the_true_difference_at_its_level():

@@ -49,8 +49,14 @@ def _majority(runs: Sequence[dict]) -> bool:
     return sum(map(_reached, runs)) * 2 > len(runs)
 
 
+def _score(run: dict) -> float:
+    """The final score; a run that diverged scores nothing (its last score may be NaN, or
+    from before it diverged)."""
+    return 0.0 if run["diverged"] or not math.isfinite(run["score"]) else run["score"]
+
+
 def _median_cell(name: str, runs: Sequence[dict], key: str) -> str:
-    values = [steps_of(r) if key == "steps" else r["score"] for r in runs]
+    values = [steps_of(r) if key == "steps" else _score(r) for r in runs]
     if key == "steps" and not all(map(math.isfinite, values)):
         return f"{name} {sum(map(_reached, runs))}/{len(runs)} seeds reached"
     med, low, high = median_ci(values)
@@ -67,7 +73,7 @@ def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0) 
     if not any(map(_reached, a + b)):
         return {"outcome": "untestable", "metric": "-", "evidence": f"no combiner reached the target ({len(seeds)} seeds)"}
     metric = "steps" if all(map(_reached, a + b)) else "score"
-    values = [[steps_of(r) if metric == "steps" else r["score"] for r in runs] for runs in (a, b)]
+    values = [[steps_of(r) if metric == "steps" else _score(r) for r in runs] for runs in (a, b)]
     diff, low, high = paired_difference_ci(*values, seed=seed)
     # The interval of Adasum's gain: fewer steps, or a higher final score.
     gain = sorted(-x if metric == "steps" else x for x in (low, high))
