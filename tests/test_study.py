@@ -102,6 +102,14 @@ def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():
     assert next_points(section, scale, runs) == []
 
 
+def test_an_elastic_setting_tries_every_rate_of_its_constant_twin():
+    elastic = Setting(8, 16, 1, 2, 1)
+    scale = replace(TINY_SCALE, settings=(Setting(8, 16), elastic), lrs=(0.1, 0.2), max_widen=2)
+    twin = [record(lr, 0, 10, c) for lr in (0.1, 0.2, 0.4) for c in ("adasum", "average")]  # widened to 0.4
+    points = next_points(replace(TINY, readings=("tuned",)), scale, twin)
+    assert {(p.setting, p.lr) for p in points if p.setting == elastic} == {(elastic, lr) for lr in (0.1, 0.2, 0.4)}
+
+
 def test_the_recipe_tests_adasum_at_multiples_of_e_star():
     settings = tuple(Setting(n, 16) for n in (1, 2, 4, 8, 16, 32))
     scale = replace(TINY_SCALE, settings=settings, lrs=(0.1,), sweep_seeds=(0,), seeds=(0,), max_widen=0)

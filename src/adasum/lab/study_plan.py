@@ -10,6 +10,8 @@ The tuned reading, per setting, in this order:
    ``max_widen`` steps beyond the section's first axis;
 3. the remaining seeds at each combiner's best rate and its two neighbours on the axis.
 
+An elastic setting's axis also holds every rate its constant twin tried (:func:`_twin_lrs`).
+
 The recipe reading: averaging at its recipe rate at every E, then Adasum at its recipe rate at
 E* and the multiples the reading tests (:mod:`adasum.lab.readings`).
 """
@@ -67,10 +69,21 @@ def _missing(reading: str, combiners: Sequence[str], setting: Setting, lrs: Sequ
             if (reading, c, setting.label, lr, s) not in done]
 
 
-def _tuned(section: Section, scale: Scale, setting: Setting, runs: Sequence[dict], done: set[tuple]) -> list[Point]:
+def _twin_lrs(setting: Setting, tuned: Sequence[dict]) -> set[float]:
+    """The rates an elastic setting's constant twin (the same workers, never changed) tried: the
+    elastic setting tries them too, so that the twin's best rate, where the elastic table
+    resumes, is among its own."""
+    if setting.resize_to is None:
+        return set()
+    twin = Setting(setting.workers, setting.batch, setting.accum).label
+    return {r["lr"] for r in tuned if r["setting"] == twin}
+
+
+def _tuned(section: Section, scale: Scale, setting: Setting, tuned: Sequence[dict], done: set[tuple]) -> list[Point]:
     """The tuned reading's next runs at one setting (see the module's description)."""
     combiners = list(section.combiners)
-    axis = sorted({*map(rounded, scale.lrs), *(r["lr"] for r in runs)})
+    runs = [r for r in tuned if r["setting"] == setting.label]
+    axis = sorted({*map(rounded, scale.lrs), *(r["lr"] for r in runs), *_twin_lrs(setting, tuned)})
     missing = _missing("tuned", combiners, setting, axis, scale.sweep_seeds, done)
     if missing:
         return missing
@@ -108,8 +121,7 @@ def next_points(section: Section, scale: Scale, records: Sequence[dict]) -> list
     """The runs to make next (none: the study is complete)."""
     done = {(r["reading"], r["combiner"], r["setting"], r["lr"], r["seed"]) for r in records}
     tuned = [r for r in records if r["reading"] == "tuned"]
-    points = [p for s in scale.settings
-              for p in _tuned(section, scale, s, [r for r in tuned if r["setting"] == s.label], done)]
+    points = [p for s in scale.settings for p in _tuned(section, scale, s, tuned, done)]
     if "recipe" in section.readings:
         points += _recipe(section, scale, records, done)
     return points
