@@ -92,8 +92,8 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
               on_run: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict], int]:
     """Make every run the plan asks for that is not already in ``out/runs``, until it asks for
     none; returns ``(records, curves, ran)``: one record per run (summary and grouping fields),
-    the history rows of every run tagged with its record's index, and how many runs this call
-    made. ``on_run`` sees each new record as soon as its file is written."""
+    the evaluation rows of every run's history tagged with its record's index, and how many
+    runs this call made. ``on_run`` sees each new record as soon as its file is written."""
     from adasum.lab.simulate import resolve_device
 
     task = (task or load_task(section.task_at(scale), None, scale.samples)).to(resolve_device(device))
@@ -117,7 +117,9 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
                 os.replace(path.with_suffix(".tmp"), path)
                 ran += 1
             records.append(_record(spec, result["summary"]))
-            curves.extend({"run": len(records) - 1, **row} for row in result["history"])
+            # Evaluation rows only: the report reads nothing else, and a small E's thousands of
+            # steps would otherwise fill the memory.
+            curves.extend({"run": len(records) - 1, **row} for row in result["history"] if "score" in row)
             bar.update()
             if new and on_run is not None:
                 on_run(records[-1])

@@ -35,7 +35,8 @@ def _median_of(rows: Sequence[dict], key: str) -> float:
 
 
 def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict], best: Sequence[dict]) -> list[dict]:
-    """Per (optimizer, combiner, setting) at its best learning rate, medians over the seeds:
+    """Per (optimizer, combiner, setting) at its best learning rate (``best``, the protocol's
+    rows), medians over the seeds:
     the workers' overall cosine and Adasum's scaling (1/2 = it averaged, 1 = it summed) at the
     first and the last evaluation, and the layers whose final scaling is lowest and highest."""
     by_run: dict[int, list[dict]] = {}
