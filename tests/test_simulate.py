@@ -140,6 +140,20 @@ def test_plan_orders_examples_by_seed_and_epoch():
         Plan(RunConfig(batch=300), 4, 1000)
 
 
+def test_evaluations_per_doubling_add_geometric_points():
+    plan = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1, evals_per_doubling=8), 1, 1000)
+    steps = {s for s in range(1, plan.total_steps + 1) if plan.evaluates_after(s)}
+    # The first step at or after each 2^(j/8), and the end of every epoch.
+    geometric = {math.ceil(2 ** (j / 8)) for j in range(8 * 9)} & set(range(1, 401))
+    assert steps == geometric | {100, 200, 300, 400}
+    assert sorted(steps)[:20] == [*range(1, 17), 18, 20, 21, 23]  # every step while 2^(1/8) x < x + 1
+    assert len([s for s in steps if 200 < s <= 400]) == 8 + 2  # a doubling's 8, and 2 epochs' ends
+    plain = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1), 1, 1000)
+    assert [s for s in range(1, 401) if plain.evaluates_after(s)] == [100, 200, 300, 400]
+    with pytest.raises(ConfigError, match="per doubling"):
+        RunConfig(evals_per_doubling=-1).validated()
+
+
 def test_lr_schedules():
     plan = Plan(RunConfig(lr=1.0, batch=10, epochs=1, warmup=2, schedule="cosine"), 1, 100)
     lrs = [plan.lr_at(s) for s in range(10)]

@@ -67,6 +67,11 @@ class RunConfig:
     seed: int = 0
     target: float | None = None
     evals_per_epoch: int = 8
+    #: Further evaluations, this many per doubling of the step count (the first step at or
+    #: after each 2^(j/8) for 8: every step up to 16, then 18, 20, 21, 23, ...): steps to the
+    #: target are then measured to about the same relative precision early and late, where
+    #: evaluations per epoch leave a small E's early crossing tens of steps apart. 0: none.
+    evals_per_doubling: int = 0
 
     def validated(self) -> RunConfig:
         """Self, or ConfigError naming the first bad option."""
@@ -87,6 +92,8 @@ class RunConfig:
             raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.evals_per_doubling < 0:
+            raise ConfigError(f"evaluations per doubling must be >= 0, got {self.evals_per_doubling}")
         if self.target is not None and not 0 < self.target <= 1:
             # Accuracy and R^2 are at most 1: a larger target can never be reached.
             raise ConfigError(f"the target score must be in (0, 1] (accuracy or R^2), got {self.target}")
@@ -141,9 +148,13 @@ class Plan:
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the test score is measured after step ``step`` (1-based): a few times per
-        epoch and after the last step."""
+        epoch, ``evals_per_doubling`` times per doubling of the step count, and after the last
+        step."""
         every = max(1, self.steps_per_epoch // self.config.evals_per_epoch)
-        return step % every == 0 or step == self.total_steps
+        k = self.config.evals_per_doubling
+        # Step s is a geometric point when some 2^(j/k) lies in (s - 1, s].
+        geometric = k > 0 and (step == 1 or math.floor(k * math.log2(step)) > math.floor(k * math.log2(step - 1)))
+        return step % every == 0 or step == self.total_steps or geometric
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """``[steps_per_epoch, per_step]`` example indices of epoch ``epoch``; worker r takes

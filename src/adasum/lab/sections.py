@@ -127,7 +127,9 @@ class Scale:
     at most 2x apart; the study adds a 2x step at an end where a best rate sits, at most
     ``max_widen`` per end. ``sweep_seeds`` run at every rate; ``seeds`` (at least
     :data:`MIN_SEEDS`) at each combiner's best rate and its two neighbours. Warm-up lasts
-    ``warmup_fraction`` of a run's steps, at least ``min_warmup``."""
+    ``warmup_fraction`` of a run's steps, at least ``min_warmup``. Evaluations: ``evals_per_epoch``
+    per epoch and ``evals_per_doubling`` per doubling of the step count (see
+    :class:`~adasum.lab.config.RunConfig`)."""
 
     settings: tuple[Setting, ...]
     b_crit: float
@@ -144,6 +146,7 @@ class Scale:
     min_warmup: int = 10
     schedule: str = "cosine"
     evals_per_epoch: int = 8
+    evals_per_doubling: int = 8
     #: The task at this scale, where it is not the section's (a larger model on a GPU).
     task: str | None = None
 

@@ -54,7 +54,7 @@ def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> R
         task=section.task_at(scale), samples=scale.samples, reducer=combiner.reducer, optimizer=section.optimizer,
         mode=combiner.mode, lr=point.lr, schedule=scale.schedule, batch=s.batch, accum=s.accum,
         epochs=scale.epochs_for(train_size), seed=point.seed, target=scale.target,
-        evals_per_epoch=scale.evals_per_epoch)
+        evals_per_epoch=scale.evals_per_epoch, evals_per_doubling=scale.evals_per_doubling)
     steps = Plan(config, s.workers, train_size).total_steps
     return RunSpec(config.with_(warmup=scale.warmup_for(steps)).validated(), s, point)
 
