@@ -127,10 +127,13 @@ def test_the_recipe_tests_adasum_at_multiples_of_e_star():
     reached = {128: 12, 256: 20}  # Adasum holds at 2x and 4x E*, not at 8x
     done += [record(p.lr, 0, reached.get(p.setting.examples), "adasum", reading="recipe", setting=p.setting)
              for p in points]
-    rows = {r["setting"]: r["verdict"] for r in recipe_rows(done)}
-    assert rows["E = 2 x E* = 128"] == rows["E = 4 x E* = 256"] == "reproduces"
-    assert rows["E = 8 x E* = 512"] == "does not"  # the tuned runs reached the target there
-    assert rows["2, 4, 8 x E*"] == "partly"
+    rows = {r["setting"]: r for r in recipe_rows(done)}
+    assert rows["E = 2 x E* = 128 (N8 b16 a1)"]["verdict"] == rows["E = 4 x E* = 256 (N16 b16 a1)"]["verdict"] == "reproduces"
+    assert rows["E = 8 x E* = 512 (N32 b16 a1)"]["verdict"] == "does not"  # the tuned runs reached the target there
+    assert rows["2, 4, 8 x E*"]["verdict"] == "partly"
+    assert "adasum at E=64 (N4 b16 a1), lr 0.2: 0/1 reached" in rows["E* = 64"]["evidence"]
+    # Beyond the grid, the recipe cannot be tested.
+    assert recipe_rows([r for r in done if r["examples_per_step"] <= 256])[-2]["verdict"] == "untestable at this scale"
 
 
 def test_verdicts_count_only_testable_settings():

@@ -117,7 +117,9 @@ def tuned_rows(records: Sequence[dict], b_crit: float, sweep_seeds: Sequence[int
             continue
         result = compare(a, b)
         lrs = f"lr {a[0]['lr']:g} vs {b[0]['lr']:g}; "
-        rows.append(_row(TUNED_CLAIM, f"E={examples} ({setting})", "tuned", [result["outcome"]], lrs + result["evidence"]))
+        below = ", below b_crit" if examples < b_crit else ""
+        rows.append(_row(TUNED_CLAIM, f"E={examples} ({setting}{below})", "tuned", [result["outcome"]],
+                         lrs + result["evidence"]))
         if examples >= b_crit:
             large.append(result["outcome"])
     rows.append(_row(TUNED_CLAIM, f"every E >= b_crit = {b_crit:g}", "tuned", large,
@@ -141,32 +143,43 @@ def _recipe_outcome(adasum: Sequence[dict], everything: Sequence[dict]) -> str:
     return "worse" if any(map(_reached, everything)) else "untestable"
 
 
+def _reach_cell(name: str, runs: Sequence[dict]) -> str:
+    """How many seeds of ``runs`` (one setting) reached the target, at which rate, and their
+    median steps where most did."""
+    cell = f"{name} at E={runs[0]['examples_per_step']} ({runs[0]['setting']}), lr {runs[0]['lr']:g}: " \
+           f"{sum(map(_reached, runs))}/{len(runs)} reached"
+    if _majority(runs):
+        med, low, high = median_ci([steps_of(r) for r in runs])
+        cell += f", median steps {med:.4g} [{low:.4g}, {high:.4g}]" if math.isfinite(high) else f", median steps {med:.4g}"
+    return cell
+
+
 def recipe_rows(records: Sequence[dict]) -> list[dict]:
-    """E*, then one row per multiple of it (:data:`RECIPE_MULTIPLES`), then the claim's row."""
+    """E* (with averaging's runs at every E and Adasum's at E*), then one row per setting at a
+    multiple of E* (:data:`RECIPE_MULTIPLES`), then the claim's row."""
     star = e_star(records)
     recipe = [r for r in records if r["reading"] == "recipe"]
-    averaged = _by_setting(recipe, BASELINE)
+    averaged, adasum = _by_setting(recipe, BASELINE), _by_setting(recipe, CANDIDATE)
+    by_e = sorted(averaged.values(), key=lambda g: (g[0]["examples_per_step"], g[0]["setting"]))
+    context = "; ".join(_reach_cell(BASELINE, g) for g in by_e) or "averaging not run"
     if star is None:
-        tried = ", ".join(f"{g[0]['examples_per_step']}: {sum(map(_reached, g))}/{len(g)}" for g in averaged.values())
-        return [_row(RECIPE_CLAIM, "E*", "recipe", ["untestable"],
-                     f"averaging reached the target at no E (seeds reached per E: {tried or 'none run'})")]
-    rows = [_row(RECIPE_CLAIM, f"E* = {star}", "recipe", None,
-                 "; ".join(f"average at E={g[0]['examples_per_step']}: {sum(map(_reached, g))}/{len(g)} "
-                           f"reached at lr {g[0]['lr']:g}" for g in sorted(averaged.values(), key=lambda g: g[0]['examples_per_step'])))]
-    adasum = _by_setting(recipe, CANDIDATE)
+        return [_row(RECIPE_CLAIM, "E*", "recipe", ["untestable"], f"averaging reached the target at no E: {context}")]
+    at_star = [_reach_cell(CANDIDATE, g) for g in adasum.values() if g[0]["examples_per_step"] == star]
+    rows = [_row(RECIPE_CLAIM, f"E* = {star}", "recipe", None, "; ".join([context, *at_star]))]
     outcomes = []
     for m in RECIPE_MULTIPLES:
         examples = star * m
-        mine = [r for group in adasum.values() for r in group if r["examples_per_step"] == examples]
+        mine = [g for g in adasum.values() if g[0]["examples_per_step"] == examples]
         there = [r for r in records if r["examples_per_step"] == examples and r["resize_to"] is None]
         if not there:
-            outcome, evidence = "untestable", f"E = {examples} is beyond the grid"
-        else:
-            outcome = _recipe_outcome(mine, there)
-            evidence = (f"adasum at lr {mine[0]['lr']:g}: {_median_cell('', mine, 'steps').strip()}, "
-                        f"{sum(map(_reached, mine))}/{len(mine)} reached" if mine else "adasum not run")
-        outcomes.append(outcome)
-        rows.append(_row(RECIPE_CLAIM, f"E = {m} x E* = {examples}", "recipe", [outcome], evidence))
+            outcomes.append("untestable")
+            rows.append(_row(RECIPE_CLAIM, f"E = {m} x E* = {examples}", "recipe", ["untestable"],
+                             f"E = {examples} is beyond the grid"))
+        for group in mine:
+            outcome = _recipe_outcome(group, there)
+            outcomes.append(outcome)
+            rows.append(_row(RECIPE_CLAIM, f"E = {m} x E* = {examples} ({group[0]['setting']})", "recipe",
+                             [outcome], _reach_cell(CANDIDATE, group)))
     rows.append(_row(RECIPE_CLAIM, f"{', '.join(map(str, RECIPE_MULTIPLES))} x E*", "recipe", outcomes,
                      f"outcomes: {', '.join(outcomes)}"))
     return rows
