@@ -218,9 +218,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     Section(
         "convex", "momentum SGD, 10-class logistic regression (the convex sanity check)", "logistic",
         "momentum", _GRADIENT,
-        # ESTIMATE until `adasum noise` measures it: along an 8-worker run at E = 128 (adasum
-        # simulate, lr 0.2, 65,536 examples) B_simple was 1.6e3 at score 0.82 and 3.7e3 at 0.83;
-        # at the target 0.8, earlier in training, it is smaller: taken as 512.
+        # ESTIMATE until `adasum noise` measures B_crit: B_simple (the smoothed noise scale of
+        # `adasum simulate`) along 8 workers at E = 256, averaging, lr 0.1, 65,536 examples, was
+        # 410 at score 0.79 and 540 at 0.82 (it grows as training goes on: 2,200 at 0.85).
         cpu=Scale(critical_grid(512, 32, span=16, accum=(4,)), b_crit=512, lrs=_axis(0.025, 6), base_lr=0.05,
                   reference=32, target=0.8, samples=65536),
         gpu=Scale(critical_grid(512, 32, span=32, max_workers=256, accum=(4,)), b_crit=512, lrs=_axis(0.025, 8),
