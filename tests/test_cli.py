@@ -75,6 +75,8 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
     (["train", "--task", "imagenet"], "unknown task"),
     (["train", "--optimizer", "adagrad"], "unknown optimizer"),
     (["train", "--reducer", "max"], "unknown reducer"),
+    (["train", "--mode", "deltas"], "--mode: invalid choice"),
+    (["simulate", "--mode", "update"], "--mode: invalid choice"),
     (["train", "--nproc", "0"], "--nproc"),
     (["train", "--lr", "0"], "learning rate"),
     (["train", "--lr", "-0.1"], "learning rate"),

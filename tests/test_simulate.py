@@ -11,6 +11,7 @@ import torch
 
 import adasum
 from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.records import crossing
 from adasum.lab.tasks import TaskError, load_task
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
@@ -57,6 +58,28 @@ def test_delta_mode_with_one_worker_is_the_plain_optimizer():
         assert row["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_delta_mode_momentum_with_one_worker_is_gradient_mode():
+    """One worker's own momentum step is the step on the reduced gradient: the two modes differ
+    only in what more workers reduce."""
+    task = load_task("logistic", samples=512)
+    config = RunConfig(task="logistic", samples=512, optimizer="momentum", reducer="adasum",
+                       lr=0.05, epochs=1, batch=32)
+    modes = {m: simulate_run(task, config.with_(mode=m), 1, distances=False)[0] for m in ("gradient", "delta")}
+    for g, d in zip(modes["gradient"], modes["delta"], strict=True):
+        assert d["loss"] == pytest.approx(g["loss"], rel=1e-6)
+    # With four workers Adasum's modes part: each worker's momentum follows its own gradients,
+    # and Adasum of the momenta is not the momentum of Adasum (averaging would be: it is linear).
+    four = {m: simulate_run(task, config.with_(mode=m), 4, distances=False)[0] for m in ("gradient", "delta")}
+    assert max(abs(g["loss"] - d["loss"]) for g, d in zip(four["gradient"], four["delta"])) > 1e-4
+
+
+def test_mode_must_be_gradient_or_delta():
+    with pytest.raises(ConfigError, match="unknown mode"):
+        RunConfig(mode="deltas").validated()
+    assert RunConfig(optimizer="adam").reduces_deltas and not RunConfig(optimizer="adam", mode="gradient").reduces_deltas
+    assert RunConfig(optimizer="momentum", mode="delta").reduces_deltas and not RunConfig().reduces_deltas
+
+
 def test_sum_diverges_where_adasum_does_not():
     task = load_task("digits-mlp")
     runs = {c: simulate_run(task, RunConfig(reducer=c, lr=0.5, epochs=2, batch=8), 32, distances=False)[1]
@@ -65,14 +88,35 @@ def test_sum_diverges_where_adasum_does_not():
     assert not runs["adasum"]["diverged"]
 
 
-def test_steps_to_target_is_the_first_evaluation_at_the_target():
+def test_steps_to_target_is_the_first_of_two_evaluations_at_the_target():
     task = load_task("digits-mlp")
     config = RunConfig(epochs=3, batch=16, target=0.8)
     history, summary = simulate_run(task, config, 4, distances=False)
     scored = [r for r in history if "score" in r]
-    first = next(r for r in scored if r["score"] >= 0.8)
+    first = next(r for r, s in zip(scored, scored[1:]) if r["score"] >= 0.8 and s["score"] >= 0.8)
     assert summary["steps_to_target"] == first["step"]
     assert summary["epochs_to_target"] == pytest.approx(first["step"] * 64 / len(task.x_train))
+
+
+def test_sum_at_lr_is_average_at_workers_times_lr():
+    """Why the study sweeps no sum: in gradient mode the sum of N gradients at lr is their
+    average at N x lr, step for step (the SGD and momentum updates are linear in lr x gradient)."""
+    task = load_task("logistic", samples=512)
+    config = RunConfig(task="logistic", samples=512, optimizer="momentum", lr=0.01, epochs=1, batch=16,
+                       warmup=3, schedule="cosine")
+    summed, _ = simulate_run(task, config.with_(reducer="sum"), 4, distances=False)
+    averaged, _ = simulate_run(task, config.with_(reducer="average", lr=0.04), 4, distances=False)
+    adasum_, _ = simulate_run(task, config.with_(reducer="adasum", lr=0.04), 4, distances=False)
+    for s, a in zip(summed, averaged, strict=True):
+        assert s["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert max(abs(s["loss"] - a["loss"]) for s, a in zip(summed, adasum_)) > 1e-3
+
+
+def test_one_evaluation_at_the_target_is_no_crossing():
+    rows = [{"step": s, "score": v} for s, v in enumerate([0.5, 0.81, 0.7, 0.82, 0.85, 0.9], start=1)]
+    assert crossing(rows, 0.8) == 4  # step 2 touched the target and fell back
+    assert crossing(rows[:4], 0.8) is None  # the last evaluation alone is not enough
+    assert crossing(rows, 0.95) is None
 
 
 def test_sweep_skips_settings_larger_than_the_training_set():
@@ -94,6 +138,20 @@ def test_plan_orders_examples_by_seed_and_epoch():
     assert not torch.equal(steps[0][1], Plan(RunConfig(batch=10, seed=4), 4, 1000).epoch_order(0)[0])
     with pytest.raises(ConfigError, match="training set"):
         Plan(RunConfig(batch=300), 4, 1000)
+
+
+def test_evaluations_per_doubling_add_geometric_points():
+    plan = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1, evals_per_doubling=8), 1, 1000)
+    steps = {s for s in range(1, plan.total_steps + 1) if plan.evaluates_after(s)}
+    # The first step at or after each 2^(j/8), and the end of every epoch.
+    geometric = {math.ceil(2 ** (j / 8)) for j in range(8 * 9)} & set(range(1, 401))
+    assert steps == geometric | {100, 200, 300, 400}
+    assert sorted(steps)[:20] == [*range(1, 17), 18, 20, 21, 23]  # every step while 2^(1/8) x < x + 1
+    assert len([s for s in steps if 200 < s <= 400]) == 8 + 2  # a doubling's 8, and 2 epochs' ends
+    plain = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1), 1, 1000)
+    assert [s for s in range(1, 401) if plain.evaluates_after(s)] == [100, 200, 300, 400]
+    with pytest.raises(ConfigError, match="per doubling"):
+        RunConfig(evals_per_doubling=-1).validated()
 
 
 def test_lr_schedules():

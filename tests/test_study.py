@@ -1,34 +1,47 @@
-"""``adasum study``: the protocol's choice of learning rate, resumption, elastic training in the
-simulator, and the command's refusals. The studies here are tiny sections of the convex task
-(a few seconds on 2 cores); the real sections differ only in their data."""
+"""``adasum study``: the protocol's rules (the choice of learning rate, widening the axis,
+adding seeds), the readings' verdicts and their bootstrap intervals, the sections' grids,
+resumption, elastic training in the simulator, and the command's refusals. The rules are
+checked on made-up run records; the one real study is a tiny section of the convex task (a
+few seconds on 2 cores)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
+from adasum.lab.bootstrap import paired_difference_ci
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, Plan, RunConfig
 from adasum.lab.protocol import best_per_setting, steps_of
+from adasum.lab.readings import compare, e_star, recipe_rows, tuned_rows, verdict
+from adasum.lab.sections import SECTIONS, MIN_STEPS, Scale, Section, Setting, critical_grid
 from adasum.lab.simulate import simulate_run
-from adasum.lab.study import SECTIONS, Scale, Section, Setting, lr_center, run_specs, run_study
+from adasum.lab.study import run_study
+from adasum.lab.study_plan import next_points, widen
 from adasum.lab.study_report import write_study_report
 from adasum.lab.tasks import load_task
 
-TINY_SCALE = Scale((Setting(2, 16), Setting(8, 16)), base_lr=0.1, lr_factors=(0.5, 1.0), reference=16,
-                   warmup_epochs=0.25, seeds=(0, 1, 2), target=0.4, epochs=1, samples=512, evals_per_epoch=4)
-TINY = Section("tiny", "tiny convex", "logistic", ("momentum",), ("adasum", "average"),
-               SECTIONS["convex"].rules, cpu=TINY_SCALE, gpu=TINY_SCALE)
+# Far below the protocol's minimums (128 steps, 5 seeds), which the shipped sections obey: the
+# study's machinery is the same, in seconds.
+TINY_SCALE = Scale((Setting(4, 16), Setting(8, 16)), b_crit=32, lrs=(0.2, 0.4), base_lr=0.2, reference=16,
+                   target=0.4, samples=512, sweep_seeds=(0,), seeds=(0, 1), min_steps=8, max_widen=1,
+                   min_warmup=2, evals_per_epoch=4)
+TINY = Section("tiny", "tiny convex", "logistic", "momentum", SECTIONS["convex"].combiners,
+               cpu=TINY_SCALE, gpu=TINY_SCALE)
 
 
-def record(lr: float, seed: int, steps: int | None, combiner: str = "adasum") -> dict:
+def record(lr: float, seed: int, steps: int | None, combiner: str = "adasum", *, reading: str = "tuned",
+           setting: Setting = Setting(8, 16), score: float | None = None) -> dict:
     """What a finished run's record holds, for a run with the given result."""
-    return {"optimizer": "momentum", "combiner": combiner, "setting": "N8 b16 a1", "lr": lr, "seed": seed,
-            "steps_to_target": steps, "epochs_to_target": None if steps is None else steps / 10,
-            "diverged": False, "score": 0.9 if steps else 0.4, "examples_per_step": 128,
-            "first_workers": 8, "resize_to": None}
+    return {"optimizer": "momentum", "combiner": combiner, "reading": reading, "setting": setting.label,
+            "lr": lr, "seed": seed, "steps_to_target": steps, "steps": 100,
+            "epochs_to_target": None if steps is None else steps / 10, "diverged": False,
+            "score": score if score is not None else 0.9 if steps else 0.4,
+            "examples_per_step": setting.examples, "first_workers": setting.workers, "resize_to": None}
 
 
 def test_protocol_takes_the_fewest_median_steps_over_seeds():
@@ -43,29 +56,162 @@ def test_protocol_takes_the_fewest_median_steps_over_seeds():
     assert (best["adasum"]["min_steps"], best["adasum"]["max_steps"], best["adasum"]["reached"]) == (9, 12, 3)
     assert best["adasum"]["median_epochs"] == pytest.approx(1.0)
     assert not best["adasum"]["grid_edge"]
-    # Without lr 0.1 the best, 0.2, is the smallest learning rate tried: the grid's edge.
+    # Without lr 0.1 the best, 0.2, is the smallest learning rate tried: the axis's edge.
     assert best_per_setting([r for r in runs if r["lr"] in (0.2, 0.4)])[0]["grid_edge"]
     assert math.isinf(best["average"]["median_steps"]) and best["average"]["reached"] == 0
     # Where no learning rate reaches the target, the best median final score decides.
-    missed = [{**record(lr, s, None, combiner="sum"), "score": score}
+    missed = [record(lr, s, None, combiner="sum", score=score)
               for lr, score in ((0.1, 0.3), (0.2, 0.5), (0.4, 0.45)) for s in range(3)]
     assert best_per_setting(missed)[0]["lr"] == 0.2
     assert math.isinf(steps_of({**record(0.2, 0, 3), "diverged": True}))
 
 
-def test_learning_rate_grids_follow_each_combiners_rule():
-    s = Setting(8, 16, 4)
-    assert lr_center("examples", 0.1, s, 16) == pytest.approx(0.1 * 512 / 16)
-    assert lr_center("per-worker", 0.1, s, 16) == pytest.approx(0.4)
-    assert lr_center("sqrt-examples", 0.1, s, 16) == pytest.approx(0.1 * math.sqrt(32))
-    specs = run_specs(TINY, TINY_SCALE, 512)
-    assert len(specs) == 2 * 2 * 2 * 3
-    average = sorted({sp.config.lr for sp in specs if sp.config.reducer == "average" and sp.setting.workers == 8})
-    assert average == pytest.approx([0.4, 0.8])  # linear scaling: E = 128 is 8x the reference
+def test_the_best_rate_is_judged_on_the_sweep_seeds_and_reported_on_all():
+    # Seed 0 (the sweep) says 0.2; the extra seeds run at 0.2 were slow, but 0.4 never had them.
+    runs = [record(0.2, 0, 10), record(0.4, 0, 12), *(record(0.2, s, 30) for s in (1, 2))]
+    [best] = best_per_setting(runs, seeds=(0,))
+    assert (best["lr"], best["seeds"], best["median_steps"]) == (0.2, 3, 30)
+    assert best_per_setting(runs)[0]["lr"] == 0.4  # judged on every run, the rates are unequal
+
+
+def test_a_late_crossing_is_flagged():
+    [best] = best_per_setting([record(0.2, 0, 95), record(0.2, 1, 50), record(0.2, 2, 40)])
+    assert best["late"] == 1  # 95 of 100 steps: the budget may have cut it short
+
+
+def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():
+    assert widen([0.1, 0.2, 0.4], {0.4}, [0.1, 0.2, 0.4], max_widen=2) == [0.8]
+    assert widen([0.1, 0.2, 0.4], {0.1, 0.4}, [0.1, 0.2, 0.4], max_widen=2) == [0.05, 0.8]
+    assert widen([0.1, 0.2, 0.4], {0.2}, [0.1, 0.2, 0.4], max_widen=2) == []
+    assert widen([0.025, 0.05, 0.1, 0.2, 0.4], {0.025}, [0.1, 0.2, 0.4], max_widen=2) == []  # at the cap
+    scale = replace(TINY_SCALE, settings=(Setting(8, 16),), lrs=(0.1, 0.2, 0.4), max_widen=2, seeds=(0, 1, 2))
+    section = replace(TINY, cpu=scale, readings=("tuned",))
+    # Adasum is best at the top (0.4); averaging at 0.2: both get 0.8, with the sweep's seed.
+    runs = [record(lr, 0, n) for lr, n in ((0.1, 30), (0.2, 20), (0.4, 10))]
+    runs += [record(lr, 0, n, "average") for lr, n in ((0.1, 30), (0.2, 10), (0.4, 20))]
+    points = next_points(section, scale, runs)
+    assert sorted((p.combiner, p.lr, p.seed) for p in points) == [("adasum", 0.8, 0), ("average", 0.8, 0)]
+    # With 0.8 slower, no best is at an edge: the extra seeds go to the best rates and their
+    # neighbours, and nowhere else.
+    runs += [record(0.8, 0, 15), record(0.8, 0, 40, "average")]
+    points = next_points(section, scale, runs)
+    assert {(p.combiner, p.lr) for p in points} == {("adasum", lr) for lr in (0.2, 0.4, 0.8)} | {
+        ("average", lr) for lr in (0.1, 0.2, 0.4)}
+    assert {p.seed for p in points} == {1, 2}
+    runs += [record(p.lr, p.seed, 20, p.combiner) for p in points]
+    assert next_points(section, scale, runs) == []
+
+
+def test_an_elastic_setting_tries_every_rate_of_its_constant_twin():
+    elastic = Setting(8, 16, 1, 2, 1)
+    scale = replace(TINY_SCALE, settings=(Setting(8, 16), elastic), lrs=(0.1, 0.2), max_widen=2)
+    twin = [record(lr, 0, 10, c) for lr in (0.1, 0.2, 0.4) for c in ("adasum", "average")]  # widened to 0.4
+    points = next_points(replace(TINY, readings=("tuned",)), scale, twin)
+    assert {(p.setting, p.lr) for p in points if p.setting == elastic} == {(elastic, lr) for lr in (0.1, 0.2, 0.4)}
+
+
+def test_the_recipe_tests_adasum_at_multiples_of_e_star():
+    settings = tuple(Setting(n, 16) for n in (1, 2, 4, 8, 16, 32))
+    scale = replace(TINY_SCALE, settings=settings, lrs=(0.1,), sweep_seeds=(0,), seeds=(0,), max_widen=0)
+    done = [record(0.1, 0, 10, c, setting=s) for s in settings for c in ("adasum", "average")]
+    points = next_points(TINY, scale, done)
+    # Averaging first, at the linear-scaling rule's rate for every E ...
+    assert {(p.combiner, p.setting.workers, p.lr) for p in points} == {("average", n, 0.2 * n) for n in (1, 2, 4, 8, 16, 32)}
+    # ... it reaches the target up to E = 64 (4 workers): E* = 64, and Adasum runs at the one-worker
+    # rate at 1, 2, 4 and 8 x E* (E = 512 is in the grid; nothing beyond it).
+    done += [record(p.lr, 0, 10 if p.setting.workers <= 4 else None, "average", reading="recipe",
+                    setting=p.setting) for p in points]
+    assert e_star(done) == 64
+    points = next_points(TINY, scale, done)
+    assert {(p.combiner, p.setting.examples, p.lr) for p in points} == {("adasum", e, 0.2) for e in (64, 128, 256, 512)}
+    reached = {128: 12, 256: 20}  # Adasum holds at 2x and 4x E*, not at 8x
+    done += [record(p.lr, 0, reached.get(p.setting.examples), "adasum", reading="recipe", setting=p.setting)
+             for p in points]
+    rows = {r["setting"]: r for r in recipe_rows(done)}
+    assert rows["E = 2 x E* = 128 (N8 b16 a1)"]["verdict"] == rows["E = 4 x E* = 256 (N16 b16 a1)"]["verdict"] == "reproduces"
+    assert rows["E = 8 x E* = 512 (N32 b16 a1)"]["verdict"] == "does not"  # the tuned runs reached the target there
+    assert rows["2, 4, 8 x E*"]["verdict"] == "partly"
+    assert "adasum at E=64 (N4 b16 a1), lr 0.2: 0/1 reached" in rows["E* = 64"]["evidence"]
+    # Beyond the grid, the recipe cannot be tested.
+    assert recipe_rows([r for r in done if r["examples_per_step"] <= 256])[-2]["verdict"] == "untestable at this scale"
+
+
+def test_verdicts_count_only_testable_settings():
+    assert verdict(["better", "better", "untestable"]) == "reproduces"
+    assert verdict(["better", "same"]) == "partly"
+    assert verdict(["same", "worse", "untestable"]) == "does not"
+    assert verdict(["untestable", "untestable"]) == verdict([]) == "untestable at this scale"
+
+
+def test_a_setting_where_nothing_reaches_the_target_is_untestable():
+    adasum = [record(0.2, s, None, score=0.3) for s in range(5)]
+    average = [record(0.4, s, None, "average", score=0.35) for s in range(5)]
+    assert compare(adasum, average)["outcome"] == "untestable"
+    rows = tuned_rows(adasum + average, b_crit=64, sweep_seeds=(0, 1))
+    assert [r["verdict"] for r in rows] == ["untestable at this scale"] * 2
+
+
+def test_compare_pairs_by_seed_on_steps_or_on_the_final_score():
+    adasum = [record(0.2, s, 50 + s) for s in range(5)]
+    average = [record(0.4, s, 80 + 2 * s, "average") for s in range(5)]
+    result = compare(adasum, average)
+    assert (result["outcome"], result["metric"]) == ("better", "steps")
+    assert "paired difference -32 " in result["evidence"]  # the mean of -30 - seed
+    assert compare(average, adasum)["outcome"] == "worse"
+    # One seed of averaging missed the target: the final scores decide, and they tie.
+    missed = [*average[:4], record(0.4, 4, None, "average", score=0.9)]
+    assert compare(adasum, missed)["metric"] == "score"
+    assert compare(adasum, missed)["outcome"] == "same"
+    # A run that diverged scores nothing, whatever its last evaluation said.
+    diverged = [{**r, "steps_to_target": None, "diverged": True, "score": math.nan} for r in adasum]
+    assert compare(diverged, missed)["outcome"] == "worse"
+
+
+def test_the_paired_bootstrap_covers_the_true_difference_at_its_level():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for draw in range(400):
+        shared = rng.normal(100, 20, 40)  # a seed's luck, common to both combiners
+        a, b = shared + rng.normal(0, 3, 40) - 7, shared + rng.normal(0, 3, 40)
+        _, low, high = paired_difference_ci(a, b, seed=draw, draws=1000)
+        covered += low <= -7 <= high
+    assert 0.90 <= covered / 400 <= 0.99  # 95% nominal; percentile intervals run a little short
+    a, b = rng.normal(0, 1, 40), rng.normal(0, 1, 40)
+    assert paired_difference_ci(a, b, seed=3) == paired_difference_ci(a, b, seed=3)
+    assert paired_difference_ci(a, b, seed=3) != paired_difference_ci(a, b, seed=4)
+
+
+def test_sections_grow_from_below_b_crit_by_workers_to_a_budget_of_128_steps():
+    grid = critical_grid(100, 16, span=32, max_workers=64, accum=(4,))
+    examples = [s.examples for s in grid[:-1]]
+    assert examples[0] <= 50 and examples[-1] >= 3200 and examples[-2] < 3200
+    assert all(b == 2 * a for a, b in zip(examples, examples[1:]))
+    assert all(s.batch == 16 and (s.accum == 1 or s.workers == 64) for s in grid[:-1])
+    assert (grid[-1].workers, grid[-1].accum, grid[-1].examples) == (grid[-2].workers // 4, grid[-2].accum * 4, examples[-1])
+    with pytest.raises(ConfigError, match="critical batch"):
+        critical_grid(8, 16)
+    scale = replace(TINY_SCALE, min_steps=MIN_STEPS, min_warmup=10)
+    epochs = scale.epochs_for(5000)
+    assert Plan(RunConfig(batch=16, epochs=epochs), 8, 5000).total_steps >= MIN_STEPS
+    assert Plan(RunConfig(batch=16, epochs=epochs - 1), 8, 5000).total_steps < MIN_STEPS
+    assert (scale.warmup_for(100), scale.warmup_for(1000), scale.warmup_for(10)) == (10, 50, 5)
+    for section in SECTIONS.values():  # every shipped scale obeys the protocol
+        for name in ("cpu", "gpu"):
+            scale = section.scale(name)
+            assert len(scale.seeds) >= 5 and scale.schedule != "constant"
+            main_grid = [s for s in scale.settings if s.resize_to is None]
+            if section.name != "elastic":
+                assert min(s.examples for s in main_grid) < scale.b_crit
+                assert max(s.examples for s in main_grid) >= 16 * scale.b_crit
+            epochs = scale.epochs_for(scale.samples)  # every E gets the largest's 128 steps or more
+            for s in main_grid:
+                assert Plan(RunConfig(batch=s.batch, accum=s.accum, epochs=epochs), s.workers,
+                            scale.samples).total_steps >= MIN_STEPS
+    assert SECTIONS["adam"].task_at(SECTIONS["adam"].gpu) == "stdlib-transformer-large"  # 3.3M parameters
     with pytest.raises(ConfigError, match="2x apart"):
-        replace(TINY_SCALE, lr_factors=(1.0, 3.0)).check()
-    for section in SECTIONS.values():  # every shipped grid obeys the protocol
-        section.scale("cpu"), section.scale("gpu")
+        replace(TINY_SCALE, lrs=(0.1, 0.3), seeds=(0, 1, 2, 3, 4), min_steps=MIN_STEPS).check()
+    with pytest.raises(ConfigError, match="seeds"):
+        TINY_SCALE.check()
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +219,27 @@ def whole(tmp_path_factory) -> tuple:
     """The tiny study run once, uninterrupted, with its report: ``(out, records)``."""
     out = tmp_path_factory.mktemp("whole")
     records, curves, ran = run_study(TINY, TINY_SCALE, out, progress=False)
-    assert ran == len(records) == 24
-    write_study_report(records, curves, out, "tiny")
-    return out, records
+    # Two readings that need the same run share its file.
+    assert ran == len(list((out / "runs").glob("*.json"))) > 0
+    write_study_report(records, curves, out, "tiny", TINY_SCALE, TINY.readings)
+    return out, records, ran
 
 
-def test_the_chosen_learning_rate_has_the_fewest_median_steps(whole):
-    _, records = whole
-    for best in best_per_setting(records):
-        same = [r for r in records if r["combiner"] == best["combiner"] and r["setting"] == best["setting"]]
-        for lr in {r["lr"] for r in same}:
-            steps = sorted(steps_of(r) for r in same if r["lr"] == lr)
-            assert best["median_steps"] <= steps[1]  # the median of three seeds
+def test_the_tiny_study_completes_its_plan(whole):
+    out, records, _ = whole
+    assert next_points(TINY, TINY_SCALE, records) == []
+    tuned = [r for r in records if r["reading"] == "tuned"]
+    for best in best_per_setting(tuned, TINY_SCALE.sweep_seeds):
+        assert best["seeds"] == len(TINY_SCALE.seeds)
+    # The same axis for both combiners at each setting.
+    for setting in {r["setting"] for r in tuned}:
+        axes = [{r["lr"] for r in tuned if (r["setting"], r["combiner"]) == (setting, c)} for c in ("adasum", "average")]
+        assert axes[0] == axes[1]
+    config = json.loads(next((out / "runs").glob("*.json")).read_text())["config"]
+    assert config["schedule"] == "cosine" and config["warmup"] >= TINY_SCALE.min_warmup
+    for name in ("protocol.md", "tuned.md", "recipe.md", "orthogonality.md", "steps_to_target.png"):
+        assert (out / name).exists()
+    assert "| claim | setting | reading | verdict | evidence |" in (out / "tuned.md").read_text()
 
 
 def test_an_interrupted_study_resumes_with_the_same_tables(whole, tmp_path):
@@ -99,9 +254,9 @@ def test_an_interrupted_study_resumes_with_the_same_tables(whole, tmp_path):
         run_study(TINY, TINY_SCALE, tmp_path, progress=False, on_run=interrupt_after_five)
     assert len(list((tmp_path / "runs").glob("*.json"))) == 5
     records, curves, ran = run_study(TINY, TINY_SCALE, tmp_path, progress=False)
-    assert ran == 24 - 5
-    write_study_report(records, curves, tmp_path, "tiny")
-    for name in ("protocol.md", "orthogonality.md"):
+    assert ran == whole[2] - 5
+    write_study_report(records, curves, tmp_path, "tiny", TINY_SCALE, TINY.readings)
+    for name in ("protocol.md", "tuned.md", "recipe.md", "orthogonality.md"):
         assert (tmp_path / name).read_text() == (whole[0] / name).read_text()
     assert run_study(TINY, TINY_SCALE, whole[0], progress=False)[2] == 0
 

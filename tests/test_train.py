@@ -81,6 +81,10 @@ def test_torchrun_four_workers_follow_the_simulator(reducer, lr, other, tmp_path
     {"workers": 3, "optimizer": "momentum", "reducer": "adasum", "lr": 0.05, "batch": 8, "accum": 2},
     {"workers": 2, "optimizer": "sgd", "reducer": "sum", "lr": 0.02, "batch": 16, "accum": 2},
     {"workers": 3, "optimizer": "momentum", "reducer": "average", "lr": 0.1, "batch": 16, "accum": 1},
+    # the other mode of each optimizer: Adam on the reduced gradient (prior work's baseline,
+    # through DDP), momentum's own updates reduced (Horovod's delta mode, DistributedOptimizer)
+    {"workers": 3, "optimizer": "adam", "mode": "gradient", "reducer": "adasum", "lr": 0.003, "batch": 8, "accum": 2},
+    {"workers": 2, "optimizer": "momentum", "mode": "delta", "reducer": "adasum", "lr": 0.05, "batch": 16, "accum": 1},
     # the tasks of the paper's kind: the transformer in delta mode, the residual CNN in gradient mode
     {"workers": 2, "task": "stdlib-transformer", "samples": 24, "optimizer": "lamb", "reducer": "adasum",
      "lr": 0.01, "batch": 2, "accum": 2, "evals_per_epoch": 1},

@@ -5,9 +5,11 @@
 * the simulator (:mod:`adasum.lab.simulate`, its trained state in :mod:`~adasum.lab.replicas`):
   N workers in one process, step for step what ``adasum train`` does, plus the distance of each
   reducer's update to sequential SGD, the workers' orthogonality, and elastic worker counts;
-* the study (:mod:`adasum.lab.study`): sections of the large-batch study as data, run
-  resumably; the protocol that tunes and compares them (:mod:`~adasum.lab.protocol`), its
-  tables and plots (:mod:`~adasum.lab.study_report`, :mod:`~adasum.lab.study_plots`);
+* the study (:mod:`adasum.lab.study`): sections of the large-batch study as data
+  (:mod:`~adasum.lab.sections`), run resumably until their plan (:mod:`~adasum.lab.study_plan`)
+  is complete; the protocol that tunes them (:mod:`~adasum.lab.protocol`), the readings that
+  judge the paper's claims (:mod:`~adasum.lab.readings`, with :mod:`~adasum.lab.bootstrap`),
+  the tables and plots (:mod:`~adasum.lab.study_report`, :mod:`~adasum.lab.study_plots`);
 * the experiments: tasks, models, optimizers and the run configuration they share
   (:mod:`~adasum.lab.tasks`, with the transformer on source text in :mod:`~adasum.lab.text`
   and the CNN on augmented digits in :mod:`~adasum.lab.images`; :mod:`~adasum.lab.models`,

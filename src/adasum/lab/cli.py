@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.lab.config import OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
+from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
 from adasum.lab.launch import WorkerError
 from adasum.lab.tasks import TASKS, TaskError, load_task
 
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="real data-parallel training on N local workers or under torchrun")
     _add_run_options(train)
     train.add_argument("--reducer", default="adasum", help=f"{', '.join(REDUCERS)} (default adasum)")
-    train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)}; adam and lamb run in delta mode")
+    train.add_argument("--optimizer", default="momentum", help=f"{', '.join(OPTIMIZERS)} (default momentum)")
+    train.add_argument("--mode", choices=MODES, help="reduce the gradients (one optimizer step on the reduced "
+                                                     "gradient) or each worker's optimizer update (delta); "
+                                                     "default: gradient for sgd and momentum, delta for adam and lamb")
     train.add_argument("--lr", type=float, default=0.05)
     train.add_argument("--batch", type=int, default=32, help="examples per worker per micro-batch")
     train.add_argument("--accum", type=int, default=1, help="micro-batches per worker before the workers reduce")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers", type=_list_of(int, "--workers"), default=[1, 2, 4, 8, 16, 32, 64])
     sim.add_argument("--reducers", type=_names(REDUCERS, "reducer"), default=list(REDUCERS))
     sim.add_argument("--optimizers", type=_names(OPTIMIZERS, "optimizer"), default=["momentum"])
+    sim.add_argument("--mode", choices=MODES, help="as for train (default: the optimizer's)")
     sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
     sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])
@@ -116,13 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs/simulate")
     sim.set_defaults(func=_simulate)
 
-    study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)")
-    study.add_argument("name", help="momentum, adam, lamb, convex or elastic")
-    study.add_argument("--scale", default="cpu", help="cpu (30-50 minutes of one core per section) or gpu (the study proper)")
+    study = sub.add_parser("study", help="one section of the large-batch study, resumable (see adasum.lab.study)",
+                           description="Runs a section until its plan is complete: every combiner tuned on one "
+                                       "learning-rate axis at every E (widened while a best rate sits at an end; more "
+                                       "seeds at the best rates), and the recipe reading at fixed hyperparameters. "
+                                       "Writes protocol.md, tuned.md and recipe.md (verdicts with 95% bootstrap "
+                                       "intervals), orthogonality.md, the plots, and runs/<id>.json per run; a rerun "
+                                       "continues where an interrupted one stopped.")
+    study.add_argument("name", help="convex, momentum, adam, lamb, elastic, logistic-stream or teacher-mlp "
+                                    "(see adasum.lab.sections)")
+    study.add_argument("--scale", default="cpu", help="cpu (a laptop's grid) or gpu (the study proper; use --device cuda)")
     study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     study.add_argument("--worker-chunk", type=int, help="as for simulate")
     study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")
-    study.add_argument("--no-progress", action="store_true")
+    study.add_argument("--no-progress", action="store_true", help="no progress bar")
     study.set_defaults(func=_study)
 
     bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
@@ -187,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
     from adasum.lab.launch import spawn
     from adasum.lab.train import CHECKPOINT, train_worker
 
-    config = _config(args, reducer=args.reducer, optimizer=args.optimizer, lr=args.lr,
+    config = _config(args, reducer=args.reducer, optimizer=args.optimizer, mode=args.mode, lr=args.lr,
                      batch=args.batch, accum=args.accum)
     launched = _torchrun_world()
     if args.nproc is not None and args.nproc < 1:
@@ -288,7 +299,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    base = _config(args)
+    base = _config(args, mode=args.mode)
     task = load_task(base.task, base.data, base.samples)
     Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
     out = _output_dir(args.out)
@@ -318,8 +329,9 @@ def _simulate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- study
 
 def _study(args: argparse.Namespace) -> int:
+    from adasum.lab.sections import SECTIONS
     from adasum.lab.simulate import resolve_device
-    from adasum.lab.study import SECTIONS, run_study
+    from adasum.lab.study import run_study
     from adasum.lab.study_report import write_study_report
 
     if args.name not in SECTIONS:
@@ -332,9 +344,10 @@ def _study(args: argparse.Namespace) -> int:
     out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
     records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
                                      progress=not args.no_progress and sys.stderr.isatty())
-    title = f"{section.title} ({args.scale} scale)"
-    written = write_study_report(records, curves, out, title)
-    print((out / "protocol.md").read_text(), end="")
+    title = f"{section.title} ({args.scale} scale, b_crit {scale.b_crit:g})"
+    written = write_study_report(records, curves, out, title, scale, section.readings)
+    for name in ("protocol", *section.readings):
+        print((out / f"{name}.md").read_text())
     print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
           f"wrote {', '.join(p.name for p in written)} to {out}/")
     return 0

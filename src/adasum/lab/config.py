@@ -16,7 +16,7 @@ import torch
 import adasum
 
 __all__ = [
-    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "SCHEDULES",
+    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES",
     "ConfigError", "RunConfig", "Plan", "make_reducer",
 ]
 
@@ -26,8 +26,13 @@ REDUCERS: dict[str, type[adasum.Reducer]] = {
     cls.name: cls for cls in (adasum.Adasum, adasum.Average, adasum.Sum)
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "lamb")
-#: Optimizers whose parameter updates (not gradients) are reduced, as in the paper.
+#: Optimizers whose parameter updates (not gradients) are reduced by default, as in the paper.
 DELTA_MODE = frozenset({"adam", "lamb"})
+#: What a run reduces: ``gradient`` (the reduced gradient feeds one optimizer step, the same on
+#: every worker) or ``delta`` (each worker steps its own optimizer, the updates are reduced).
+#: Every optimizer runs in either: Adam or LAMB in gradient mode is prior work's baseline (one
+#: optimizer on the averaged gradient), momentum in delta mode is Horovod's update mode.
+MODES = ("gradient", "delta")
 SCHEDULES = ("constant", "cosine", "linear")
 #: The largest seed: each epoch's data order is drawn from ``seed * 1_000_003 + epoch``, which
 #: must stay within what ``torch.Generator.manual_seed`` takes (64 bits).
@@ -49,6 +54,10 @@ class RunConfig:
     samples: int | None = None
     reducer: str = "adasum"
     optimizer: str = "momentum"
+    #: ``gradient`` or ``delta`` (see :data:`MODES`); None: the optimizer's default
+    #: (:data:`DELTA_MODE`). Kept None rather than filled in, so that a stored run or a
+    #: checkpoint of an earlier version still names the same configuration.
+    mode: str | None = None
     lr: float = 0.05
     schedule: str = "constant"
     warmup: int = 0
@@ -58,6 +67,11 @@ class RunConfig:
     seed: int = 0
     target: float | None = None
     evals_per_epoch: int = 8
+    #: Further evaluations, this many per doubling of the step count (the first step at or
+    #: after each 2^(j/8) for 8: every step up to 16, then 18, 20, 21, 23, ...): steps to the
+    #: target are then measured to about the same relative precision early and late, where
+    #: evaluations per epoch leave a small E's early crossing tens of steps apart. 0: none.
+    evals_per_doubling: int = 0
 
     def validated(self) -> RunConfig:
         """Self, or ConfigError naming the first bad option."""
@@ -65,6 +79,8 @@ class RunConfig:
             raise ConfigError(f"unknown reducer {self.reducer!r} (choose from {', '.join(REDUCERS)})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -76,10 +92,17 @@ class RunConfig:
             raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.evals_per_doubling < 0:
+            raise ConfigError(f"evaluations per doubling must be >= 0, got {self.evals_per_doubling}")
         if self.target is not None and not 0 < self.target <= 1:
             # Accuracy and R^2 are at most 1: a larger target can never be reached.
             raise ConfigError(f"the target score must be in (0, 1] (accuracy or R^2), got {self.target}")
         return self
+
+    @property
+    def reduces_deltas(self) -> bool:
+        """Whether the workers' parameter updates are reduced (delta mode), not their gradients."""
+        return self.optimizer in DELTA_MODE if self.mode is None else self.mode == "delta"
 
     def with_(self, **changes) -> RunConfig:
         return replace(self, **changes)
@@ -125,9 +148,13 @@ class Plan:
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the test score is measured after step ``step`` (1-based): a few times per
-        epoch and after the last step."""
+        epoch, ``evals_per_doubling`` times per doubling of the step count, and after the last
+        step."""
         every = max(1, self.steps_per_epoch // self.config.evals_per_epoch)
-        return step % every == 0 or step == self.total_steps
+        k = self.config.evals_per_doubling
+        # Step s is a geometric point when some 2^(j/k) lies in (s - 1, s].
+        geometric = k > 0 and (step == 1 or math.floor(k * math.log2(step)) > math.floor(k * math.log2(step - 1)))
+        return step % every == 0 or step == self.total_steps or geometric
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """``[steps_per_epoch, per_step]`` example indices of epoch ``epoch``; worker r takes

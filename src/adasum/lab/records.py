@@ -15,7 +15,7 @@ from torch import nn
 from adasum.lab.config import Plan
 from adasum.lab.tasks import Task
 
-__all__ = ["evaluate", "summarize", "write_csv", "write_json"]
+__all__ = ["evaluate", "crossing", "summarize", "write_csv", "write_json"]
 
 
 @torch.no_grad()
@@ -31,11 +31,23 @@ def evaluate(task: Task, model: nn.Module) -> dict[str, float]:
     return row
 
 
+def crossing(evaluated: Sequence[dict], target: float) -> int | None:
+    """The step of the first of two consecutive evaluations at or above ``target``, or None.
+    One evaluation is not enough: a noisy score can touch the target once and fall back, and
+    such a run has not reached it (a run whose last evaluation is its first at the target has
+    not either)."""
+    for here, after in zip(evaluated, evaluated[1:]):
+        if here["score"] >= target and after["score"] >= target:
+            return here["step"]
+    return None
+
+
 def summarize(history: Sequence[dict], plan: Plan) -> dict:
     """One line per run: where it ended and when it first reached the target score.
 
-    ``train_loss`` is the mean training loss over the last epoch's steps (one step's loss is
-    too noisy to compare runs by); a run whose loss stopped being finite is ``diverged``.
+    ``steps_to_target`` is the :func:`crossing` of the evaluations. ``train_loss`` is the mean
+    training loss over the last epoch's steps (one step's loss is too noisy to compare runs
+    by); a run whose loss stopped being finite is ``diverged``.
     ``noise_scale`` and ``noise_scale_at_target`` are the smoothed gradient noise scale of the
     evaluation rows (B_simple in examples; NaN with one worker) at the end and where the target
     was first reached.
@@ -45,7 +57,7 @@ def summarize(history: Sequence[dict], plan: Plan) -> dict:
     evaluated = [r for r in history if "score" in r]
     reached = None
     if cfg.target is not None:
-        reached = next((r["step"] for r in evaluated if r["score"] >= cfg.target), None)
+        reached = crossing(evaluated, cfg.target)
     final = evaluated[-1] if evaluated else {}
     at_target = next((r for r in evaluated if r["step"] == reached), {})
     return {

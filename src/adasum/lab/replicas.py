@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 import adasum
-from adasum.lab.config import DELTA_MODE, RunConfig
+from adasum.lab.config import RunConfig
 from adasum.lab.optimizers import make_optimizer
 from adasum.optim import local_delta
 
@@ -30,7 +30,7 @@ class Replicas:
     def __init__(self, model: torch.nn.Module, config: RunConfig) -> None:
         self.model, self.config = model, config
         self.params = list(model.parameters())
-        self.delta = config.optimizer in DELTA_MODE
+        self.delta = config.reduces_deltas
         self.copies: list[list[torch.nn.Parameter]] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         if not self.delta:

@@ -12,33 +12,47 @@ from adasum.lab.plots import plt, save_figure
 __all__ = ["plot_steps", "plot_diagnostics"]
 
 
+def _main_line(rows: Sequence[dict]) -> list[dict]:
+    """Per E the setting with the most workers (the grid grows by workers; the settings with
+    fewer workers accumulating more are the accumulation axis, drawn unconnected)."""
+    by_e: dict[int, dict] = {}
+    for b in rows:
+        if b["examples"] not in by_e or b["workers"] > by_e[b["examples"]]["workers"]:
+            by_e[b["examples"]] = b
+    return [by_e[e] for e in sorted(by_e)]
+
+
 def plot_steps(best: Sequence[dict], path: Path, title: str) -> Path:
     """Median steps to the target at the best learning rate against E, log-log, a colour and
-    marker per combiner and a line style per worker count (E grows along a line by
-    accumulation; a panel per optimizer), bars from the fewest to the most steps over the
-    seeds; an x on the top edge marks an E where most seeds missed the target. Elastic
-    settings are left out (their E changes midway). Hollow markers: lines that coincide
-    (summing at lr x is averaging at lr N x) stay visible."""
+    marker per combiner (a panel per optimizer), bars from the fewest to the most steps over
+    the seeds; an x on the top edge marks an E where most seeds missed the target; the grey
+    line is perfect scaling (steps halving as E doubles) from the smallest E. The line joins
+    the settings that grow by workers; the accumulation axis's are unjoined markers. Elastic
+    settings are left out (their E changes midway)."""
     optimizers = sorted({b["optimizer"] for b in best})
     fig, axes = plt.subplots(1, len(optimizers), figsize=(5.5 * len(optimizers), 4), squeeze=False)
     for ax, optimizer in zip(axes[0], optimizers):
         rows = [b for b in best if b["optimizer"] == optimizer and ">" not in b["setting"]]
         top = max([b["max_steps"] for b in rows if math.isfinite(b["max_steps"])] or [1.0]) * 2
-        combiners = sorted({b["combiner"] for b in rows})
-        workers = sorted({b["workers"] for b in rows})
-        for c, combiner in enumerate(combiners):
-            for w, n in enumerate(workers):
-                line = sorted((b for b in rows if (b["combiner"], b["workers"]) == (combiner, n)),
-                              key=lambda b: b["examples"])
-                done = [b for b in line if math.isfinite(b["median_steps"])]
+        for c, combiner in enumerate(sorted({b["combiner"] for b in rows})):
+            mine = [b for b in rows if b["combiner"] == combiner]
+            line = _main_line(mine)
+            for points, style in ((line, "-"), ([b for b in mine if b not in line], "none")):
+                done = [b for b in points if math.isfinite(b["median_steps"])]
                 med = [b["median_steps"] for b in done]
                 low = [m - b["min_steps"] for m, b in zip(med, done)]
                 high = [(b["max_steps"] if math.isfinite(b["max_steps"]) else top) - m for m, b in zip(med, done)]
                 ax.errorbar([b["examples"] for b in done], med, yerr=[low, high], color=f"C{c}",
-                            marker="osD^v"[c % 5], ms=8 - 2 * c, mfc="none", capsize=3,
-                            ls=["-", "--", ":", "-."][w % 4], label=f"{combiner} N={n}")
-                missed = [b["examples"] for b in line if not math.isfinite(b["median_steps"])]
-                ax.plot(missed, [top] * len(missed), "x", ms=9, mew=2, color=f"C{c}")
+                            marker="osD^v"[c % 5], ms=8 - 2 * c, mfc="none", capsize=3, ls=style,
+                            label=combiner if style == "-" else f"{combiner}, accumulating")
+            missed = [b["examples"] for b in mine if not math.isfinite(b["median_steps"])]
+            ax.plot(missed, [top] * len(missed), "x", ms=9, mew=2, color=f"C{c}")
+        reached = [b for b in rows if math.isfinite(b["median_steps"])]
+        if reached:
+            first = min(reached, key=lambda b: (b["examples"], b["median_steps"]))
+            es = sorted({b["examples"] for b in rows})
+            ax.plot(es, [first["median_steps"] * first["examples"] / e for e in es], color="grey", ls=":",
+                    lw=1, label="perfect scaling")
         ax.set(xscale="log", yscale="log", xlabel="examples before communication (E)",
                ylabel="steps to target (median, min-max over seeds)", title=optimizer)
         ax.legend(fontsize=7)

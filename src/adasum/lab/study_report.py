@@ -1,6 +1,6 @@
-"""What ``adasum study`` writes at the end: the protocol's tables, the orthogonality
-diagnostics, and the plots (steps to the target against E per combiner, log-log with the spread
-over seeds; the diagnostics over training)."""
+"""What ``adasum study`` writes at the end: the protocol's table, the readings' verdicts, the
+orthogonality diagnostics, and the plots (steps to the target against E per combiner, log-log
+with the spread over seeds and the perfect-scaling line; the diagnostics over training)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adasum.lab.protocol import GROUP, best_per_setting, elastic_rows, elastic_table, protocol_table
+from adasum.lab.readings import reading_table, recipe_rows, tuned_rows
 from adasum.lab.records import write_csv
 from adasum.lab.report import markdown_table
+from adasum.lab.sections import Scale
 
 __all__ = ["write_study_report", "orthogonality_rows"]
 
 
 def _best_runs(records: Sequence[dict], best: Sequence[dict]) -> dict[tuple, list[int]]:
-    """Indices of the runs (every seed) at each group's best learning rate."""
+    """Indices of the tuned reading's runs (every seed) at each group's best learning rate."""
     chosen = {tuple(b[k] for k in GROUP): b["lr"] for b in best}
     runs: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
         key = tuple(r[k] for k in GROUP)
-        if chosen.get(key) == r["lr"]:
+        if r["reading"] == "tuned" and chosen.get(key) == r["lr"]:
             runs.setdefault(key, []).append(i)
     return runs
 
@@ -32,8 +34,9 @@ def _median_of(rows: Sequence[dict], key: str) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict]) -> list[dict]:
-    """Per (optimizer, combiner, setting) at its best learning rate, medians over the seeds:
+def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict], best: Sequence[dict]) -> list[dict]:
+    """Per (optimizer, combiner, setting) at its best learning rate (``best``, the protocol's
+    rows), medians over the seeds:
     the workers' overall cosine and Adasum's scaling (1/2 = it averaged, 1 = it summed) at the
     first and the last evaluation, and the layers whose final scaling is lowest and highest."""
     by_run: dict[int, list[dict]] = {}
@@ -41,7 +44,7 @@ def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict]) -> list[
         if "orth/scale" in row:
             by_run.setdefault(row["run"], []).append(row)
     rows = []
-    for key, indices in _best_runs(records, best_per_setting(records)).items():
+    for key, indices in _best_runs(records, best).items():
         measured = [by_run[i] for i in indices if i in by_run]
         if not measured:
             continue  # one worker: nothing was combined
@@ -57,25 +60,33 @@ def orthogonality_rows(records: Sequence[dict], curves: Sequence[dict]) -> list[
     return rows
 
 
-def write_study_report(records: list[dict], curves: list[dict], out: Path, title: str) -> list[Path]:
-    """``runs.csv`` (one row per run), ``protocol.md`` (and ``protocol.csv``),
-    ``orthogonality.md``, ``elastic.md`` when the study changed worker counts, and the plots;
-    returns the files written."""
+def write_study_report(records: list[dict], curves: list[dict], out: Path, title: str, scale: Scale,
+                       readings: Sequence[str] = ("tuned", "recipe")) -> list[Path]:
+    """``runs.csv`` (one row per run), ``protocol.md`` (and ``protocol.csv``) of the tuned
+    reading, a table per reading (``tuned.md``, ``recipe.md``), ``orthogonality.md``,
+    ``elastic.md`` when the study changed worker counts, and the plots; returns the files
+    written."""
     from adasum.lab.study_plots import plot_diagnostics, plot_steps  # matplotlib: reports only
 
-    best = best_per_setting(records)
+    # Only the tuned reading's runs are tuned: the protocol's tables and plots are of those.
+    tuned = [r for r in records if r["reading"] == "tuned"]
+    best = best_per_setting(tuned, scale.sweep_seeds)
     write_csv(records, out / "runs.csv")
     write_csv(best, out / "protocol.csv")
     (out / "protocol.md").write_text(f"# {title}\n\n" + protocol_table(best))
     written = [out / "runs.csv", out / "protocol.csv", out / "protocol.md"]
-    orth = orthogonality_rows(records, curves)
+    tables = {"tuned": lambda: tuned_rows(records, scale.b_crit, scale.sweep_seeds), "recipe": lambda: recipe_rows(records)}
+    for name in readings:
+        (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(tables[name]()))
+        written.append(out / f"{name}.md")
+    orth = orthogonality_rows(records, curves, best)
     if orth:
         note = ("\nMedians over the seeds at the best learning rate, from Adasum's statistics of the "
                 "workers' reduced vectors (whatever the combiner): cosine between combined pairs, "
                 "and Adasum's scaling of their sum (0.5 = averaged, 1 = summed).\n")
         (out / "orthogonality.md").write_text(f"# {title}\n\n" + markdown_table(orth, list(orth[0])) + note)
         written.append(out / "orthogonality.md")
-    elastic = elastic_rows(records)
+    elastic = elastic_rows(tuned, scale.sweep_seeds)
     if elastic:
         (out / "elastic.md").write_text(f"# {title}\n\n" + elastic_table(elastic))
         written.append(out / "elastic.md")

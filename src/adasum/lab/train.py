@@ -6,12 +6,12 @@ examples, in the same order, as worker r of ``adasum simulate``), computes its g
 (Adasum, the average or the sum, :data:`adasum.lab.config.REDUCERS`), through the library's
 front doors only:
 
-* gradient mode (sgd, momentum): the model is wrapped in
+* gradient mode (``--mode gradient``, the default of sgd and momentum): the model is wrapped in
   :class:`torch.nn.parallel.DistributedDataParallel` with the communication hook
   :func:`adasum.ddp.adasum_hook`, which reduces the gradients during the backward pass of the
   step's last micro-batch (the others run under ``no_sync``). Each worker then runs the same
   optimizer step on the reduced gradient;
-* delta mode (adam, lamb): :class:`adasum.optim.DistributedOptimizer` steps each worker's own
+* delta mode (``--mode delta``, the default of adam and lamb): :class:`adasum.optim.DistributedOptimizer` steps each worker's own
   optimizer on its own gradient, reduces the parameter deltas and applies the result.
 
 The baselines thus run the same code as Adasum: a difference between reducers in a study comes
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.config import DELTA_MODE, ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
 from adasum.lab.tasks import Task, load_task
@@ -64,7 +64,7 @@ def _data_parallel(
     step's statistics (for the gradient noise scale), and what to close when the run ends (the
     reducer's buffers; in gradient mode also the hook's thread and process group)."""
     reducer = make_reducer(config.reducer)
-    if config.optimizer in DELTA_MODE:
+    if config.reduces_deltas:
         # Each worker's optimizer steps on its own gradient; the wrapper reduces the deltas.
         wrapped = DistributedOptimizer(optimizer, reducer, stats=True)
         return model, wrapped, wrapped, reducer

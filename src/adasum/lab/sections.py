@@ -1,0 +1,280 @@
+"""The sections of the large-batch study, as data: what ``adasum study NAME`` runs.
+
+A section (:class:`Section`) names a task, its optimizer, the two combiners it compares
+(Adasum and the paper's baseline, each a reducer in a mode) and two scales (:class:`Scale`):
+``cpu``, small enough for a laptop, and ``gpu``, the study proper.
+
+A scale is defined from the task's critical batch ``b_crit`` (McCandlish et al. 2018: the
+examples per step beyond which more examples per step stop saving steps): its grid of
+examples before communication E runs from below ``b_crit`` to ``span`` x ``b_crit``, 2x apart,
+grown by the number of workers at a per-worker batch at or below ``b_crit``
+(:func:`critical_grid`). The epoch budget follows from the grid: the largest E gets at least
+``min_steps`` optimizer steps (:meth:`Scale.epochs_for`). Every combiner is tuned on one
+absolute learning-rate axis (``lrs``, widened by the study while a best rate sits at its edge)
+with warm-up and cosine decay; ``base_lr`` is the one-worker rate the recipe reading starts
+from (:func:`recipe_lr`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from adasum.lab.config import ConfigError
+
+__all__ = ["Setting", "Combiner", "Scale", "Section", "SECTIONS", "critical_grid", "recipe_lr", "MIN_STEPS"]
+
+#: Optimizer steps the largest E gets at least: fewer, and a setting's steps to the target
+#: are decided by the schedule's warm-up and decay rather than by the combiner.
+MIN_STEPS = 128
+#: The least number of seeds at the best learning rate and its two neighbours.
+MIN_SEEDS = 5
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Workers x per-worker batch x accumulation; with ``resize_to``, the run continues with
+    that many workers from the start of epoch ``resize_epoch`` (elastic training)."""
+
+    workers: int
+    batch: int
+    accum: int = 1
+    resize_to: int | None = None
+    resize_epoch: int | None = None
+
+    @property
+    def per_worker(self) -> int:
+        return self.batch * self.accum
+
+    @property
+    def examples(self) -> int:
+        """Examples before communication (before an elastic change)."""
+        return self.workers * self.per_worker
+
+    @property
+    def largest_examples(self) -> int:
+        """The most examples one step of the run takes (after an elastic change too)."""
+        return max(self.workers, self.resize_to or 0) * self.per_worker
+
+    @property
+    def label(self) -> str:
+        workers = f"N{self.workers}" if self.resize_to is None else f"N{self.workers}>{self.resize_to}@{self.resize_epoch}"
+        return f"{workers} b{self.batch} a{self.accum}"
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A reducer in a mode (``None``: the optimizer's default, see :class:`~adasum.lab.config.RunConfig`),
+    and the rule its recipe learning rate follows (:func:`recipe_lr`)."""
+
+    reducer: str
+    rule: str
+    mode: str | None = None
+
+
+def critical_grid(b_crit: float, batch: int, *, span: int = 32, max_workers: int = 64,
+                  accum: tuple[int, ...] = ()) -> tuple[Setting, ...]:
+    """Settings whose E runs 2x apart from the largest ``batch`` x 2^k at or below ``b_crit``/2
+    (``batch`` itself if that is larger) up to the first at or above ``span`` x ``b_crit``.
+    E grows by the number of workers at ``batch`` examples per worker; past ``max_workers``
+    (what a simulation can hold) by accumulation. ``accum`` adds, at the largest E, the same E
+    with fewer workers accumulating that many micro-batches: accumulation as its own axis."""
+    if not 1 <= batch <= b_crit:
+        raise ConfigError(f"the per-worker batch {batch} must be at most the critical batch {b_crit:g}")
+    examples = batch
+    while examples * 2 <= b_crit / 2:
+        examples *= 2
+    grid = []
+    while True:
+        workers = min(examples // batch, max_workers)
+        grid.append(Setting(workers, batch, examples // (workers * batch)))
+        if examples >= span * b_crit:
+            break
+        examples *= 2
+    last = grid[-1]
+    grid += [Setting(last.workers // a, batch, last.accum * a) for a in accum if last.workers // a >= 1]
+    return tuple(grid)
+
+
+def recipe_lr(rule: str, base_lr: float, setting: Setting, reference: int) -> float:
+    """The learning rate a scaling recipe gives ``setting``, from ``base_lr`` for one worker
+    taking ``reference`` examples per step:
+
+    * ``examples``: the linear-scaling rule of averaging (Goyal et al. 2017): the average of N
+      gradients is one gradient of an N times larger batch;
+    * ``sqrt-examples``: the square root of E, the usual rule for Adam-like optimizers, whose
+      averaged update does not grow with the batch;
+    * ``per-worker``: grows with each worker's examples only, what the paper prescribes for
+      Adasum (the one-worker rate at the worker's own batch): Adasum already adds the workers'
+      steps up where their gradients are orthogonal;
+    * ``none``: ``base_lr`` whatever the setting.
+    """
+    if rule == "examples":
+        return base_lr * setting.examples / reference
+    if rule == "sqrt-examples":
+        return base_lr * math.sqrt(setting.examples / reference)
+    if rule == "per-worker":
+        return base_lr * setting.per_worker / reference
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown learning-rate rule {rule!r}")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The grid of one scale of a section (see the module's description). ``lrs``: the first
+    learning-rate axis, absolute and the same for every combiner and setting, consecutive rates
+    at most 2x apart; the study adds a 2x step at an end where a best rate sits, at most
+    ``max_widen`` per end. ``sweep_seeds`` run at every rate; ``seeds`` (at least
+    :data:`MIN_SEEDS`) at each combiner's best rate and its two neighbours. Warm-up lasts
+    ``warmup_fraction`` of a run's steps, at least ``min_warmup``. Evaluations: ``evals_per_epoch``
+    per epoch and ``evals_per_doubling`` per doubling of the step count (see
+    :class:`~adasum.lab.config.RunConfig`)."""
+
+    settings: tuple[Setting, ...]
+    b_crit: float
+    lrs: tuple[float, ...]
+    base_lr: float
+    reference: int
+    target: float
+    samples: int | None = None
+    sweep_seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    min_steps: int = MIN_STEPS
+    max_widen: int = 4
+    warmup_fraction: float = 0.05
+    min_warmup: int = 10
+    schedule: str = "cosine"
+    evals_per_epoch: int = 8
+    evals_per_doubling: int = 8
+    #: The task at this scale, where it is not the section's (a larger model on a GPU).
+    task: str | None = None
+
+    def check(self) -> Scale:
+        lrs = sorted(self.lrs)
+        if not lrs or any(b > 2 * a for a, b in zip(lrs, lrs[1:])):
+            raise ConfigError(f"learning rates must be at most 2x apart, got {self.lrs}")
+        if not self.settings:
+            raise ConfigError("a scale needs at least one setting")
+        if len(self.seeds) < MIN_SEEDS or not set(self.sweep_seeds) <= set(self.seeds):
+            raise ConfigError(f"a scale needs at least {MIN_SEEDS} seeds, the sweep's among them")
+        if self.min_steps < MIN_STEPS:
+            raise ConfigError(f"the largest E needs at least {MIN_STEPS} steps, got {self.min_steps}")
+        return self
+
+    def epochs_for(self, train_size: int) -> int:
+        """Epochs that give the largest E at least ``min_steps`` steps (whole steps per epoch)."""
+        largest = max(s.largest_examples for s in self.settings)
+        per_epoch = train_size // largest
+        if per_epoch < 1:
+            raise ConfigError(f"one step of E = {largest} needs more than the {train_size} training examples")
+        return math.ceil(self.min_steps / per_epoch)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: a fraction of it, never under ``min_warmup``
+        (nor over half the run)."""
+        return min(max(self.min_warmup, math.ceil(self.warmup_fraction * total_steps)), total_steps // 2)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the study: a task, its optimizer, the combiners it compares by name
+    (``adasum`` and the baseline ``average``), and its readings (``tuned``, ``recipe``; see
+    :mod:`adasum.lab.readings`)."""
+
+    name: str
+    title: str
+    task: str
+    optimizer: str
+    combiners: dict[str, Combiner]
+    cpu: Scale
+    gpu: Scale
+    readings: tuple[str, ...] = ("tuned", "recipe")
+
+    def task_at(self, scale: Scale) -> str:
+        return scale.task or self.task
+
+    def scale(self, name: str) -> Scale:
+        if name not in ("cpu", "gpu"):
+            raise ConfigError(f"unknown scale {name!r} (choose from cpu, gpu)")
+        return (self.cpu if name == "cpu" else self.gpu).check()
+
+
+def _axis(low: float, steps: int) -> tuple[float, ...]:
+    """``steps`` learning rates 2x apart from ``low``."""
+    return tuple(float(f"{low * 2 ** k:.6g}") for k in range(steps))
+
+
+#: Momentum SGD: both combiners reduce gradients; the paper's baseline averages them.
+_GRADIENT = {"adasum": Combiner("adasum", "per-worker"), "average": Combiner("average", "examples")}
+#: Adam and LAMB: Adasum of each worker's update (the paper), against prior work's baseline of
+#: one optimizer on the averaged gradient.
+_DELTA = {"adasum": Combiner("adasum", "none", "delta"), "average": Combiner("average", "sqrt-examples", "gradient")}
+
+# b_crit: the critical batch at the target, in examples. Measured ones say so; the others are
+# ESTIMATES (marked) until `adasum noise` measures them: replace the number, and the grid, the
+# budget and the readings follow.
+SECTIONS: dict[str, Section] = {s.name: s for s in (
+    Section(
+        "convex", "momentum SGD, 10-class logistic regression (the convex sanity check)", "logistic",
+        "momentum", _GRADIENT,
+        # ESTIMATE until `adasum noise` measures B_crit: B_simple (the smoothed noise scale of
+        # `adasum simulate`) along 8 workers at E = 256, averaging, lr 0.1, 65,536 examples, was
+        # 410 at score 0.79 and 540 at 0.82 (it grows as training goes on: 2,200 at 0.85).
+        cpu=Scale(critical_grid(512, 32, span=16, accum=(4,)), b_crit=512, lrs=_axis(0.025, 6), base_lr=0.05,
+                  reference=32, target=0.8, samples=65536),
+        gpu=Scale(critical_grid(512, 32, span=32, max_workers=256, accum=(4,)), b_crit=512, lrs=_axis(0.025, 8),
+                  base_lr=0.05, reference=32, target=0.8, samples=262144),
+    ),
+    Section(
+        "momentum", "momentum SGD, residual GroupNorm CNN on augmented digits", "augdigits-resnet",
+        "momentum", _GRADIENT,
+        # ESTIMATES until `adasum noise` measures B_crit. CPU: B_simple along 8 workers at E = 128,
+        # averaging, lr 0.1, 8,192 examples, was 25-35 at scores 0.69-0.79. GPU (target 0.95,
+        # later in training, where B_simple keeps growing): a PLACEHOLDER, not measured.
+        cpu=Scale(critical_grid(32, 16, span=16), b_crit=32, lrs=_axis(0.0125, 5), base_lr=0.05,
+                  reference=16, target=0.8, samples=8192),
+        gpu=Scale(critical_grid(256, 32, span=32, max_workers=256, accum=(4,)), b_crit=256, lrs=_axis(0.0125, 8),
+                  base_lr=0.05, reference=32, target=0.95, samples=262144),
+    ),
+    *(Section(
+        opt, f"{opt}: Adasum of each worker's update against one {opt} on the averaged gradient, "
+        "byte-level transformer on the standard library", "stdlib-transformer", opt, _DELTA,
+        # ESTIMATE until `adasum noise` measures B_crit, in windows of 64 bytes: B_simple along 8
+        # workers at E = 64 (Adam on the averaged gradient, lr 3e-3, 4,096 windows) was 16-27 at
+        # accuracy 0.37-0.38 and 45-65 at 0.39-0.40; the CPU target is 0.37, where B_crit is ~32.
+        cpu=Scale(critical_grid(32, 8, span=16), b_crit=32, lrs=_axis(lr / 4, 5), base_lr=lr, reference=8,
+                  target=0.37, samples=4096, evals_per_epoch=4),
+        # The 3.3M-parameter transformer: 128 steps at E = 32 x 128 windows take 8 epochs of
+        # 65,536 windows (the smallest E, 64, gets 8,192 steps). b_crit: a PLACEHOLDER.
+        gpu=Scale(critical_grid(128, 16, span=32, max_workers=128), b_crit=128, lrs=_axis(lr / 8, 6), base_lr=lr,
+                  reference=16, target=0.55, samples=65536, task="stdlib-transformer-large"),
+    ) for opt, lr in (("adam", 3e-3), ("lamb", 1e-2))),
+    Section(
+        "elastic", "elastic training: momentum SGD, the worker count changed midway at the same "
+        "learning rate", "augdigits-resnet", "momentum", _GRADIENT,
+        cpu=Scale((Setting(4, 16), Setting(16, 16), Setting(4, 16, 1, 16, 1)), b_crit=32, lrs=_axis(0.0125, 5),
+                  base_lr=0.05, reference=16, target=0.8, samples=8192),
+        gpu=Scale((Setting(8, 32), Setting(64, 32), Setting(8, 32, 1, 64, 4), Setting(64, 32, 1, 8, 4)),
+                  b_crit=256, lrs=_axis(0.0125, 8), base_lr=0.05, reference=32, target=0.95, samples=65536),
+        readings=("tuned",),  # the elastic table is its reading
+    ),
+    # The other engineer's generated-data tasks (names to be reconciled with tasks.py).
+    Section(
+        "logistic-stream", "momentum SGD, logistic regression on ~1M generated examples", "logistic-stream",
+        "momentum", _GRADIENT,
+        # PLACEHOLDER: b_crit from `adasum noise` once the task exists.
+        cpu=Scale(critical_grid(128, 16, span=16), b_crit=128, lrs=_axis(0.0125, 6), base_lr=0.05,
+                  reference=16, target=0.85, samples=262144),
+        gpu=Scale(critical_grid(128, 16, span=32, max_workers=256), b_crit=128, lrs=_axis(0.0125, 8),
+                  base_lr=0.05, reference=16, target=0.85, samples=1 << 20),
+    ),
+    Section(
+        "teacher-mlp", "momentum SGD, a student MLP learning a teacher MLP", "teacher-mlp", "momentum", _GRADIENT,
+        # PLACEHOLDER: b_crit from `adasum noise` once the task exists.
+        cpu=Scale(critical_grid(64, 16, span=16), b_crit=64, lrs=_axis(0.0125, 6), base_lr=0.05,
+                  reference=16, target=0.9, samples=65536),
+        gpu=Scale(critical_grid(64, 16, span=32, max_workers=256), b_crit=64, lrs=_axis(0.0125, 8),
+                  base_lr=0.05, reference=16, target=0.9, samples=1 << 20),
+    ),
+)}
