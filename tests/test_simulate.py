@@ -199,3 +199,17 @@ def test_lr_grid_table_has_a_column_per_learning_rate():
     assert lines[0].endswith("| lr 0.1 | lr 1 |")
     assert lines[2] == "| sgd | adasum | 4 | 8 | 1 | 32 |  | - (0.5) |"
     assert lines[3] == "| sgd | sum | 4 | 8 | 1 | 32 | 1.5 (0.95) | div |"
+
+
+def test_a_run_stopped_at_the_target_is_the_full_run_up_to_its_crossing():
+    task = load_task("digits-mlp")
+    config = RunConfig(optimizer="momentum", lr=0.05, epochs=4, batch=16, target=0.8, seed=2)
+    full, full_summary = simulate_run(task, config, 4, distances=False)
+    stopped, summary = simulate_run(task, config, 4, distances=False, stop_at_target=True)
+    reached = full_summary["steps_to_target"]
+    assert reached is not None and summary["steps_to_target"] == reached
+    evaluated = [r["step"] for r in full if "score" in r]
+    # It ends at the second of the two evaluations that make the crossing, the same steps.
+    assert stopped[-1]["step"] == evaluated[evaluated.index(reached) + 1] < len(full)
+    assert [r["loss"] for r in stopped] == [r["loss"] for r in full[: len(stopped)]]
+    assert summary["score"] >= config.target

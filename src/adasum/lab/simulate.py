@@ -46,7 +46,7 @@ import adasum
 from adasum.lab.config import REDUCERS, ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import set_lr
 from adasum.lab.replicas import Replicas, per_rank
-from adasum.lab.records import evaluate, summarize
+from adasum.lab.records import crossing, evaluate, summarize
 from adasum.lab.tasks import Task
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
@@ -189,7 +189,7 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
                  progress: bool = False, device: str | torch.device = "cpu",
                  worker_chunk: int | None = None, resize: tuple[int, int] | None = None,
                  resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
-                 diagnostics: bool = False) -> tuple[list[dict], dict]:
+                 diagnostics: bool = False, stop_at_target: bool = False) -> tuple[list[dict], dict]:
     """Train ``config`` with ``workers`` simulated workers on ``device``, their gradients taken
     ``worker_chunk`` workers at a time (None: as many as :func:`chunk_budget` allows); returns
     ``(history, summary)``.
@@ -210,6 +210,11 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     after ``epoch`` epochs and resuming with ``n`` workers does. ``on_epoch`` is given a
     checkpoint after every epoch; ``resume`` (such a checkpoint) continues from it with
     ``workers`` workers, the history holding the new steps only, numbered on from it.
+
+    ``stop_at_target``: end the run once the target is reached (two consecutive evaluations at
+    or above it, :func:`adasum.lab.records.crossing`). A study that measures steps to the target
+    then pays for them alone, not for the rest of a budget sized for its largest E; the summary's
+    final score is then the score at the crossing.
     """
     device = resolve_device(device)
     first = resume["epoch"] if resume is not None else 0
@@ -266,10 +271,14 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
             bar.update()
             if not math.isfinite(row["loss"]):
                 break
+            if stop_at_target and evaluating and _reached(history, config.target):
+                break
             if on_epoch is not None and (step + 1) % spe == 0:
                 on_epoch(replicas.checkpoint((step + 1) // spe, done))
         if history and not math.isfinite(history[-1]["loss"]):
             break  # a diverged run stops in whichever stretch it diverged
+        if stop_at_target and _reached(history, config.target):
+            break
     bar.close()
     summary = summarize(history, phases[-1][0])
     if resize is not None or resume is not None:
@@ -288,6 +297,14 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     if device.type == "cuda":
         summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return history, summary
+
+
+def _reached(history: Sequence[dict], target: float | None) -> bool:
+    """Whether the run has crossed ``target`` by the last two evaluations (no target: never)."""
+    if target is None:
+        return False
+    last_two = list(itertools.islice((r for r in reversed(history) if "score" in r), 2))[::-1]
+    return crossing(last_two, target) is not None
 
 
 def gradient_noise(grads: Sequence[torch.Tensor], per_worker: int) -> adasum.NoiseScale:

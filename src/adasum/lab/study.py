@@ -82,9 +82,16 @@ def _simulate(task: Task, spec: RunSpec, device: str, worker_chunk: int | None) 
 
     s = spec.setting
     resize = None if s.resize_to is None else (s.resize_epoch, s.resize_to)
+    # A run that has reached the target stops there: the readings compare steps to the target
+    # and, only where runs did not reach it, final scores. An elastic run goes on, since what it
+    # measures comes after the change of worker count.
     history, summary = simulate_run(task, spec.config, s.workers, distances=False, device=device,
-                                    worker_chunk=worker_chunk, resize=resize, diagnostics=True)
-    return {"config": spec.config.as_dict(), "setting": asdict(s), "summary": summary, "history": history}
+                                    worker_chunk=worker_chunk, resize=resize, diagnostics=True,
+                                    stop_at_target=resize is None)
+    # Evaluation rows only: the report reads nothing else, and a small E's thousands of steps
+    # would make each stored run a megabyte.
+    evaluated = [row for row in history if "score" in row]
+    return {"config": spec.config.as_dict(), "setting": asdict(s), "summary": summary, "history": evaluated}
 
 
 def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = None,
@@ -117,8 +124,6 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
                 os.replace(path.with_suffix(".tmp"), path)
                 ran += 1
             records.append(_record(spec, result["summary"]))
-            # Evaluation rows only: the report reads nothing else, and a small E's thousands of
-            # steps would otherwise fill the memory.
             curves.extend({"run": len(records) - 1, **row} for row in result["history"] if "score" in row)
             bar.update()
             if new and on_run is not None:
