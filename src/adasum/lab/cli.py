@@ -1,4 +1,4 @@
-"""The ``adasum`` program: ``train``, ``simulate``, ``study``, ``bench`` and ``demo``.
+"""The ``adasum`` program: ``train``, ``simulate``, ``study``, ``noise``, ``bench`` and ``demo``.
 
 Anything the user can get wrong (an unknown task or optimizer, a bad data file or checkpoint,
 ``--nproc 0``, a learning rate <= 0, a target score above 1, an ``--out`` that cannot be
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")
     study.add_argument("--no-progress", action="store_true")
     study.set_defaults(func=_study)
+
+    _add_noise_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
@@ -337,6 +339,42 @@ def _study(args: argparse.Namespace) -> int:
     print((out / "protocol.md").read_text(), end="")
     print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
           f"wrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- noise
+
+def _add_noise_parser(sub) -> None:
+    noise = sub.add_parser("noise", help="the gradient noise scale B_simple (critical batch) along one run "
+                                         "(see adasum.lab.critical)")
+    _add_run_options(noise)
+    noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode, "
+                                                               "which is not one worker's training)")
+    noise.add_argument("--lr", type=float, default=0.05)
+    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker measured")
+    noise.add_argument("--workers", type=int, default=8, help="simulated workers the batch is split over and "
+                                                              "averaged (the noise scale's second batch size)")
+    noise.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    noise.add_argument("--worker-chunk", type=int, help="as for simulate")
+    noise.add_argument("--out", help="write the run's history.csv and summary.json here")
+    noise.set_defaults(func=_noise)
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from adasum.lab.critical import measure_noise, noise_report
+    from adasum.lab.records import write_csv, write_json
+
+    config = _config(args, optimizer=args.optimizer, lr=args.lr, batch=args.batch)
+    task = load_task(config.task, config.data, config.samples)
+    out = _output_dir(args.out) if args.out else None
+    history, summary = measure_noise(task, config, args.workers, device=args.device,
+                                     worker_chunk=args.worker_chunk, progress=sys.stderr.isatty())
+    print(f"{config.task}: {config.optimizer} lr {config.lr:g}, batch {config.batch} "
+          f"({args.workers} averaged workers x {config.batch // args.workers})")
+    print("\n".join(noise_report(history, summary)))
+    if out is not None:
+        write_csv(history, out / "history.csv")
+        write_json(summary, out / "summary.json")
     return 0
 
 
