@@ -70,7 +70,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                                   "--task file; a directory of text for the stdlib-transformer tasks (default: the "
                                   "standard library's .py files)")
     p.add_argument("--samples", type=int, help="training examples of a synthetic task (default 16384), of "
-                                               "augdigits-resnet (default 65536), windows of a text task (default all)")
+                                               "augdigits-resnet (default 65536), of gauss-logistic and teacher-mlp "
+                                               "(default 4194304), windows of a text task (default all)")
     p.add_argument("--schedule", default="constant", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--epochs", type=int, default=5)
@@ -350,7 +351,7 @@ def _add_noise_parser(sub) -> None:
     _add_run_options(noise)
     noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode, "
                                                                "which is not one worker's training)")
-    noise.add_argument("--lr", type=float, default=0.05)
+    noise.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker measured")
     noise.add_argument("--workers", type=int, default=8, help="simulated workers the batch is split over and "
                                                               "averaged (the noise scale's second batch size)")

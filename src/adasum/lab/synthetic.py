@@ -29,11 +29,11 @@ reach, so it is the same whatever ``samples`` is.
 
 from __future__ import annotations
 
+import copy
+import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-import math
-from math import sqrt
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ _EVAL_BATCH = 8192
 MIXTURE = {"classes": 10, "dim": 64, "radius": 3.0, "spread": 10.0}
 #: teacher-mlp: input dimension, teacher and student hidden widths, classes, and the factor on
 #: the teacher's logits (it sets how noisy the labels are).
-TEACHER = {"dim": 32, "hidden": 32, "student": 128, "classes": 10, "sharpness": 6.0}
+TEACHER = {"dim": 32, "hidden": 32, "student": 128, "classes": 10, "sharpness": 12.0}
 
 
 # ------------------------------------------------------------------------- the generator
@@ -182,8 +182,8 @@ class TeacherMLP(_Stream):
     def to(self, device: torch.device) -> TeacherMLP:
         if self.x_test.device == device:
             return self
-        moved = self._moved(device, ())
-        return replace(moved, teacher=self.teacher.to(device))
+        # A copy: Module.to moves in place, and this task must stay where it is.
+        return replace(self._moved(device, ()), teacher=copy.deepcopy(self.teacher).to(device))
 
 
 def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
@@ -195,7 +195,7 @@ def mixture_bayes_accuracy(radius: float, classes: int) -> float:
     length ``radius``: the true class wins when its coordinate along its own mean, radius + t,
     beats every other class's, s_k, all standard normal: integral of phi(t) Phi(t + r)^(K-1)."""
     t = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
-    density = torch.exp(-t * t / 2) / sqrt(2 * torch.pi)
+    density = torch.exp(-t * t / 2) / math.sqrt(2 * torch.pi)
     return torch.trapezoid(density * torch.special.ndtr(t + radius) ** (classes - 1), t).item()
 
 
@@ -233,7 +233,7 @@ def _teacher(g: torch.Generator) -> nn.Module:
     teacher = _mlp(t["dim"], t["hidden"], t["classes"])
     with torch.no_grad():
         for layer, fan_in, gain in ((teacher[0], t["dim"], 2.0), (teacher[2], t["hidden"], 1.0)):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * sqrt(gain / fan_in))
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * math.sqrt(gain / fan_in))
             layer.bias.zero_()
         teacher[2].weight.mul_(t["sharpness"])
     return teacher.requires_grad_(False)
