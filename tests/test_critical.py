@@ -73,11 +73,12 @@ def test_averaged_workers_are_one_worker_at_the_whole_batch():
 def test_noise_command_prints_a_finite_noise_scale_at_the_target(tmp_path, capsys):
     assert main(["noise", "--task", "gauss-logistic", "--samples", "8192", "--optimizer", "sgd", "--lr", "0.5",
                  "--batch", "256", "--workers", "4", "--epochs", "1", "--evals-per-epoch", "8",
-                 "--target", "0.5", "--out", str(tmp_path)]) == 0
+                 "--target", "0.5", "--levels", "0.3,0.99", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "gauss-logistic: sgd lr 0.5, batch 256 (4 averaged workers x 64)"
     assert out[1].split() == ["step", "examples", "score", "B_simple"]
     assert [int(line.split()[0]) for line in out[2:10]] == list(range(4, 33, 4))
+    assert "score 0.99 not reached" in out and any(line.startswith("score 0.3 first at step ") for line in out)
     reached = next(line for line in out if line.startswith("target 0.5 first reached"))
     assert math.isfinite(float(reached.rsplit("B_simple ", 1)[1])) and float(reached.rsplit(" ", 1)[1]) > 0
     assert out[-1].startswith("steps to target: ") and "at E = 256" in out[-1]

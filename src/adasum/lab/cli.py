@@ -357,6 +357,8 @@ def _add_noise_parser(sub) -> None:
                                                               "averaged (the noise scale's second batch size)")
     noise.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     noise.add_argument("--worker-chunk", type=int, help="as for simulate")
+    noise.add_argument("--levels", type=_list_of(float, "--levels"), default=[],
+                       help="scores (comma-separated) at which to report B_simple too: candidate targets")
     noise.add_argument("--out", help="write the run's history.csv and summary.json here")
     noise.set_defaults(func=_noise)
 
@@ -372,7 +374,7 @@ def _noise(args: argparse.Namespace) -> int:
                                      worker_chunk=args.worker_chunk, progress=sys.stderr.isatty())
     print(f"{config.task}: {config.optimizer} lr {config.lr:g}, batch {config.batch} "
           f"({args.workers} averaged workers x {config.batch // args.workers})")
-    print("\n".join(noise_report(history, summary)))
+    print("\n".join(noise_report(history, summary, args.levels)))
     if out is not None:
         write_csv(history, out / "history.csv")
         write_json(summary, out / "summary.json")

@@ -30,8 +30,8 @@ from adasum.lab.config import DELTA_MODE, ConfigError, RunConfig
 from adasum.lab.simulate import simulate_run
 from adasum.lab.tasks import Task
 
-__all__ = ["one_worker_config", "measure_noise", "evaluations", "noise_report", "CriticalFit",
-           "fit_critical_batch"]
+__all__ = ["one_worker_config", "measure_noise", "evaluations", "first_reaching", "noise_report",
+           "CriticalFit", "fit_critical_batch"]
 
 
 def one_worker_config(config: RunConfig, workers: int) -> RunConfig:
@@ -62,13 +62,25 @@ def evaluations(history: Sequence[dict], examples_per_step: int) -> list[dict]:
              "noise_scale": r["noise_scale"]} for r in history if "score" in r]
 
 
-def noise_report(history: Sequence[dict], summary: dict) -> list[str]:
-    """The lines ``adasum noise`` prints: one per evaluation, then B_simple where the target was
-    first reached and at the end, and the steps the run took to the target."""
+def first_reaching(rows: Sequence[dict], level: float) -> dict | None:
+    """The first of the evaluation ``rows`` whose score is at least ``level`` (None if none is):
+    where a run with that target would have stopped, and its noise scale there."""
+    return next((r for r in rows if r["score"] >= level), None)
+
+
+def noise_report(history: Sequence[dict], summary: dict, levels: Sequence[float] = ()) -> list[str]:
+    """The lines ``adasum noise`` prints: one per evaluation, B_simple where each of ``levels``
+    (other candidate targets) was first reached, then where the target was and at the end, and
+    the steps the run took to the target."""
     per_step = summary["examples_per_step"]
     rows = evaluations(history, per_step)
     lines = [f"{'step':>8} {'examples':>12} {'score':>8} {'B_simple':>10}"]
     lines += [f"{r['step']:>8} {r['examples']:>12,} {r['score']:>8.4f} {r['noise_scale']:>10.4g}" for r in rows]
+    for level in levels:
+        row = first_reaching(rows, level)
+        lines.append(f"score {level:g} not reached" if row is None else
+                     f"score {level:g} first at step {row['step']} ({row['examples']:,} examples): "
+                     f"B_simple {row['noise_scale']:.4g}")
     reached, target = summary["steps_to_target"], summary["target"]
     if target is None:
         lines.append("no --target given: B_simple at the target not measured")
