@@ -52,7 +52,7 @@ _EVAL_BATCH = 8192
 MIXTURE = {"classes": 10, "dim": 64, "radius": 3.0, "spread": 10.0}
 #: teacher-mlp: input dimension, teacher and student hidden widths, classes, and the factor on
 #: the teacher's logits (it sets how noisy the labels are).
-TEACHER = {"dim": 32, "hidden": 32, "student": 128, "classes": 10, "sharpness": 12.0}
+TEACHER = {"dim": 16, "hidden": 16, "student": 64, "classes": 10, "sharpness": 12.0}
 
 
 # ------------------------------------------------------------------------- the generator
