@@ -352,9 +352,9 @@ def _add_noise_parser(sub) -> None:
     noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode, "
                                                                "which is not one worker's training)")
     noise.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker measured")
+    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker measured (default 1024)")
     noise.add_argument("--workers", type=int, default=8, help="simulated workers the batch is split over and "
-                                                              "averaged (the noise scale's second batch size)")
+                                                              "averaged (the noise scale's second batch size; default 8)")
     noise.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     noise.add_argument("--worker-chunk", type=int, help="as for simulate")
     noise.add_argument("--levels", type=_list_of(float, "--levels"), default=[],
