@@ -291,6 +291,9 @@ def test_teacher_labels_follow_the_teacher():
     assert abs(accuracy - p.max(-1).values.mean().item()) < 4 * (bayes * (1 - bayes) / len(y)) ** 0.5
     student = task.build_model(0)
     assert student[0].out_features > task.teacher[0].out_features
+    moved = task.to(torch.device("meta"))  # moving a copy leaves this task's teacher where it is
+    assert moved.teacher[0].weight.is_meta and moved.x_test.is_meta
+    assert not task.teacher[0].weight.is_meta and task.to(torch.device("cpu")) is task
 
 
 def test_stream_task_refuses_samples_beyond_the_key_space():

@@ -346,15 +346,13 @@ def _study(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- noise
 
 def _add_noise_parser(sub) -> None:
-    noise = sub.add_parser("noise", help="the gradient noise scale B_simple (critical batch) along one run "
-                                         "(see adasum.lab.critical)")
+    noise = sub.add_parser("noise", help="the gradient noise scale B_simple (critical batch) along one run")
     _add_run_options(noise)
-    noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode, "
-                                                               "which is not one worker's training)")
+    noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode)")
     noise.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
-    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker measured (default 1024)")
-    noise.add_argument("--workers", type=int, default=8, help="simulated workers the batch is split over and "
-                                                              "averaged (the noise scale's second batch size; default 8)")
+    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker (default 1024)")
+    noise.add_argument("--workers", type=int, default=8,
+                       help="simulated workers whose average is that worker (the second batch size; default 8)")
     noise.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     noise.add_argument("--worker-chunk", type=int, help="as for simulate")
     noise.add_argument("--levels", type=_list_of(float, "--levels"), default=[],
@@ -372,8 +370,6 @@ def _noise(args: argparse.Namespace) -> int:
     out = _output_dir(args.out) if args.out else None
     history, summary = measure_noise(task, config, args.workers, device=args.device,
                                      worker_chunk=args.worker_chunk, progress=sys.stderr.isatty())
-    print(f"{config.task}: {config.optimizer} lr {config.lr:g}, batch {config.batch} "
-          f"({args.workers} averaged workers x {config.batch // args.workers})")
     print("\n".join(noise_report(history, summary, args.levels)))
     if out is not None:
         write_csv(history, out / "history.csv")

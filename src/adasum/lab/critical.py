@@ -69,12 +69,14 @@ def first_reaching(rows: Sequence[dict], level: float) -> dict | None:
 
 
 def noise_report(history: Sequence[dict], summary: dict, levels: Sequence[float] = ()) -> list[str]:
-    """The lines ``adasum noise`` prints: one per evaluation, B_simple where each of ``levels``
-    (other candidate targets) was first reached, then where the target was and at the end, and
-    the steps the run took to the target."""
+    """The lines ``adasum noise`` prints: the run, one line per evaluation, B_simple where each
+    of ``levels`` (other candidate targets) was first reached, then where the target was and at
+    the end, and the steps the run took to the target."""
     per_step = summary["examples_per_step"]
     rows = evaluations(history, per_step)
-    lines = [f"{'step':>8} {'examples':>12} {'score':>8} {'B_simple':>10}"]
+    lines = [f"{summary['task']}: {summary['optimizer']} lr {summary['lr']:g}, batch {per_step} "
+             f"({summary['workers']} averaged workers x {summary['batch'] * summary['accum']})",
+             f"{'step':>8} {'examples':>12} {'score':>8} {'B_simple':>10}"]
     lines += [f"{r['step']:>8} {r['examples']:>12,} {r['score']:>8.4f} {r['noise_scale']:>10.4g}" for r in rows]
     for level in levels:
         row = first_reaching(rows, level)
