@@ -8,6 +8,7 @@ import csv
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,93 @@ def test_simulate_command_on_a_new_task(tmp_path, capsys):
     for r in rows:
         assert float(r["bits_per_byte"]) == pytest.approx(float(r["test_loss"]) / math.log(2))
         assert 2 < float(r["bits_per_byte"]) < 8 and float(r["seconds_per_step"]) > 0
+
+
+# ------------------------------------------------------------------ streams of fresh examples
+
+def test_stream_examples_are_functions_of_their_index():
+    """Example i is the same in any call, any order, any shape and for any ``samples`` that
+    includes it; the test set does not depend on ``samples``."""
+    from adasum.lab.synthetic import stream_normals
+
+    for name in ("gauss-logistic", "teacher-mlp"):
+        big, small_ = load_task(name, samples=1 << 22), load_task(name, samples=100)
+        index = torch.tensor([[99, 3], [0, 99]])
+        x, y = big.examples(index)
+        assert x.shape == (2, 2, big.dim) and y.shape == (2, 2)
+        assert torch.equal(x[0, 0], x[1, 1]) and y[0, 0] == y[1, 1] and not torch.equal(x[0, 0], x[0, 1])
+        x1, y1 = small_.examples(torch.tensor([3]))
+        assert torch.equal(x1[0], x[0, 1]) and y1[0] == y[0, 1]
+        assert torch.equal(big.x_test, small_.x_test) and torch.equal(big.y_test, small_.y_test)
+    normals, uniform = stream_normals(np.arange(5, dtype=np.int64), 8)
+    again, _ = stream_normals(np.array([4, 0], dtype=np.int64), 8)
+    assert np.array_equal(again, normals[[4, 0]]) and normals.dtype == np.float32
+
+
+def test_stream_normals_are_independent_standard_normals():
+    """Moments, tails and correlations (between neighbouring features and neighbouring
+    examples) of 2^21 normals, and 16 equal bins of the uniforms, within 5 standard errors."""
+    from adasum.lab.synthetic import stream_normals
+
+    z, u = stream_normals(np.arange(1 << 15, dtype=np.int64), 64)
+    z = z.astype(np.float64)
+    n = z.size
+    assert abs(z.mean()) < 5 / n**0.5 and abs(z.var() - 1) < 5 * (2 / n) ** 0.5
+    assert abs((z**4).mean() - 3) < 5 * (96 / n) ** 0.5
+    assert abs((np.abs(z) > 2).mean() - 0.0455) < 5 * (0.0455 / n) ** 0.5
+    for a, b in ((z[:, :-1], z[:, 1:]), (z[:-1], z[1:]), (z[:, :32], z[:, 32:])):
+        assert abs((a * b).mean()) < 5 / a.size**0.5
+    counts = np.bincount((u * 16).astype(int), minlength=16)
+    expected = len(u) / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 15 dof: p < 1e-4
+
+
+def test_gauss_logistic_reaches_its_bayes_accuracy():
+    """The stated ceiling is the Bayes classifier's: its integral gives Phi(r / sqrt 2) for two
+    classes, and the classifier (the nearest mean once the inputs are rescaled to unit
+    variance) scores it on the test set and on fresh training examples within 4 binomial
+    standard errors. The inputs' scales spread over the stated range; the model is linear."""
+    from adasum.lab.synthetic import mixture_bayes_accuracy
+
+    assert mixture_bayes_accuracy(3.0, 2) == pytest.approx(0.5 * (1 + math.erf(3.0 / 2)), abs=1e-9)
+    task = load_task("gauss-logistic")
+    bayes = task.bayes_accuracy
+    assert bayes == pytest.approx(0.9025, abs=1e-4)
+    x, y = task.examples(torch.arange(1 << 15))
+    for inputs, labels in ((task.x_test, task.y_test), (x, y)):
+        accuracy = ((inputs / task.scales @ task.means.T).argmax(-1) == labels).double().mean().item()
+        assert abs(accuracy - bayes) < 4 * (bayes * (1 - bayes) / len(labels)) ** 0.5
+    assert task.scales.max() / task.scales.min() == pytest.approx(10, rel=1e-5)
+    assert isinstance(task.build_model(0), torch.nn.Linear)
+
+
+def test_teacher_labels_follow_the_teacher():
+    """Labels are drawn from the teacher's softmax (each class's frequency matches its mean
+    probability), the teacher's argmax scores the stated Bayes accuracy, and the student is an
+    MLP wider than the teacher."""
+    task = load_task("teacher-mlp")
+    x, y = task.examples(torch.arange(1 << 16))
+    with torch.no_grad():
+        p = task.teacher(x).softmax(-1).double()
+    counts = torch.bincount(y, minlength=p.shape[1]).double()
+    assert torch.all((counts - p.sum(0)).abs() < 5 * p.sum(0).sqrt() + 1)
+    bayes = task.bayes_accuracy
+    assert 0.7 < bayes < 0.9
+    accuracy = (p.argmax(-1) == y).double().mean().item()
+    assert abs(accuracy - p.max(-1).values.mean().item()) < 4 * (bayes * (1 - bayes) / len(y)) ** 0.5
+    student = task.build_model(0)
+    assert student[0].out_features > task.teacher[0].out_features
+    moved = task.to(torch.device("meta"))  # moving a copy leaves this task's teacher where it is
+    assert moved.teacher[0].weight.is_meta and moved.x_test.is_meta
+    assert not task.teacher[0].weight.is_meta and task.to(torch.device("cpu")) is task
+
+
+def test_stream_task_refuses_samples_beyond_the_key_space():
+    with pytest.raises(TaskError, match="at most"):
+        load_task("gauss-logistic", samples=1 << 27)
+
+
+def test_augmented_digits_default_has_65536_examples():
+    task = load_task("augdigits-resnet")
+    x, y = task.examples(torch.tensor([65535]))
+    assert task.train_size == 65536 and x.shape == (1, 1, 16, 16) and y[0] == task.labels[65535 % 1438]

@@ -1,7 +1,8 @@
 """The lab: everything built on top of the Adasum library to find out what it buys.
 
 * the ``adasum`` program (:mod:`adasum.lab.cli`): ``train`` (real data-parallel training on
-  local Gloo workers or under torchrun), ``simulate``, ``study``, ``bench`` and ``demo``;
+  local Gloo workers or under torchrun), ``simulate``, ``study``, ``noise`` (the critical batch,
+  :mod:`adasum.lab.critical`), ``bench`` and ``demo``;
 * the simulator (:mod:`adasum.lab.simulate`, its trained state in :mod:`~adasum.lab.replicas`):
   N workers in one process, step for step what ``adasum train`` does, plus the distance of each
   reducer's update to sequential SGD, the workers' orthogonality, and elastic worker counts;
@@ -11,8 +12,9 @@
   judge the paper's claims (:mod:`~adasum.lab.readings`, with :mod:`~adasum.lab.bootstrap`),
   the tables and plots (:mod:`~adasum.lab.study_report`, :mod:`~adasum.lab.study_plots`);
 * the experiments: tasks, models, optimizers and the run configuration they share
-  (:mod:`~adasum.lab.tasks`, with the transformer on source text in :mod:`~adasum.lab.text`
-  and the CNN on augmented digits in :mod:`~adasum.lab.images`; :mod:`~adasum.lab.models`,
+  (:mod:`~adasum.lab.tasks`, with the transformer on source text in :mod:`~adasum.lab.text`,
+  the CNN on augmented digits in :mod:`~adasum.lab.images` and the streams of generated
+  examples in :mod:`~adasum.lab.synthetic`; :mod:`~adasum.lab.models`,
   :mod:`~adasum.lab.optimizers`, :mod:`~adasum.lab.config`, :mod:`~adasum.lab.train`), and
   what a run measures (:mod:`~adasum.lab.records`);
 * the reports: tables (:mod:`adasum.lab.report`) and plots (:mod:`adasum.lab.plots`).

@@ -1,4 +1,4 @@
-"""The ``adasum`` program: ``train``, ``simulate``, ``study``, ``bench`` and ``demo``.
+"""The ``adasum`` program: ``train``, ``simulate``, ``study``, ``noise``, ``bench`` and ``demo``.
 
 Anything the user can get wrong (an unknown task or optimizer, a bad data file or checkpoint,
 ``--nproc 0``, a learning rate <= 0, a target score above 1, an ``--out`` that cannot be
@@ -70,7 +70,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                                   "--task file; a directory of text for the stdlib-transformer tasks (default: the "
                                   "standard library's .py files)")
     p.add_argument("--samples", type=int, help="training examples of a synthetic task (default 16384), of "
-                                               "augdigits-resnet (default 65536), windows of a text task (default all)")
+                                               "augdigits-resnet (default 65536), of gauss-logistic and teacher-mlp "
+                                               "(default 4194304), windows of a text task (default all)")
     p.add_argument("--schedule", default="constant", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     p.add_argument("--epochs", type=int, default=5)
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="runs/ and the report go here (default runs/study/NAME-SCALE)")
     study.add_argument("--no-progress", action="store_true", help="no progress bar")
     study.set_defaults(func=_study)
+
+    _add_noise_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark script of the source checkout")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
@@ -350,6 +353,40 @@ def _study(args: argparse.Namespace) -> int:
         print((out / f"{name}.md").read_text())
     print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
           f"wrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- noise
+
+def _add_noise_parser(sub) -> None:
+    noise = sub.add_parser("noise", help="the gradient noise scale B_simple (critical batch) along one run")
+    _add_run_options(noise)
+    noise.add_argument("--optimizer", default="momentum", help="sgd or momentum (adam and lamb run in delta mode)")
+    noise.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    noise.add_argument("--batch", type=int, default=1024, help="examples per step of the one worker (default 1024)")
+    noise.add_argument("--workers", type=int, default=8,
+                       help="simulated workers whose average is that worker (the second batch size; default 8)")
+    noise.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    noise.add_argument("--worker-chunk", type=int, help="as for simulate")
+    noise.add_argument("--levels", type=_list_of(float, "--levels"), default=[],
+                       help="scores (comma-separated) at which to report B_simple too: candidate targets")
+    noise.add_argument("--out", help="write the run's history.csv and summary.json here")
+    noise.set_defaults(func=_noise)
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from adasum.lab.critical import measure_noise, noise_report
+    from adasum.lab.records import write_csv, write_json
+
+    config = _config(args, optimizer=args.optimizer, lr=args.lr, batch=args.batch)
+    task = load_task(config.task, config.data, config.samples)
+    out = _output_dir(args.out) if args.out else None
+    history, summary = measure_noise(task, config, args.workers, device=args.device,
+                                     worker_chunk=args.worker_chunk, progress=sys.stderr.isatty())
+    print("\n".join(noise_report(history, summary, args.levels)))
+    if out is not None:
+        write_csv(history, out / "history.csv")
+        write_json(summary, out / "summary.json")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Every task fits in memory and needs no download: scikit-learn's bundled digits (1,797 8x8
 images), synthetic linear and multinomial logistic regression (drawn from a fixed teacher, so
-the problem does not change with the run's seed), the user's own ``.npz`` / ``.csv`` file, and
-two tasks of the paper's kind on data every machine has: a byte-level transformer on the
+the problem does not change with the run's seed), streams of millions of fresh generated
+examples whose critical batch is in the thousands (:mod:`adasum.lab.synthetic`), the user's own
+``.npz`` / ``.csv`` file, and two tasks of the paper's kind on data every machine has: a byte-level transformer on the
 source of Python's standard library (:mod:`adasum.lab.text`) and a residual CNN on digits
 under random affine transformations (:mod:`adasum.lab.images`). The score is test accuracy for
 classification (next-byte accuracy for the language model) and R^2 for regression; both are at
@@ -36,7 +37,9 @@ __all__ = ["Task", "ArrayTask", "TaskError", "TASKS", "load_task"]
 #: The tasks the text and image modules build, with their model sizes.
 TEXT_TASKS = ("stdlib-transformer", "stdlib-transformer-large")
 IMAGE_TASKS = ("augdigits-resnet",)
-TASKS = ("digits-mlp", "digits-cnn", "linear", "logistic", "file", *TEXT_TASKS, *IMAGE_TASKS)
+#: Streams of fresh generated examples (:mod:`adasum.lab.synthetic`), the same as its STREAM_TASKS.
+STREAM_TASKS = ("gauss-logistic", "teacher-mlp")
+TASKS = ("digits-mlp", "digits-cnn", "linear", "logistic", "file", *TEXT_TASKS, *IMAGE_TASKS, *STREAM_TASKS)
 #: The split and the synthetic teachers use this seed, not the run's: the data stay fixed
 #: while the seed varies the model's initialisation and the data order.
 DATA_SEED = 12345
@@ -155,6 +158,10 @@ def load_task(name: str, data: str | None = None, samples: int | None = None, co
         from adasum.lab.images import augmented_digits  # it builds on this module's Task
 
         return augmented_digits(name, samples)
+    if name in STREAM_TASKS:
+        from adasum.lab.synthetic import stream_task  # it builds on this module's Task
+
+        return stream_task(name, samples)
     if name.startswith("digits"):
         return _digits(name)
     samples = samples or 16384

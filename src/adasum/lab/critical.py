@@ -1,0 +1,145 @@
+r"""``adasum noise``: the critical batch of a task, measured, and the fit that bounds a sweep.
+
+McCandlish, Kaplan, Amodei et al. (2018), "An empirical model of large-batch training": the
+steps S a run needs to reach a target at E examples per step follow
+
+.. math::  S = S_\text{min} \, (1 + B_\text{crit} / E),
+
+so below the critical batch B_crit doubling E halves the steps, and far above it no E takes
+fewer than S_min. The simple gradient noise scale B_simple, measured where the target is
+reached, estimates B_crit. A sweep of E that is to test a large-batch method must therefore run
+from below B_crit to well above it, with enough steps at its largest E to tell methods apart.
+
+The measurement is one run of one worker at batch E, and it is taken in the simulator as k
+workers of E/k examples each whose gradients are averaged: for SGD and momentum that is the
+same training as one worker (the mean loss over E examples), and the k gradients give the noise
+scale for free (:func:`adasum.lab.simulate.gradient_noise`). Adam and LAMB are refused: they run
+in delta mode, where each worker's own optimizer normalises its own gradient, which is not one
+worker's step at batch E.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adasum.lab.config import DELTA_MODE, ConfigError, RunConfig
+from adasum.lab.simulate import simulate_run
+from adasum.lab.tasks import Task
+
+__all__ = ["one_worker_config", "measure_noise", "evaluations", "first_reaching", "noise_report",
+           "CriticalFit", "fit_critical_batch"]
+
+
+def one_worker_config(config: RunConfig, workers: int) -> RunConfig:
+    """The simulated run equivalent to one worker at ``config.batch`` examples per step:
+    ``workers`` workers of ``batch / workers`` examples, averaged. ConfigError if that is not
+    the same training (delta mode) or the batch does not split evenly."""
+    if config.optimizer in DELTA_MODE:
+        raise ConfigError(f"{config.optimizer} runs in delta mode, where averaging the workers' updates "
+                          "is not one worker's step: measure with sgd or momentum")
+    if workers < 2:
+        raise ConfigError(f"--workers must be at least 2 (the noise scale compares two batch sizes), got {workers}")
+    if config.batch % workers:
+        raise ConfigError(f"--batch {config.batch} must be a multiple of --workers {workers}")
+    return config.with_(reducer="average", batch=config.batch // workers).validated()
+
+
+def measure_noise(task: Task, config: RunConfig, workers: int = 8, *, device: str | torch.device = "cpu",
+                  worker_chunk: int | None = None, progress: bool = False) -> tuple[list[dict], dict]:
+    """``(history, summary)`` of the one-worker-equivalent run of ``config`` (its ``batch`` is
+    the one worker's) taken as ``workers`` averaged workers (:func:`one_worker_config`)."""
+    return simulate_run(task, one_worker_config(config, workers), workers, distances=False,
+                        device=device, worker_chunk=worker_chunk, progress=progress)
+
+
+def evaluations(history: Sequence[dict], examples_per_step: int) -> list[dict]:
+    """The evaluation rows of ``history``: step, examples seen, score and smoothed B_simple."""
+    return [{"step": r["step"], "examples": r["step"] * examples_per_step, "score": r["score"],
+             "noise_scale": r["noise_scale"]} for r in history if "score" in r]
+
+
+def first_reaching(rows: Sequence[dict], level: float) -> dict | None:
+    """The first of the evaluation ``rows`` whose score is at least ``level`` (None if none is):
+    where a run with that target would have stopped, and its noise scale there."""
+    return next((r for r in rows if r["score"] >= level), None)
+
+
+def noise_report(history: Sequence[dict], summary: dict, levels: Sequence[float] = ()) -> list[str]:
+    """The lines ``adasum noise`` prints: the run, one line per evaluation, B_simple where each
+    of ``levels`` (other candidate targets) was first reached, then where the target was and at
+    the end, and the steps the run took to the target."""
+    per_step = summary["examples_per_step"]
+    rows = evaluations(history, per_step)
+    lines = [f"{summary['task']}: {summary['optimizer']} lr {summary['lr']:g}, batch {per_step} "
+             f"({summary['workers']} averaged workers x {summary['batch'] * summary['accum']})",
+             f"{'step':>8} {'examples':>12} {'score':>8} {'B_simple':>10}"]
+    lines += [f"{r['step']:>8} {r['examples']:>12,} {r['score']:>8.4f} {r['noise_scale']:>10.4g}" for r in rows]
+    for level in levels:
+        row = first_reaching(rows, level)
+        lines.append(f"score {level:g} not reached" if row is None else
+                     f"score {level:g} first at step {row['step']} ({row['examples']:,} examples): "
+                     f"B_simple {row['noise_scale']:.4g}")
+    reached, target = summary["steps_to_target"], summary["target"]
+    if target is None:
+        lines.append("no --target given: B_simple at the target not measured")
+    elif reached is None:
+        lines.append(f"target {target:g} not reached in {summary['steps']} steps")
+    else:
+        lines.append(f"target {target:g} first reached at step {reached} ({reached * per_step:,} examples): "
+                     f"B_simple {summary['noise_scale_at_target']:.4g}")
+    if rows:
+        last = rows[-1]
+        lines.append(f"end, step {last['step']} ({last['examples']:,} examples): score {last['score']:.4f}, "
+                     f"B_simple {last['noise_scale']:.4g}")
+    lines.append(f"steps to target: {reached if reached is not None else 'not reached'} at E = {per_step}; "
+                 f"{summary['seconds']:.0f} s ({summary['seconds_per_step']:.3g} s/step)")
+    return lines
+
+
+@dataclass(frozen=True)
+class CriticalFit:
+    """``S = s_min (1 + b_crit / E)`` fitted to (E, S) points. ``e_min = s_min * b_crit`` is
+    McCandlish's fewest training examples (reached as E goes to 0); ``residual`` the root mean
+    square relative error of the fit."""
+
+    s_min: float
+    b_crit: float
+    residual: float
+
+    @property
+    def e_min(self) -> float:
+        return self.s_min * self.b_crit
+
+    def steps(self, examples_per_step: float) -> float:
+        """The fitted steps to the target at ``examples_per_step``."""
+        return self.s_min * (1 + self.b_crit / examples_per_step)
+
+
+def fit_critical_batch(examples_per_step: Sequence[float], steps: Sequence[float]) -> CriticalFit:
+    """Fit ``S = s_min (1 + b_crit / E)`` to steps to target ``steps`` measured at
+    ``examples_per_step``. The model is linear in (s_min, s_min * b_crit) against (1, 1/E);
+    each point is weighted by 1/S, so the fit minimises relative errors (the spread of steps
+    over seeds grows with the steps). ValueError for fewer than two distinct E or points the
+    model cannot fit (steps that do not fall as E grows, or never level off)."""
+    e = torch.as_tensor(examples_per_step, dtype=torch.float64)
+    s = torch.as_tensor(steps, dtype=torch.float64)
+    if e.shape != s.shape or e.ndim != 1:
+        raise ValueError(f"need as many steps as E values, got {tuple(e.shape)} and {tuple(s.shape)}")
+    if not (torch.all(e > 0) and torch.all(s > 0) and torch.isfinite(e).all() and torch.isfinite(s).all()):
+        raise ValueError("E and steps must be positive and finite")
+    if len(e.unique()) < 2:
+        raise ValueError("the fit needs steps at two or more distinct E")
+    design = torch.stack([torch.ones_like(e), 1 / e], 1) / s[:, None]
+    (a, c), *_ = torch.linalg.lstsq(design, torch.ones_like(s)[:, None], rcond=None)
+    a, c = a.item(), c.item()
+    if a <= 0:
+        raise ValueError("the steps never level off (S_min <= 0): the largest E is below the critical batch")
+    if c <= 0:
+        raise ValueError("the steps do not fall as E grows: every E is above the critical batch")
+    fitted = a + c / e
+    residual = math.sqrt(((fitted - s) / s).square().mean().item())
+    return CriticalFit(s_min=a, b_crit=c / a, residual=residual)

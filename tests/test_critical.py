@@ -1,0 +1,92 @@
+"""The critical-batch measurement (``adasum noise``) and McCandlish's fit of steps against E."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adasum.lab.cli import main
+from adasum.lab.config import ConfigError, RunConfig
+from adasum.lab.critical import fit_critical_batch, measure_noise, one_worker_config
+from adasum.lab.simulate import simulate_run
+from adasum.lab.tasks import load_task
+
+
+def test_fit_recovers_s_min_and_the_critical_batch_from_noisy_steps():
+    """Steps to target at 11 E from B_crit / 32 to 32 B_crit, each off by up to 10% (the spread
+    over seeds), give S_min and B_crit within 10%; exact points give them exactly."""
+    s_min, b_crit = 150.0, 3000.0
+    e = torch.logspace(math.log10(b_crit / 32), math.log10(b_crit * 32), 11, dtype=torch.float64)
+    exact = s_min * (1 + b_crit / e)
+    fit = fit_critical_batch(e.tolist(), exact.tolist())
+    assert fit.s_min == pytest.approx(s_min, rel=1e-9) and fit.b_crit == pytest.approx(b_crit, rel=1e-9)
+    assert fit.residual < 1e-9 and fit.e_min == pytest.approx(s_min * b_crit, rel=1e-9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        noisy = exact * (1 + 0.1 * (2 * torch.rand(11, generator=g, dtype=torch.float64) - 1))
+        fit = fit_critical_batch(e.tolist(), noisy.round().tolist())
+        assert fit.s_min == pytest.approx(s_min, rel=0.1) and fit.b_crit == pytest.approx(b_crit, rel=0.1)
+        assert 0 < fit.residual < 0.1 and fit.steps(fit.b_crit) == pytest.approx(2 * fit.s_min)
+
+
+def test_fit_refuses_points_the_model_cannot_describe():
+    with pytest.raises(ValueError, match="two or more distinct"):
+        fit_critical_batch([1024, 1024], [100, 110])
+    with pytest.raises(ValueError, match="do not fall"):
+        fit_critical_batch([1024, 2048, 4096], [100, 110, 130])
+    with pytest.raises(ValueError, match="never level off"):
+        fit_critical_batch([1024, 2048, 4096], [400, 190, 80])  # better than linear scaling
+    with pytest.raises(ValueError, match="positive"):
+        fit_critical_batch([1024, 2048], [100, 0])
+
+
+def test_one_worker_config_refusals():
+    config = RunConfig(optimizer="momentum", batch=1024)
+    assert one_worker_config(config, 8) == config.with_(reducer="average", batch=128)
+    with pytest.raises(ConfigError, match="delta mode"):
+        one_worker_config(config.with_(optimizer="adam"), 8)
+    with pytest.raises(ConfigError, match="multiple of --workers 3"):
+        one_worker_config(config, 3)
+    with pytest.raises(ConfigError, match="at least 2"):
+        one_worker_config(config, 1)
+
+
+def test_averaged_workers_are_one_worker_at_the_whole_batch():
+    """The premise of the measurement: 4 averaged workers of 64 examples train exactly as one
+    worker of 256 (the same examples each step, the mean loss over them), to float rounding;
+    and only the measured run has a noise scale."""
+    task = load_task("gauss-logistic", samples=4096)
+    config = RunConfig(task="gauss-logistic", samples=4096, optimizer="momentum", lr=0.2, batch=256,
+                       epochs=1, evals_per_epoch=4)
+    measured, summary = measure_noise(task, config, 4)
+    alone, _ = simulate_run(task, config.with_(reducer="average"), 1, distances=False)
+    assert len(measured) == len(alone) == 16 and summary["examples_per_step"] == 256
+    for a, b in zip(measured, alone):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        if "score" in a:
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+            assert math.isfinite(a["noise_scale"]) and math.isnan(b["noise_scale"])
+
+
+def test_noise_command_prints_a_finite_noise_scale_at_the_target(tmp_path, capsys):
+    assert main(["noise", "--task", "gauss-logistic", "--samples", "8192", "--optimizer", "sgd", "--lr", "0.5",
+                 "--batch", "256", "--workers", "4", "--epochs", "1", "--evals-per-epoch", "8",
+                 "--target", "0.5", "--levels", "0.3,0.99", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "gauss-logistic: sgd lr 0.5, batch 256 (4 averaged workers x 64)"
+    assert out[1].split() == ["step", "examples", "score", "B_simple"]
+    assert [int(line.split()[0]) for line in out[2:10]] == list(range(4, 33, 4))
+    assert "score 0.99 not reached" in out and any(line.startswith("score 0.3 first at step ") for line in out)
+    reached = next(line for line in out if line.startswith("target 0.5 first reached"))
+    assert math.isfinite(float(reached.rsplit("B_simple ", 1)[1])) and float(reached.rsplit(" ", 1)[1]) > 0
+    assert out[-1].startswith("steps to target: ") and "at E = 256" in out[-1]
+    assert (tmp_path / "history.csv").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_noise_command_refuses_delta_mode(capsys):
+    assert main(["noise", "--task", "gauss-logistic", "--samples", "1024", "--optimizer", "adam"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "adasum: error: adam runs in delta mode, where averaging the workers' updates is not one worker's "
+        "step: measure with sgd or momentum"]
