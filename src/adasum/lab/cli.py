@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Writes protocol.md, tuned.md and recipe.md (verdicts with 95% bootstrap "
                                        "intervals), orthogonality.md, the plots, and runs/<id>.json per run; a rerun "
                                        "continues where an interrupted one stopped.")
-    study.add_argument("name", help="convex, momentum, adam, lamb, elastic, logistic-stream or teacher-mlp "
+    study.add_argument("name", help="convex, momentum, adam, lamb, elastic, gauss-logistic or teacher-mlp "
                                     "(see adasum.lab.sections)")
     study.add_argument("--scale", default="cpu", help="cpu (a laptop's grid) or gpu (the study proper; use --device cuda)")
     study.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
