@@ -25,6 +25,9 @@ from adasum.horovod._reduce_ops import Adasum, Average, Max, Min, Sum, resolve_o
 from adasum.horovod._runtime import group_of
 from adasum.horovod.tensorflow._bridge import on_torch
 
+# The operations below are Python that builds TensorFlow operations; AutoGraph must leave them be.
+_plain_python = tf.autograph.experimental.do_not_convert
+
 __all__ = ["Compression", "allreduce", "grouped_allreduce", "allgather", "grouped_allgather", "broadcast",
            "broadcast_variables"]
 
@@ -131,6 +134,7 @@ def _allreduce_many(tensors: list[Any], average: bool | None, compression: Any, 
     return out
 
 
+@_plain_python
 def grouped_allreduce(tensors: Sequence[Any], average: bool | None = None, device_dense: str = "",
                       device_sparse: str = "", compression: Any = Compression.none, op: Any = None,
                       prescale_factor: float = 1.0, postscale_factor: float = 1.0, process_set: Any = None,
@@ -144,6 +148,7 @@ def grouped_allreduce(tensors: Sequence[Any], average: bool | None = None, devic
                            name, "grouped_allreduce")
 
 
+@_plain_python
 def allreduce(tensor: Any, average: bool | None = None, device_dense: str = "", device_sparse: str = "",
               compression: Any = Compression.none, op: Any = None, prescale_factor: float = 1.0,
               postscale_factor: float = 1.0, name: str | None = None, process_set: Any = None,
@@ -181,6 +186,7 @@ def _gathered(tensors: list[tf.Tensor], name: str | None, process_set: Any, oper
     return list(forward(*tensors)) if tensors else []
 
 
+@_plain_python
 def grouped_allgather(tensors: Sequence[Any], name: str | None = None, ignore_name_scope: bool = False,
                       process_set: Any = None) -> list[tf.Tensor]:
     """For each position, every rank's tensor concatenated along dimension 0 in rank order
@@ -188,6 +194,7 @@ def grouped_allgather(tensors: Sequence[Any], name: str | None = None, ignore_na
     return _gathered([tf.convert_to_tensor(t) for t in tensors], name, process_set, "grouped_allgather")
 
 
+@_plain_python
 def allgather(tensor: Any, name: str | None = None, ignore_name_scope: bool = False, process_set: Any = None) -> tf.Tensor:
     """Every rank's ``tensor`` concatenated along dimension 0 in rank order."""
     return _gathered([tf.convert_to_tensor(tensor)], name, process_set, "allgather")[0]
@@ -205,6 +212,7 @@ def _broadcast_values(values: list[tf.Tensor], root_rank: int, process_set: Any,
     return on_torch(run, values, [(v.dtype, v.shape) for v in values]) if values else []
 
 
+@_plain_python
 def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_scope: bool = False,
               process_set: Any = None) -> tf.Tensor:
     """``tensor``'s value on ``root_rank`` (a rank of ``process_set``), on every rank."""
@@ -223,6 +231,7 @@ def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_
     return forward(tf.convert_to_tensor(tensor))
 
 
+@_plain_python
 def broadcast_variables(variables: Sequence[Any], root_rank: int, process_set: Any = None,
                         inplace: bool = False) -> Any:
     """Assign every variable its value on ``root_rank``, in one operation (one agreement on

@@ -70,6 +70,7 @@ class DistributedGradientTape:
         ``scale_local_gradients=False``, as Horovod did)."""
         self._local[id(source)] = source
 
+    @tf.autograph.experimental.do_not_convert  # Python that builds the reduction
     def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
                  unconnected_gradients: Any = tf.UnconnectedGradients.NONE, **ignored: Any) -> Any:
         """The wrapped tape's gradients, reduced over the ranks, in the structure of ``sources``."""
