@@ -138,6 +138,12 @@ def _gradients(rank: int) -> dict:
         with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:
             loss = 0.5 * tf.reduce_sum((w - v) ** 2)
     out["tape_eager_sum"] = np.array(tape.gradient(loss, w))
+    mine = tf.Variable(tf.zeros([9], tf.float64))  # a layer of this rank's own
+    with tf.GradientTape() as tape:
+        loss = 0.5 * tf.reduce_sum((w - v) ** 2) + 0.5 * tf.reduce_sum((mine - v) ** 2)
+    tape = hvd.DistributedGradientTape(tape, op=hvd.Sum)
+    tape.register_local_source(mine)
+    out["tape_local"] = [np.array(g) for g in tape.gradient(loss, [w, mine])]
     return out
 
 
@@ -222,8 +228,18 @@ def _fit(rank: int) -> dict:
                  hvd.callbacks.LearningRateWarmupCallback(initial_lr=LR, warmup_epochs=WARMUP), seen]
     x = inputs(rank)
     model.fit(x["fit_x"], x["fit_y"], batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
-    return {"fit_initial": initial, "fit_start": seen.start, "fit_end": [np.array(w) for w in model.get_weights()],
-            "fit_rates": seen.rates, "fit_raw_logs": raw.logs, "fit_logs": seen.logs}
+    out = {"fit_initial": initial, "fit_start": seen.start, "fit_end": [np.array(w) for w in model.get_weights()],
+           "fit_rates": seen.rates, "fit_raw_logs": raw.logs, "fit_logs": seen.logs}
+    # Momentum correction: halving the rate halves the SGD velocity.
+    velocity = [np.array(m) for m in model.optimizer.inner_optimizer.momentums]
+    halve = hvd.callbacks.LearningRateScheduleCallback(initial_lr=LR, multiplier=0.5, start_epoch=0)
+    halve.set_model(model)
+    halve.on_epoch_begin(1)
+    halve.on_train_batch_begin(0)
+    out["corrected"] = (velocity, [np.array(m) for m in model.optimizer.inner_optimizer.momentums],
+                        float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+    out["keras_values"] = (hvd.allreduce(float(rank)), hvd.allgather([rank]), hvd.broadcast([rank, 7], root_rank=1))
+    return out
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}workers")
@@ -294,6 +310,10 @@ def test_distributed_gradient_tape(run):
         assert rel_err(torch.from_numpy(res["tape_adasum"]), adasum.reduce([[g] for g in local])[0]) <= 1e-12
         np.testing.assert_allclose(res["tape_average"], sum(local).numpy() / world, rtol=1e-12)
         np.testing.assert_allclose(res["tape_eager_sum"], sum(local).numpy(), rtol=1e-12)
+    for r, res in enumerate(results):  # a local source keeps its own gradient, divided by the ranks
+        shared, own = res["tape_local"]
+        np.testing.assert_allclose(shared, sum(local).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(own, local[r].numpy() / world, rtol=1e-12)
 
 
 def test_keras_optimizer_accumulates_as_horovod(run):
@@ -330,6 +350,15 @@ def test_keras_fit_with_the_callbacks(run):
             want.append(LR / world * (1 + done * (world - 1)))
     np.testing.assert_allclose(results[0]["fit_rates"], want, rtol=1e-6)
     assert results[0]["fit_logs"][-1]["lr"] == pytest.approx(LR, rel=1e-6)
+    before, after, rate = results[0]["corrected"]
+    assert rate == pytest.approx(LR / 2, rel=1e-6)
+    assert any(np.abs(b).max() > 0 for b in before)
+    for b, a in zip(before, after):
+        np.testing.assert_allclose(a, b / 2, rtol=1e-6)
+    for r, res in enumerate(results):
+        mean, gathered, sent = res["keras_values"]
+        assert mean == pytest.approx((world - 1) / 2) and gathered.tolist() == list(range(world))
+        assert sent.tolist() == [1, 7]
 
 
 def test_bad_input_raises_on_every_rank(run):
