@@ -71,7 +71,6 @@ def _reduced(tensors: list[tf.Tensor], op: Any, average: bool | None, prescale_f
              postscale_factor: float, name: str | None, process_set: Any, operation: str) -> list[tf.Tensor]:
     """The grouped allreduce of dense tensors, as a differentiable TensorFlow operation
     (``operation`` names it in error messages)."""
-
     call = _torch_allreduce._Call(operation, op, average, prescale_factor, postscale_factor, process_set, name)
 
     def run(ts: list[torch.Tensor]) -> list[torch.Tensor]:
