@@ -170,6 +170,8 @@ def _errors(rank: int, world: int) -> dict:
         "not_offered": caught(lambda: hvd.alltoall(tf.ones([2]))),
         "keras_op": caught(lambda: hvd_keras.DistributedOptimizer(keras.optimizers.SGD(), op=hvd.Min)),
         "keras_mismatch": caught(lambda: keras_opt.apply([keras.ops.ones_like(variable)], [variable])),
+        "tf_optimizer": caught(lambda: hvd.DistributedOptimizer(object())),
+        "tf_optimizer_keras": type(hvd.DistributedOptimizer(keras.optimizers.SGD(), op=hvd.Adasum)).__module__,
         "still_works": float(hvd.allreduce(tf.constant(float(rank)), op=hvd.Sum)),
     }
 
@@ -382,4 +384,6 @@ def test_bad_input_raises_on_every_rank(run):
     assert e["not_offered"].startswith("NotImplementedError: adasum.horovod.tensorflow.alltoall is not offered; use")
     assert e["keras_op"].startswith("ValueError: op must be")
     assert e["keras_mismatch"].startswith("ValueError") and f"on rank {last} but" in e["keras_mismatch"]
+    assert e["tf_optimizer"].startswith("TypeError: adasum.horovod.tensorflow.DistributedOptimizer wraps a keras")
+    assert e["tf_optimizer_keras"] == "adasum.horovod.keras._optimizer"
     assert e["still_works"] == sum(range(world))  # the group survives all of the above

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -30,6 +31,10 @@ from adasum.horovod.keras import callbacks
 from adasum.horovod.keras._optimizer import DistributedOptimizer
 from adasum.horovod.tensorflow import Compression, broadcast_variables
 from adasum.horovod.tensorflow import _ops
+
+if keras.backend.backend() != "tensorflow":  # Horovod's Keras API was TensorFlow's
+    raise ImportError(f"adasum.horovod.keras needs Keras's TensorFlow backend (KERAS_BACKEND=tensorflow), not "
+                      f"{keras.backend.backend()!r}; on the torch backend use adasum.keras")
 
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",

@@ -35,10 +35,11 @@ __all__ = [
 ]
 
 
-def DistributedOptimizer(optimizer, *args, **kwargs):  # noqa: N802 (Horovod's name)
+def DistributedOptimizer(optimizer, name=None, use_locking=False, **kwargs):  # noqa: N802 (Horovod's name)
     """Horovod's ``hvd.DistributedOptimizer`` for a Keras optimizer: the same as
-    :func:`adasum.horovod.keras.DistributedOptimizer`. TensorFlow 1's optimizers do not exist
-    in TensorFlow 2, so nothing else is accepted."""
+    :class:`adasum.horovod.keras.DistributedOptimizer` with the same keyword arguments
+    (``use_locking`` belonged to TensorFlow 1's optimizers and is ignored). TensorFlow 1's
+    optimizers do not exist in TensorFlow 2, so nothing else is accepted."""
     import keras
 
     if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -46,7 +47,7 @@ def DistributedOptimizer(optimizer, *args, **kwargs):  # noqa: N802 (Horovod's n
                         f"got {type(optimizer).__name__}; for a custom loop use hvd.DistributedGradientTape")
     from adasum.horovod.keras import DistributedOptimizer as keras_optimizer
 
-    return keras_optimizer(optimizer, *args, **kwargs)
+    return keras_optimizer(optimizer, name=name, **kwargs)
 
 
 def _missing(name: str, instead: str):
