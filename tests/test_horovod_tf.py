@@ -134,9 +134,8 @@ def _gradients(rank: int) -> dict:
 
     out = {f"grad_{k}": np.array(through(k)) for k in ("sum", "allgather", "broadcast")}
     out["tape_adasum"], out["tape_average"] = np.array(tape_step(hvd.Adasum)), np.array(tape_step(hvd.Average))
-    with tf.GradientTape() as tape:  # eager, the tape wrapped before recording
-        with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:
-            loss = 0.5 * tf.reduce_sum((w - v) ** 2)
+    with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:  # eager, wrapped before recording
+        loss = 0.5 * tf.reduce_sum((w - v) ** 2)
     out["tape_eager_sum"] = np.array(tape.gradient(loss, w))
     mine = tf.Variable(tf.zeros([9], tf.float64))  # a layer of this rank's own
     with tf.GradientTape() as tape:

@@ -55,12 +55,12 @@ class DistributedOptimizer(_Engine):
                          gradient_accumulation_steps=backward_passes_per_step, name=name)
         self.op, self.average_aggregated = op, bool(average_aggregated_gradients)
 
-    def update(self, grads: list, variables: list) -> None:
+    def update(self, grads: list, variables: list) -> Any:
         # The engine averages accumulated gradients (Keras's meaning); Horovod summed them unless
-        # told to average.
+        # told to average. Whatever the engine's update returns is passed on unchanged.
         if self.steps > 1 and not self.average_aggregated:
             grads = [g if g is None else ops.multiply(g, self.steps) for g in grads]
-        super().update(grads, variables)
+        return super().update(grads, variables)
 
     def register_local_var(self, var: Any) -> None:
         raise NotImplementedError("adasum.horovod.keras.DistributedOptimizer: local variables are not offered; "
