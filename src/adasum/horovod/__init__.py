@@ -22,6 +22,7 @@ from adasum.horovod._collectives import (
     grouped_allgather, grouped_allgather_async, join, reducescatter,
 )
 from adasum.horovod._handles import Handle, HorovodInternalError, poll, synchronize
+from adasum.horovod._missing import not_offered
 from adasum.horovod._objects import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from adasum.horovod._optimizer import DistributedOptimizer
 from adasum.horovod._reduce_ops import Adasum, Average, Compression, Max, Min, Product, ReduceOp, Sum
@@ -49,12 +50,7 @@ global_process_set = None
 
 
 def _not_offered(name: str, instead: str):
-    def missing(*args: object, **kwargs: object) -> None:
-        raise NotImplementedError(f"adasum.horovod.{name} is not offered; {instead}")
-
-    missing.__name__ = name
-    missing.__doc__ = f"Not offered: {instead}."
-    return missing
+    return not_offered("adasum.horovod", name, instead)
 
 
 # Horovod names with no counterpart here: calling one says what to use instead.

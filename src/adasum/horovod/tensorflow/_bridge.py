@@ -1,0 +1,47 @@
+"""Run one of adasum.horovod's torch operations on TensorFlow tensors, eagerly or in a graph.
+
+The TensorFlow front door adds no collective of its own: every operation is the PyTorch one
+(its agreement round, its engine), reached through DLPack. Eagerly the inputs are viewed as
+torch tensors without a copy and the outputs come back the same way. Inside ``tf.function``
+the same Python becomes one ``tf.py_function`` node; TensorFlow runs stateful nodes such as
+this one in program order, which is what keeps every rank issuing the same operations in the
+same order (torch.distributed pairs operations by order, not by name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+import torch
+
+from adasum.tensorflow._collective import _aligned
+
+__all__ = ["on_torch"]
+
+#: What an output looks like: its dtype and its (possibly partly unknown) static shape.
+Spec = tuple[tf.DType, tf.TensorShape]
+
+
+def _to_tf(t: torch.Tensor) -> tf.Tensor:
+    # TensorFlow aborts on tensors that are not 64-byte aligned; fresh torch tensors are.
+    return tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(_aligned(t.contiguous())))
+
+
+@tf.autograph.experimental.do_not_convert
+def on_torch(
+    fn: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]], tensors: Sequence[tf.Tensor], specs: Sequence[Spec]
+) -> list[tf.Tensor]:
+    """``fn`` (torch tensors it must not write -> new torch tensors) applied to ``tensors``;
+    ``specs`` describe the outputs for the graph. Errors raised by ``fn`` arrive as they are
+    when eager, and inside a graph as TensorFlow's own error carrying the same message."""
+
+    def call(*args: tf.Tensor) -> list[tf.Tensor]:
+        return [_to_tf(t) for t in fn([torch.from_dlpack(a) for a in args])]
+
+    if tf.executing_eagerly():
+        return call(*tensors)
+    out = tf.py_function(call, list(tensors), [dtype for dtype, _ in specs])
+    for o, (_, shape) in zip(out, specs):
+        o.set_shape(shape)
+    return list(out)
