@@ -172,6 +172,23 @@ def test_extreme_magnitudes_do_not_overflow_float32_sums() -> None:
     _assert_matches_reference(out, stacked, 5, ulps=4)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tiny_vectors_beside_zero_pieces_are_combined_not_summed(n: int) -> None:
+    """A device whose piece of a leaf holds only zeros must not set the scale of the other
+    devices' pieces: with float32 accumulation, nearly parallel vectors of 1e-20 next to such a
+    piece had their squared norms scaled below the zero guard, and were summed, not combined."""
+    rng = np.random.default_rng(9)
+    stacked = {}
+    for scale in (1e-20, 1e-30):
+        leaf = np.zeros((n, 16), np.float32)
+        leaf[:, :3] = scale * (1 + rng.random((n, 3)))  # nonzero in the first rows only
+        stacked[f"front {scale:g}"] = leaf
+        stacked[f"back {scale:g}"] = leaf[:, ::-1].copy()
+    out = _all_reduce(stacked, n)
+    _assert_identical_on_devices(out)
+    _assert_matches_reference(out, stacked, n, ulps=4)
+
+
 def test_non_finite_values_propagate_like_the_reference() -> None:
     stacked = np.random.default_rng(3).standard_normal((4, 2, 6)).astype(np.float32)
     stacked[2, 0, 3] = np.nan
