@@ -69,8 +69,36 @@ def _fit(rank: int, world: int, mode: str, steps: int) -> dict:
         "mismatch": caught(lambda: mismatched(rank, world)),
         "inner_accumulates": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2))),
         "mode": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(), mode="sum")),
+        "broadcast": caught(lambda: mismatched_broadcast(rank, world)),
     }
     return out
+
+
+def narrower_on_the_last(rank: int, world: int):
+    """A model whose first layer is narrower on the last worker than on the others."""
+    import keras
+
+    width = 4 if rank == world - 1 else 5
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
+
+
+def snapshot(variables) -> list[bytes]:
+    """The values of ``variables``, to compare bit for bit (dtype and shape included)."""
+    import keras
+
+    return [repr((a.dtype, a.shape)).encode() + a.tobytes() for a in map(keras.ops.convert_to_numpy, variables)]
+
+
+def mismatched_broadcast(rank: int, world: int) -> None:
+    """broadcast_variables of a model whose last worker has a layer of another width."""
+    from adasum.keras import broadcast_variables
+
+    model = narrower_on_the_last(rank, world)
+    before = snapshot(model.variables)
+    try:
+        broadcast_variables(model.variables)
+    finally:  # refused before any data moved: nothing changed
+        assert snapshot(model.variables) == before
 
 
 def mismatched(rank: int, world: int) -> None:
@@ -79,8 +107,7 @@ def mismatched(rank: int, world: int) -> None:
 
     from adasum.keras import DistributedOptimizer
 
-    width = 4 if rank == world - 1 else 5
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
+    model = narrower_on_the_last(rank, world)
     model.compile(optimizer=DistributedOptimizer(keras.optimizers.SGD(0.1)), loss=loss_fn(), run_eagerly=True)
     x, y = data(1, 1)
     before = [np.array(w) for w in model.get_weights()]
@@ -185,3 +212,4 @@ def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps):
     assert f"on rank {last} but" in errors[0]["mismatch"] and errors[0]["mismatch"].startswith("ValueError")
     assert errors[0]["inner_accumulates"].startswith("ValueError")
     assert errors[0]["mode"].startswith("ValueError")
+    assert errors[0]["broadcast"] == f"ValueError: adasum: tensor 0 is (6, 4) float32 on rank {last} but (6, 5) float32 on rank 0"

@@ -59,6 +59,9 @@ def _collective(rank: int, world: int) -> dict:
         "graph_error": graph_error(all_reduce),
         "check_error": caught(lambda: check(mismatched)),
         "graph_check_error": graph_error(check),
+        "broadcast_error": caught(lambda: broadcast(mismatched)),
+        "graph_broadcast_error": graph_error(broadcast),
+        "src_error": caught(lambda: broadcast(mine, src=world)),
         "check_passes": check(inputs),
         "bad_dtype": caught(lambda: all_reduce([tf.zeros([2], tf.int32 if rank == 0 else tf.float32)])),
     }
@@ -100,5 +103,8 @@ def bad_input_raises_the_same_error_everywhere(results: list[dict]) -> None:
         assert shape_error.removeprefix("ValueError: ") in r["graph_error"]
         assert r["check_error"] == r["error"]
         assert shape_error.removeprefix("ValueError: ") in r["graph_check_error"]
+        assert r["broadcast_error"] == r["error"]  # broadcast agrees on the layout first
+        assert shape_error.removeprefix("ValueError: ") in r["graph_broadcast_error"]
+        assert r["src_error"] == f"ValueError: adasum: rank 0: src={last + 1} is not a rank of this group of {last + 1}"
         assert r["bad_dtype"] == results[0]["bad_dtype"]
         assert "int32" in r["bad_dtype"] and r["bad_dtype"].startswith("TypeError")

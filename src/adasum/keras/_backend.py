@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
-import torch
 import torch.distributed as dist
 
+from adasum._broadcast import broadcast
 from adasum._reducer import Reducer
 
 __all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "broadcast_variables"]
@@ -57,15 +57,14 @@ def check(values: Sequence[Any], reducer: Reducer) -> None:
 def broadcast_variables(
     variables: Sequence[keras.Variable], src: int = 0, group: dist.ProcessGroup | None = None
 ) -> None:
-    """Assign rank ``src``'s values to ``variables`` on every worker."""
+    """Assign rank ``src``'s values to ``variables`` on every worker. The workers first agree
+    on the shapes, dtypes and ``src``: on a difference every worker raises the same ValueError
+    with its variables unchanged."""
     variables = list(variables)
     if check_backend() == "tensorflow":
-        from adasum.tensorflow import broadcast
+        from adasum.tensorflow import broadcast as tf_broadcast
 
-        for v, value in zip(variables, broadcast([v.value for v in variables], src, group)):
+        for v, value in zip(variables, tf_broadcast([v.value for v in variables], src, group)):
             v.assign(value)
         return
-    root = src if group is None else dist.get_global_rank(group, src)
-    with torch.no_grad():
-        for v in variables:
-            dist.broadcast(v.value.data, src=root, group=group)
+    broadcast([v.value.data for v in variables], src, group)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from adasum._adasum import Adasum
+from adasum._broadcast import broadcast as agreed_broadcast
 from adasum._reducer import Reducer
 
 __all__ = ["all_reduce", "broadcast", "check"]
@@ -48,13 +49,11 @@ def all_reduce(tensors: Any, reducer: Reducer | None = None) -> Any:
 @tf.autograph.experimental.do_not_convert
 def broadcast(tensors: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """Rank ``src``'s ``tensors`` (of ``group``) on every worker, in the structure given: the
-    helper that makes workers start equal."""
-    root = src if group is None else dist.get_global_rank(group, src)
+    helper that makes workers start equal. The workers first agree on the shapes, dtypes and
+    ``src``; on a difference every worker raises the same ValueError and no data moves."""
 
     def sent(flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            for t in flat:
-                dist.broadcast(t, src=root, group=group)
+        agreed_broadcast(flat, src, group)
         return flat
 
     return _apply(sent, tensors)
