@@ -1,12 +1,16 @@
 """adasum.keras on real worker processes (Gloo on localhost): ``model.fit`` with the
 DistributedOptimizer against an independent replay in one process (each worker's local step,
-adasum.reduce of the deltas or gradients, apply), on the TensorFlow and torch backends.
+adasum.reduce of the deltas or gradients, apply), on the TensorFlow and torch backends; and
+updates the workers refuse (a layer of another width, another reducer on one worker), which must
+leave every worker's weights and optimizer state as they were, also in Keras's compiled train
+step, in the same worker processes.
 Skipped where Keras or the backend is not installed; Keras is imported only in the workers,
 whose environment picks the backend."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -47,7 +51,7 @@ def loss_fn():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _fit(rank: int, world: int, mode: str, steps: int) -> dict:
+def _fit(rank: int, world: int, mode: str, steps: int, refusals: bool) -> dict:
     import keras
 
     from adasum.keras import DistributedOptimizer, broadcast_variables
@@ -69,8 +73,38 @@ def _fit(rank: int, world: int, mode: str, steps: int) -> dict:
         "mismatch": caught(lambda: mismatched(rank, world)),
         "inner_accumulates": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2))),
         "mode": caught(lambda: DistributedOptimizer(keras.optimizers.SGD(), mode="sum")),
+        "broadcast": caught(lambda: mismatched_broadcast(rank, world)),
     }
+    if refusals:
+        out["refused"] = {name: refused_update(rank, world, *case) for name, case in REFUSALS.items()}
     return out
+
+
+def narrower_on_the_last(rank: int, world: int):
+    """A model whose first layer is narrower on the last worker than on the others."""
+    import keras
+
+    width = 4 if rank == world - 1 else 5
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
+
+
+def snapshot(variables) -> list[bytes]:
+    """The values of ``variables``, to compare bit for bit (dtype and shape included)."""
+    import keras
+
+    return [repr((a.dtype, a.shape)).encode() + a.tobytes() for a in map(keras.ops.convert_to_numpy, variables)]
+
+
+def mismatched_broadcast(rank: int, world: int) -> None:
+    """broadcast_variables of a model whose last worker has a layer of another width."""
+    from adasum.keras import broadcast_variables
+
+    model = narrower_on_the_last(rank, world)
+    before = snapshot(model.variables)
+    try:
+        broadcast_variables(model.variables)
+    finally:  # refused before any data moved: nothing changed
+        assert snapshot(model.variables) == before
 
 
 def mismatched(rank: int, world: int) -> None:
@@ -79,8 +113,7 @@ def mismatched(rank: int, world: int) -> None:
 
     from adasum.keras import DistributedOptimizer
 
-    width = 4 if rank == world - 1 else 5
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(width), keras.layers.Dense(3)])
+    model = narrower_on_the_last(rank, world)
     model.compile(optimizer=DistributedOptimizer(keras.optimizers.SGD(0.1)), loss=loss_fn(), run_eagerly=True)
     x, y = data(1, 1)
     before = [np.array(w) for w in model.get_weights()]
@@ -153,21 +186,75 @@ def replay(start: list[np.ndarray], world: int, mode: str, steps: int) -> list[n
     return [np.array(w) for w in models[0].get_weights()]
 
 
-CASES = [  # (backend, workers, mode, batches per update)
-    ("tensorflow", 2, "delta", 1),
-    ("tensorflow", 3, "gradient", 1),
-    ("tensorflow", 4, "delta", 2),
-    ("torch", 3, "delta", 1),
-    ("torch", 2, "gradient", 3),
+# Updates the workers refuse change nothing, also inside Keras's compiled train step (the
+# TensorFlow backend's default), where operations run in the order of their dependencies.
+
+REFUSALS = {  # name: (mode, batches per update, what differs on the last worker)
+    "delta, layout": ("delta", 1, "layout"),
+    "gradient, layout": ("gradient", 1, "layout"),
+    "delta, reducer": ("delta", 1, "reducer"),
+    "gradient accumulated, reducer": ("gradient", 2, "reducer"),
+}
+
+
+def refused_update(rank: int, world: int, mode: str, steps: int, differs: str) -> tuple[str, bool]:
+    """One update through the default ``fit`` (compiled on the TensorFlow backend) that the
+    workers refuse: the error's type and adasum line, and whether every weight and optimizer variable (the
+    iteration counters, the moments, the accumulated gradients) kept its bits."""
+    from adasum.keras import DistributedOptimizer
+
+    last = rank == world - 1
+    model = narrower_on_the_last(rank, world) if differs == "layout" else make_model(seed=rank)
+    reducer = adasum.Average() if differs == "reducer" and last else None
+    optimizer = DistributedOptimizer(make_inner(mode), reducer, mode=mode, gradient_accumulation_steps=steps)
+    model.compile(optimizer=optimizer, loss=loss_fn())
+    optimizer.build(model.trainable_variables)
+    x, y = data(1, steps)
+    for batch in range(steps - 1):  # accumulated alone: the workers do not communicate yet
+        model.fit(x[batch * BATCH : (batch + 1) * BATCH], y[batch * BATCH : (batch + 1) * BATCH], verbose=0)
+    state = model.variables + optimizer.variables
+    before = snapshot(state)
+    try:
+        model.fit(x[-BATCH:], y[-BATCH:], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    except Exception as e:  # TensorFlow re-raises the error as one of its own, with the message
+        found = re.search(r"adasum: [^\n\x1b]*", str(e))  # to the line's end or a colour code
+        message = f"{type(e).__name__}: {found.group(0) if found else e}"
+    else:
+        message = "no error"
+    return message, snapshot(state) == before
+
+
+def refusals_changed_nothing(results: list[dict], backend: str) -> None:
+    """Every worker raised the same error for each refused update, with its state unchanged."""
+    last = len(results) - 1
+    kind = "InvalidArgumentError" if backend == "tensorflow" else "ValueError"  # graph or eager
+    for name in REFUSALS:
+        for rank, r in enumerate(results):
+            message, unchanged = r["refused"][name]
+            assert message == results[0]["refused"][name][0], (name, rank)  # the same words
+            assert unchanged, (name, rank, message)
+        if name.endswith("layout"):
+            want = f"{kind}: adasum: tensor 0 is (6, 4) float32 on rank {last} but (6, 5) float32 on rank 0"
+        else:
+            want = f"{kind}: adasum: reducer=average on rank {last} but reducer=adasum on rank 0"
+        assert results[0]["refused"][name][0] == want
+
+
+CASES = [  # (backend, workers, mode, batches per update, whether the workers also refuse updates)
+    ("tensorflow", 2, "delta", 1, True),
+    ("tensorflow", 3, "gradient", 1, True),
+    ("tensorflow", 4, "delta", 2, False),  # four TensorFlow workers on two cores: slow enough
+    ("torch", 3, "delta", 1, True),
+    ("torch", 2, "gradient", 3, True),
 ]
 
 
-@pytest.mark.parametrize("backend, world, mode, steps", CASES)
-def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps):
+@pytest.mark.parametrize("backend, world, mode, steps, refusals", CASES)
+def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps, refusals):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"needs {backend}")
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    results = spawn(_fit, world, mode, steps, timeout=TIMEOUT, env=env)
+    results = spawn(_fit, world, mode, steps, refusals, timeout=TIMEOUT, env=env)
     for r in results:  # started equal (broadcast) and stayed bit-identical
         for a, b in zip(r["start"] + r["end"], results[0]["start"] + results[0]["end"]):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
@@ -185,3 +272,7 @@ def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps):
     assert f"on rank {last} but" in errors[0]["mismatch"] and errors[0]["mismatch"].startswith("ValueError")
     assert errors[0]["inner_accumulates"].startswith("ValueError")
     assert errors[0]["mode"].startswith("ValueError")
+    assert errors[0]["broadcast"] == f"ValueError: adasum: tensor 0 is (6, 4) float32 on rank {last} but (6, 5) float32 on rank 0"
+    if refusals:
+        refusals_changed_nothing(results, backend)
+

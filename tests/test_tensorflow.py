@@ -46,6 +46,16 @@ def _collective(rank: int, world: int) -> dict:
             return e.message
         return None
 
+    counter = tf.Variable(0.0)
+
+    def guarded(a, b):  # the variable changes only once every worker passed the check
+        with tf.control_dependencies([check([a, b])]):
+            counter.assign_add(1.0)
+
+    def guarded_count(a, b) -> float:
+        tf.function(guarded)(a, b)
+        return float(counter.numpy())
+
     return {
         "eager": _to_torch(all_reduce(inputs)),
         "graph": _to_torch(graph(*inputs)),
@@ -59,7 +69,14 @@ def _collective(rank: int, world: int) -> dict:
         "graph_error": graph_error(all_reduce),
         "check_error": caught(lambda: check(mismatched)),
         "graph_check_error": graph_error(check),
-        "check_passes": check(inputs),
+        "guarded_error": graph_error(lambda ts: guarded(*ts)),
+        "guarded_counter": float(counter.numpy()),
+        "guarded_passes": guarded_count(*inputs[:2]),
+        "broadcast_error": caught(lambda: broadcast(mismatched)),
+        "graph_broadcast_error": graph_error(broadcast),
+        "src_error": caught(lambda: broadcast(mine, src=world)),
+        "empty_error": caught(lambda: all_reduce([] if rank == world - 1 else mine)),
+        "check_passes": bool(check(inputs)),
         "bad_dtype": caught(lambda: all_reduce([tf.zeros([2], tf.int32 if rank == 0 else tf.float32)])),
     }
 
@@ -100,5 +117,12 @@ def bad_input_raises_the_same_error_everywhere(results: list[dict]) -> None:
         assert shape_error.removeprefix("ValueError: ") in r["graph_error"]
         assert r["check_error"] == r["error"]
         assert shape_error.removeprefix("ValueError: ") in r["graph_check_error"]
+        assert shape_error.removeprefix("ValueError: ") in r["guarded_error"]
+        assert r["guarded_counter"] == 0.0  # the check's result orders the update after it
+        assert r["guarded_passes"] == 1.0 and r["check_passes"] is True
+        assert r["broadcast_error"] == r["error"]  # broadcast agrees on the layout first
+        assert shape_error.removeprefix("ValueError: ") in r["graph_broadcast_error"]
+        assert r["empty_error"] == f"ValueError: adasum: rank {last} passed 0 tensors, rank 0 passed 1"
+        assert r["src_error"] == f"ValueError: adasum: rank 0: src={last + 1} is not a rank of this group of {last + 1}"
         assert r["bad_dtype"] == results[0]["bad_dtype"]
         assert "int32" in r["bad_dtype"] and r["bad_dtype"].startswith("TypeError")

@@ -117,9 +117,19 @@ def times_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
     return x * _pow2(half) * _pow2(k - half)
 
 
+#: The exponent :func:`exponent` gives a piece holding only zeros: below that of any float32,
+#: so that such a piece never sets the common scale of the devices' pieces (their largest
+#: exponent). With 0 there, the squared norms of pieces of 1e-20 beside a zero piece were
+#: scaled by 2**-132, below the zero guard. The partial sums carry it as a float32, which holds
+#: it, and the sums and differences of a few such exponents, exactly.
+ZERO_EXPONENT = -1024
+
+
 def exponent(x: jax.Array) -> jax.Array:
-    """Integer e with ``max|x|`` in ``[2**(e-1), 2**e)``; 0 for a zero or non-finite maximum, so
-    that NaN and Inf reach the sums unchanged and propagate into the coefficients."""
+    """Integer e with ``max|x|`` in ``[2**(e-1), 2**e)``; :data:`ZERO_EXPONENT` for a zero
+    maximum; 0 for a non-finite maximum, so that NaN and Inf reach the sums unchanged and
+    propagate into the coefficients."""
     top = jnp.max(jnp.abs(x))
     _, e = jnp.frexp(top)
-    return jnp.where(jnp.isfinite(top) & (top > 0), e, 0).astype(jnp.int32)
+    e = jnp.where(top == 0, ZERO_EXPONENT, e)
+    return jnp.where(jnp.isfinite(top), e, 0).astype(jnp.int32)

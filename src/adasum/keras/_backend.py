@@ -9,16 +9,17 @@ stateless function that cannot call the engine; :mod:`adasum.jax` is the way the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ContextManager
 
 import keras
-import torch
 import torch.distributed as dist
 
+from adasum._broadcast import broadcast
 from adasum._reducer import Reducer
 
-__all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "broadcast_variables"]
+__all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "after", "broadcast_variables"]
 
 BACKENDS = ("tensorflow", "torch")
 
@@ -44,28 +45,43 @@ def all_reduce(values: Sequence[Any], reducer: Reducer) -> list[Any]:
     return values
 
 
-def check(values: Sequence[Any], reducer: Reducer) -> None:
-    """``reducer``'s validation of ``values`` alone: the same error on every worker, or none."""
+def check(values: Sequence[Any], reducer: Reducer) -> Any:
+    """``reducer``'s validation of ``values`` alone: the same error on every worker, or none.
+    Returns what :func:`after` orders later operations after (None on the torch backend)."""
     if keras.backend.backend() == "tensorflow":
         from adasum.tensorflow import check as tf_check
 
-        tf_check(list(values), reducer)
-        return
+        return tf_check(list(values), reducer)
     reducer.check(list(values))
+    return None
+
+
+def after(results: Sequence[Any]) -> ContextManager:
+    """A context whose operations wait for ``results`` (of :func:`check` or :func:`all_reduce`).
+
+    Inside Keras's compiled TensorFlow step, operations run in the order of their dependencies,
+    not of the code: an optimizer step that nothing ties to the check runs beside it and has
+    changed the weights by the time the check fails. Eagerly, and on the torch backend, the
+    code's order is the order, and the context does nothing.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.control_dependencies(list(results))
+    return contextlib.nullcontext()
 
 
 def broadcast_variables(
     variables: Sequence[keras.Variable], src: int = 0, group: dist.ProcessGroup | None = None
 ) -> None:
-    """Assign rank ``src``'s values to ``variables`` on every worker."""
+    """Assign rank ``src``'s values to ``variables`` on every worker. The workers first agree
+    on the shapes, dtypes and ``src``: on a difference every worker raises the same ValueError
+    with its variables unchanged."""
     variables = list(variables)
     if check_backend() == "tensorflow":
-        from adasum.tensorflow import broadcast
+        from adasum.tensorflow import broadcast as tf_broadcast
 
-        for v, value in zip(variables, broadcast([v.value for v in variables], src, group)):
+        for v, value in zip(variables, tf_broadcast([v.value for v in variables], src, group)):
             v.assign(value)
         return
-    root = src if group is None else dist.get_global_rank(group, src)
-    with torch.no_grad():
-        for v in variables:
-            dist.broadcast(v.value.data, src=root, group=group)
+    broadcast([v.value.data for v in variables], src, group)

@@ -54,7 +54,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         mode: ``"delta"`` (default) or ``"gradient"``.
         gradient_accumulation_steps: batches per update (averaged gradients).
 
-    The trainable variables stay bit-identical on every worker. Non-trainable variables
+    The trainable variables stay bit-identical on every worker. If the workers' variables or
+    reducers differ, every worker raises the same error before any weight or optimizer variable
+    changes, also in Keras's compiled train step. Every worker must pass the same ``mode`` and
+    ``gradient_accumulation_steps``: those are not compared. Non-trainable variables
     (normalization statistics) are each worker's own; broadcast them before saving if they
     must agree. Keras's ``mixed_float16`` policy is not supported: its loss scaler would skip
     steps on one worker alone. Keras's compiled train step must not be XLA-compiled on the
@@ -168,27 +171,47 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     def _last_pass(self, grads: list, variables: list, sums: list) -> None:
         means = [g if g is None or s is None else ops.divide(ops.add(g, s), self.steps) for g, s in zip(grads, sums)]
-        self.update(means, variables)
-        for s in sums:
-            if s is not None:
-                s.assign(ops.zeros_like(s))
-        self._pass.assign(0)
+        # The accumulators start again only once the workers have agreed on this update: on a
+        # refusal they keep the batches already summed.
+        with _backend.after(self.update(means, variables)):
+            for s in sums:
+                if s is not None:
+                    s.assign(ops.zeros_like(s))
+            self._pass.assign(0)
 
-    def update(self, grads: list, variables: list) -> None:
-        """One update of ``variables`` from this worker's ``grads`` and the other workers'."""
+    def update(self, grads: list, variables: list) -> list:
+        """One update of ``variables`` from this worker's ``grads`` and the other workers'.
+
+        Returns values that exist only once every worker has agreed on the update; every state
+        change of the update is ordered after them (:func:`adasum.keras._backend.after`), so
+        that on a refusal every worker raises with its weights and its optimizer's state,
+        iteration counter included, unchanged, also inside Keras's compiled train step.
+        """
         if self.mode == "gradient":
-            present = [i for i, g in enumerate(grads) if g is not None]
-            reduced = _backend.all_reduce([grads[i] for i in present], self.reducer)
-            for i, g in zip(present, reduced):
-                grads[i] = g
-            self.inner_optimizer.apply(grads, variables)
-            return
+            return self._gradient_update(grads, variables)
+        return self._delta_update(grads, variables)
+
+    def _gradient_update(self, grads: list, variables: list) -> list:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        reduced = _backend.all_reduce([grads[i] for i in present], self.reducer)
+        combined = list(grads)
+        for i, g in zip(present, reduced):
+            combined[i] = g
+        # The step reads the reduced gradients, but its iteration counter does not: it too
+        # must wait for the reduction, which refuses a mismatch before any data moves.
+        with _backend.after(reduced):
+            self.inner_optimizer.apply(combined, variables)
+        return reduced
+
+    def _delta_update(self, grads: list, variables: list) -> list:
         # Every variable takes part, with or without a gradient, so that all workers pass the
         # same tensors whichever gradients they happened to get. They are checked before the
-        # local step, so that on a mismatch every worker raises with its weights unchanged.
-        _backend.check([v.value for v in variables], self.reducer)
-        start = [ops.copy(v.value) for v in variables]
-        self.inner_optimizer.apply(grads, variables)
-        deltas = [ops.subtract(v.value, s) for v, s in zip(variables, start)]
-        for v, s, d in zip(variables, start, _backend.all_reduce(deltas, self.reducer)):
-            v.assign(ops.add(s, d))
+        # local step, so that on a mismatch every worker raises with its state unchanged.
+        agreed = [_backend.check([v.value for v in variables], self.reducer)]
+        with _backend.after(agreed):
+            start = [ops.copy(v.value) for v in variables]
+            self.inner_optimizer.apply(grads, variables)
+            deltas = [ops.subtract(v.value, s) for v, s in zip(variables, start)]
+            for v, s, d in zip(variables, start, _backend.all_reduce(deltas, self.reducer)):
+                v.assign(ops.add(s, d))
+        return agreed

@@ -5,7 +5,8 @@ r"""Adasum for TensorFlow: a collective across worker processes, eager and insid
     all_reduce(tensors)          every worker's tensors replaced by their Adasum, per tensor
     all_reduce(tensors, reducer) the same with adasum.Average(), adasum.Sum(), adasum.Hierarchical
     broadcast(tensors, src=0)    rank src's tensors on every worker
-    check(tensors)               all_reduce's validation alone (the same error on every worker)
+    check(tensors)               all_reduce's validation alone (the same error on every worker);
+                                 returns a value to make the updates of a graph depend on
 
 The reduction is the project's one engine (:class:`adasum.Reducer` over torch.distributed), so
 the semantics are those of the contract (rules 1-6): per tensor,

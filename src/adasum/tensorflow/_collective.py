@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from adasum._adasum import Adasum
+from adasum._broadcast import broadcast as agreed_broadcast
 from adasum._reducer import Reducer
 
 __all__ = ["all_reduce", "broadcast", "check"]
@@ -48,34 +49,39 @@ def all_reduce(tensors: Any, reducer: Reducer | None = None) -> Any:
 @tf.autograph.experimental.do_not_convert
 def broadcast(tensors: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """Rank ``src``'s ``tensors`` (of ``group``) on every worker, in the structure given: the
-    helper that makes workers start equal."""
-    root = src if group is None else dist.get_global_rank(group, src)
+    helper that makes workers start equal. The workers first agree on the shapes, dtypes and
+    ``src``; on a difference every worker raises the same ValueError and no data moves."""
 
     def sent(flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            for t in flat:
-                dist.broadcast(t, src=root, group=group)
+        agreed_broadcast(flat, src, group)
         return flat
 
     return _apply(sent, tensors)
 
 
 @tf.autograph.experimental.do_not_convert
-def check(tensors: Any, reducer: Reducer | None = None) -> None:
+def check(tensors: Any, reducer: Reducer | None = None) -> tf.Tensor:
     """The validation of :func:`all_reduce` alone (:meth:`adasum.Reducer.check`): returns on
-    every worker or raises the same error on every worker, and moves no data. For a caller
-    that must know before it changes anything; inside a graph it runs in program order."""
+    every worker or raises the same error on every worker, and moves no data.
+
+    Returns a scalar ``True`` that exists only once every worker has passed. Inside a graph,
+    make whatever must not happen on a refusal depend on it
+    (``with tf.control_dependencies([check(ts)]): ...``): a graph runs its operations in the
+    order of their dependencies, not of the code, so a check that nothing depends on may run
+    after, or beside, the updates written below it.
+    """
     reducer = reducer if reducer is not None else _default()
     values = [tf.convert_to_tensor(t) for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors])]
 
-    def call(*args: tf.Tensor) -> list:
+    def call(*args: tf.Tensor) -> tf.Tensor:
         reducer.check([torch.from_dlpack(a) for a in args])  # reads only: no copy needed
-        return []
+        return tf.constant(True)
 
     if tf.executing_eagerly():
-        call(*values)
-    else:
-        tf.py_function(call, values, [])
+        return call(*values)
+    passed = tf.py_function(call, values, tf.bool)
+    passed.set_shape([])
+    return passed
 
 
 _DEFAULT: list[Reducer] = []
@@ -98,9 +104,9 @@ def _apply(fn, tensors: Any) -> Any:
         flat = fn(_copied_to_torch(args))
         return [tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(_aligned(t))) for t in flat]
 
-    if not values:
-        out: list[tf.Tensor] = []
-    elif tf.executing_eagerly():
+    # No shortcut for an empty list: the workers still agree, so that one that passes nothing
+    # while the others pass tensors raises with them instead of leaving them waiting.
+    if tf.executing_eagerly():
         out = call(*values)
     else:
         out = tf.py_function(call, values, [v.dtype for v in values])
