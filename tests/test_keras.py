@@ -254,7 +254,9 @@ def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps, refu
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"needs {backend}")
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    results = spawn(_fit, world, mode, steps, refusals, timeout=TIMEOUT, env=env)
+    # TensorFlow workers take tens of seconds to start each on two cores: the deadline grows
+    # with their number (a hang still fails).
+    results = spawn(_fit, world, mode, steps, refusals, timeout=TIMEOUT * world, env=env)
     for r in results:  # started equal (broadcast) and stayed bit-identical
         for a, b in zip(r["start"] + r["end"], results[0]["start"] + results[0]["end"]):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
