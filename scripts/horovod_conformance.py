@@ -273,7 +273,7 @@ def print_table(runs: list[Run], label: str) -> None:
               f"{run.count('skipped')} | {rescued} | {run.count('passed') + rescued}{note} |")
     failures = [(run, node, o) for run in runs for node, o in run.final().items() if o.status == "failed"]
     if failures:
-        print("\nFailures, each alone (first error line):")
+        print("\nFailures (first error line; the run alone where there was one):")
         for run, node, outcome in failures:
             print(f"  {run.file} n={run.size} {node.split('::')[-1]}: {outcome.message}")
 
