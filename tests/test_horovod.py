@@ -541,6 +541,7 @@ def test_horovod_script_under_torchrun(tmp_path):
 
 
 RESTART = """
+import os
 import torch
 import adasum.horovod as hvd
 for start in range(3):
@@ -548,7 +549,8 @@ for start in range(3):
     total = hvd.allreduce(torch.ones(2), op=hvd.Sum)
     hvd.barrier()
     hvd.shutdown()
-print("restarts", start, int(total[0]))
+if os.environ["RANK"] == "0":  # torchrun's exit status says that the other rank finished too
+    print("restarts", start, int(total[0]))
 """
 
 
@@ -563,4 +565,4 @@ def test_init_after_shutdown_under_torchrun(tmp_path):
     done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("restarts 2 2") == 2, done.stdout
+    assert "restarts 2 2" in done.stdout, done.stdout
