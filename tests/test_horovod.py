@@ -38,6 +38,7 @@ def inputs(rank: int, world: int) -> dict[str, torch.Tensor]:
         "rows": torch.full((rank + 1, 2), float(rank)),
         "a2a": torch.arange(sum(s + 1 for s in range(world)), dtype=torch.float32) + 100 * rank,
         "scatter": torch.randn(2 * world + 1, 3, generator=g),
+        "i16": torch.randint(-3000, 3000, (2 * world, 2), generator=g, dtype=torch.int16),
     }
 
 
@@ -72,6 +73,9 @@ def _run_collectives(rank: int, world: int) -> dict:
         "reducescatter": hvd.reducescatter(x["scatter"], op=hvd.Sum),
         "object": hvd.broadcast_object({"from": rank}, root_rank=1),
         "objects": hvd.allgather_object(("rank", rank)),
+        # Gloo and NCCL have no int16 (Horovod's tests gather, broadcast and exchange it).
+        "i16": [hvd.allgather(x["i16"]), hvd.broadcast(x["i16"], root_rank=world - 1), hvd.alltoall(x["i16"]),
+                hvd.allreduce(x["i16"], op=hvd.Sum), hvd.allreduce(x["i16"], op=hvd.Average)],
     }
     inplace = x["f32"].clone()
     out["inplace_is_input"] = hvd.allreduce_(inplace, op=hvd.Sum) is inplace
@@ -164,6 +168,14 @@ def test_allgather_broadcast_alltoall_reducescatter(collectives):
         assert same_bits(out["async"][0], out["sum"]) and same_bits(out["async"][2], out["adasum"])
         assert torch.equal(out["async"][3], rows) and out["polled"]
         assert out["join"] == results[0]["join"] and 0 <= out["join"] < world
+        i16 = _all(world, "i16")
+        gathered, broadcast, exchanged, summed, averaged = out["i16"]
+        assert all(t.dtype == torch.int16 for t in out["i16"])
+        assert torch.equal(gathered, torch.cat(i16)) and torch.equal(broadcast, i16[-1])
+        assert torch.equal(exchanged, torch.cat([x[2 * r: 2 * r + 2] for x in i16]))
+        total = torch.stack(i16).long().sum(0)
+        assert torch.equal(summed.long(), total)  # |sum| < 2**15: no wrap
+        assert torch.equal(averaged.long(), torch.div(total, world, rounding_mode="trunc"))
         # spawn's workers are one node: LOCAL_RANK = RANK, LOCAL_WORLD_SIZE = WORLD_SIZE
         assert out["topology"] == (True, r, world, r, world, 0, 1)
 
@@ -495,6 +507,12 @@ def test_init_without_torchrun_says_how_to_launch(monkeypatch):
         hvd.rank()
 
 
+def test_build_queries_without_init():
+    # Horovod's tests ask these before hvd.init(); there is no oneCCL, DDL or MPI here.
+    assert (hvd.ccl_built(), hvd.ddl_built(), hvd.mpi_built(), hvd.mpi_enabled()) == (False,) * 4
+    assert hvd.rocm_built() is (torch.version.hip is not None and torch.cuda.is_available())
+
+
 def test_unoffered_api_says_what_to_use():
     with pytest.raises(NotImplementedError, match="torch.nn.SyncBatchNorm"):
         hvd.SyncBatchNorm(3)
@@ -520,3 +538,31 @@ def test_horovod_script_under_torchrun(tmp_path):
     words = lines[0].split()  # loss FIRST -> LAST
     first, last = float(words[1]), float(words[3])
     assert last < 0.5 * first, lines[0]
+
+
+RESTART = """
+import os
+import torch
+import adasum.horovod as hvd
+for start in range(3):
+    hvd.init()
+    total = hvd.allreduce(torch.ones(2), op=hvd.Sum)
+    hvd.barrier()
+    hvd.shutdown()
+if os.environ["RANK"] == "0":  # torchrun's exit status says that the other rank finished too
+    print("restarts", start, int(total[0]))
+"""
+
+
+def test_init_after_shutdown_under_torchrun(tmp_path):
+    """init -> shutdown -> init starts a working group again (it used to wait forever reading
+    the previous group's keys in torchrun's store); Horovod's Gloo tests restart after each test."""
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "restarts 2 2" in done.stdout, done.stdout

@@ -27,13 +27,14 @@ from adasum.horovod._objects import allgather_object, broadcast_object, broadcas
 from adasum.horovod._optimizer import DistributedOptimizer
 from adasum.horovod._reduce_ops import Adasum, Average, Compression, Max, Min, Product, ReduceOp, Sum
 from adasum.horovod._runtime import (
-    cross_rank, cross_size, cuda_built, gloo_built, gloo_enabled, init, is_initialized, local_rank,
-    local_size, mpi_built, mpi_enabled, nccl_built, rank, shutdown, size,
+    ccl_built, cross_rank, cross_size, cuda_built, ddl_built, gloo_built, gloo_enabled, init, is_initialized,
+    local_rank, local_size, mpi_built, mpi_enabled, nccl_built, rank, rocm_built, shutdown, size,
 )
 
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",
     "nccl_built", "gloo_built", "gloo_enabled", "mpi_built", "mpi_enabled", "cuda_built",
+    "ccl_built", "ddl_built", "rocm_built",
     "ReduceOp", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",

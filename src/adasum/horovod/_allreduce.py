@@ -134,7 +134,7 @@ def _start_torch(outputs: Sequence[torch.Tensor], op: ReduceOp, postscale_factor
     packed, wide, works = [], [], []
     for g in layout.groups:
         flat = _flat(layout, outputs, g)
-        work_buffer = flat.float() if g.dtype in (torch.float16, torch.bfloat16) and op not in (Min, Max) else flat
+        work_buffer = _reduction_buffer(flat, op)
         works.append(dist.all_reduce(work_buffer, op=_TORCH_OPS[op], group=group, async_op=True))
         packed.append(flat)
         wide.append(work_buffer)
@@ -152,6 +152,17 @@ def _start_torch(outputs: Sequence[torch.Tensor], op: ReduceOp, postscale_factor
         return _finished(outputs, postscale_factor)
 
     return Handle(works, finish)
+
+
+def _reduction_buffer(flat: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+    """Where ``flat`` is reduced: 16-bit floats are summed in float32 and rounded once; int16,
+    which Gloo and NCCL lack, in int32 (converted back it wraps as an int16 sum or product
+    would; an Average is exact unless the sum overflows int16)."""
+    if flat.dtype in (torch.float16, torch.bfloat16) and op not in (Min, Max):
+        return flat.float()
+    if flat.dtype == torch.int16:
+        return flat.int()
+    return flat
 
 
 def _lone(tensors: Sequence[torch.Tensor], g) -> bool:

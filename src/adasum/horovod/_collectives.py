@@ -41,6 +41,13 @@ def _tensor_problem(tensors: Sequence[object], group, *, min_dim: int = 0) -> st
     return None
 
 
+def carried(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as Gloo and NCCL can move it: they have no int16, so int16 travels as the float16
+    view of the same bytes (a copy, never arithmetic, so every bit arrives as sent); results
+    written to the view land in ``t``."""
+    return t.view(torch.float16) if t.dtype == torch.int16 else t
+
+
 def root_of(root_rank: object, group) -> tuple[int | None, str | None]:
     """The global rank of group rank ``root_rank``, or a problem to report."""
     world = dist.get_world_size(group)
@@ -81,7 +88,7 @@ def _start_allgather(
             padded = t.contiguous() if t.shape[0] == most else torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
             out = t.new_empty((world * most, *t.shape[1:]))
             if out.numel():  # every rank knows the counts, so every rank skips alike
-                works.append(all_gather_single(out, padded, group=group, async_op=True))
+                works.append(all_gather_single(carried(out), carried(padded), group=group, async_op=True))
             gathered.append((out, n, most))
 
     def finish() -> list[torch.Tensor]:
@@ -143,7 +150,7 @@ def broadcast_many_async_(
     agree(group, operation, described, (("name", name), ("root_rank", root_rank)),
           problem or _tensor_problem(tensors, group))
     targets = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t in tensors]
-    works = [dist.broadcast(t, src=root, group=group, async_op=True) for t in targets]
+    works = [dist.broadcast(carried(t), src=root, group=group, async_op=True) for t in targets]
 
     def finish() -> list[torch.Tensor]:
         with torch.no_grad():
@@ -238,7 +245,7 @@ def alltoall(
     dist.all_to_all_single(received, counts, group=group)
     got = received.tolist()
     out = tensor.new_empty((sum(got), *tensor.shape[1:]))
-    dist.all_to_all_single(out, tensor.detach().contiguous(), got, sent, group=group)
+    dist.all_to_all_single(carried(out), carried(tensor.detach().contiguous()), got, sent, group=group)
     return out if splits is None else (out, received.to(torch.int32).cpu())
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 __all__ = [
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "cross_rank", "cross_size", "group_of", "nccl_built", "gloo_built", "mpi_built",
-    "cuda_built", "mpi_enabled", "gloo_enabled",
+    "cuda_built", "mpi_enabled", "gloo_enabled", "ccl_built", "ddl_built", "rocm_built",
 ]
 
 #: The variables ``init`` needs when no process group exists yet.
@@ -40,6 +41,7 @@ class _Topology:
 
 
 _state: _Topology | None = None
+_starts = 0  # how often init has started a process group (see _rendezvous)
 
 
 def init(comm: object = None, process_sets: object = None) -> None:
@@ -73,11 +75,27 @@ def _start_group() -> None:
             f"adasum.horovod.init: {', '.join(missing)} not set; launch with torchrun "
             "(torchrun --nproc-per-node=N script.py replaces horovodrun -np N python script.py)"
         )
+    store, rank_, size_ = _rendezvous()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank_, world_size=size_)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank_, world_size=size_)
+
+
+def _rendezvous() -> tuple[dist.Store, int, int]:
+    """torchrun's store, under a prefix of its own for each start of the runtime.
+
+    torch.distributed names the default group the same way every time, so a group started
+    again after ``shutdown()`` would read the previous group's keys still in torchrun's store
+    (the peers' old addresses) and wait forever. Every rank starts the runtime equally often,
+    so the counter agrees across ranks.
+    """
+    global _starts
+    store, rank_, size_ = next(dist.rendezvous("env://", timeout=default_pg_timeout))
+    store.set_timeout(default_pg_timeout)
+    _starts += 1
+    return dist.PrefixStore(f"adasum.horovod/{_starts}", store), rank_, size_
 
 
 def _topology(owns: bool) -> _Topology:
@@ -182,3 +200,18 @@ def mpi_built() -> bool:
 
 def mpi_enabled() -> bool:
     return False
+
+
+def ccl_built() -> bool:
+    """False: no oneCCL; CPU tensors travel over Gloo."""
+    return False
+
+
+def ddl_built() -> bool:
+    """False: no IBM DDL."""
+    return False
+
+
+def rocm_built() -> bool:
+    """Whether GPU tensors are ROCm tensors (a ROCm build of torch with a GPU present)."""
+    return torch.version.hip is not None and torch.cuda.is_available()
