@@ -238,6 +238,19 @@ def _options_differ(rank: int, case: str) -> dict:
             "adam_state": len(opt.state), "scale": scaler.get_scale()}
 
 
+def _broadcasts(rank: int) -> dict:
+    """broadcast_parameters agrees on shapes and dtypes first; integer buffers travel too."""
+    out = {}
+    for case, shape, dtype in [("shape", (12, 7), torch.float32), ("dtype", (10, 7), torch.float64)]:
+        mine = torch.full(shape if rank == 1 else (10, 7), float(rank), dtype=dtype if rank == 1 else torch.float32)
+        out[case] = {"error": _error(lambda: broadcast_parameters([mine])), "unchanged": bool((mine == rank).all())}
+    norm = torch.nn.BatchNorm1d(3)
+    norm.num_batches_tracked.fill_(rank + 5)
+    broadcast_parameters(norm, src=2)
+    out["buffers"] = int(norm.num_batches_tracked)
+    return out
+
+
 def _all(rank: int, world: int) -> dict:
     torch.manual_seed(1234)
     return {
@@ -248,6 +261,7 @@ def _all(rank: int, world: int) -> dict:
         "mismatch": _mismatch(rank),
         "agreements": _agreements_per_step(rank),
         "options": {case: _options_differ(rank, case) for case in OPTION_ERRORS},
+        "broadcasts": _broadcasts(rank),
     }
 
 
@@ -364,6 +378,19 @@ def test_options_that_change_the_protocol_are_agreed_before_the_step(runs, case)
     for r in runs:
         assert r["options"][case] == {"error": OPTION_ERRORS[case], "unchanged": True, "adam_state": 0,
                                       "scale": 2.0**10}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("shape", "ValueError: adasum: tensor 0 is (12, 7) float32 on rank 1 but (10, 7) float32 on rank 0"),
+    ("dtype", "ValueError: adasum: tensor 0 is (10, 7) float64 on rank 1 but (10, 7) float32 on rank 0"),
+])
+def test_broadcast_parameters_refuses_different_tensors_on_every_rank(runs, case, message):
+    for r in runs:
+        assert r["broadcasts"][case] == {"error": message, "unchanged": True}
+
+
+def test_broadcast_parameters_carries_integer_buffers(runs):
+    assert [r["broadcasts"]["buffers"] for r in runs] == [7] * WORLD
 
 
 def test_state_dict_round_trip(runs):

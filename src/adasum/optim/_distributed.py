@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from adasum._adasum import Adasum
 from adasum._baselines import Average
+from adasum._broadcast import broadcast
 from adasum._check import Problem, agree, local_problem
 from adasum._groups import device_type_of, message_device
 from adasum._layout import Layout
@@ -322,12 +323,15 @@ def broadcast_parameters(
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """Make every rank's parameters (and, for a module, buffers) equal to those of rank ``src``
-    of ``group``. Delta mode needs equal starting points; DDP does this in its constructor."""
+    of ``group``. Delta mode needs equal starting points; DDP does this in its constructor.
+
+    The ranks first agree on ``src`` and on the tensors' number, shapes and dtypes
+    (:func:`adasum._broadcast.broadcast`; a broadcast into a tensor of another size copies part
+    of it without a word): on a difference every rank raises the same error and nothing is
+    copied."""
     tensors = (
         list(params.parameters()) + list(params.buffers())
         if isinstance(params, torch.nn.Module)
         else list(params)
     )
-    root = src if group is None else dist.get_global_rank(group, src)
-    for t in tensors:
-        dist.broadcast(t.detach(), src=root, group=group)
+    broadcast([t.detach() for t in tensors], src, group)
