@@ -1,10 +1,12 @@
 """use_adasum under faults, on real Gloo groups with short timeouts: a model that differs
-between ranks, a parameter frozen after use_adasum, a rank that skips it. Every rank raises the
-same error before any gradient moves, or every rank raises within the process group's timeout."""
+between ranks, a parameter frozen after use_adasum, a rank that skips it, a replica that stalls
+inside the reduction. Every rank raises the same error before any gradient moves, or every rank
+raises within the process group's timeout; nothing waits for torch's 30-minute default."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from adasum import _vhdd
 from adasum._groups import timeout_of
 from adasum.fsdp import use_adasum
 from adasum.lab.launch import spawn
@@ -91,6 +94,24 @@ def _refused_backward(rank: int, world: int, kind: str, frozen: set[int]) -> str
     return caught(lambda: model(torch.randn(5, 4)).sum().backward())
 
 
+def _groups_of_hooks(rank: int, world: int) -> dict:
+    out = {}
+    for kind in ("hsdp", "bounded"):
+        mesh = _mesh(kind, world)
+        model = _pair(mesh)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            hooks = use_adasum(model)
+        out[kind] = {
+            "warnings": [str(w.message) for w in seen],
+            "timeouts": {timeout_of(h.replicate).total_seconds() for h in hooks}
+            | {timeout_of(h.shards).total_seconds() for h in hooks},
+            "mesh's groups": all(h.replicate is mesh.get_group("replicate") and h.shards is mesh.get_group("shard")
+                                 for h in hooks),
+        }
+    return out
+
+
 def _refusals(rank: int, world: int) -> dict:
     return {
         "install": {
@@ -102,6 +123,7 @@ def _refusals(rank: int, world: int) -> dict:
             "fsdp": _refused_backward(rank, world, "fsdp", {1}),
             "hsdp": _refused_backward(rank, world, "hsdp", {2, 3}),  # one whole shard group
         },
+        "groups": _groups_of_hooks(rank, world),
     }
 
 
@@ -132,6 +154,16 @@ def test_a_parameter_frozen_after_use_adasum_is_refused_on_every_rank(refusals, 
     assert [res["backward"][kind] for res in refusals] == [message] * 4
 
 
+def test_hsdp_reduces_over_groups_with_the_default_groups_timeout(refusals):
+    for res in refusals:
+        default_mesh, bounded = res["groups"]["hsdp"], res["groups"]["bounded"]
+        # init_device_mesh's groups wait 30 minutes: use_adasum makes its own and says why.
+        assert default_mesh["timeouts"] == {20.0} and not default_mesh["mesh's groups"]
+        assert len(default_mesh["warnings"]) == 1 and "0:30:00" in default_mesh["warnings"][0]
+        # A mesh built with the user's timeout is used as it is, without a warning.
+        assert bounded == {"warnings": [], "timeouts": {20.0}, "mesh's groups": True}
+
+
 def _skip_use_adasum(rank: int, world: int, kind: str, skipper: int) -> dict:
     """Every rank but ``skipper`` calls use_adasum, then all train one step. A rank stays alive
     after its error, as a process that catches it would: its exit must not be what unblocks
@@ -157,3 +189,30 @@ def test_a_rank_that_skips_use_adasum_fails_every_rank_within_the_timeout(kind, 
         if rank != skipper:  # the skipper fails in FSDP's own all-gather of the forward pass
             assert res["error"].startswith("adasum.fsdp.use_adasum: not every rank of the mesh took part"), res
 
+
+def _stall(*args, **kwargs) -> None:
+    time.sleep(GROUP_TIMEOUT + SLACK + 5)
+    raise RuntimeError("stalled")
+
+
+def _stalled_replica(rank: int, world: int) -> dict:
+    """HSDP on init_device_mesh's groups (30 minutes); rank 3 stalls inside the reduction
+    across replicas, alive, for longer than the others may wait."""
+    model = _pair(_mesh("hsdp", world))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        use_adasum(model)
+    if rank == 3:
+        _vhdd.run = _stall
+    start = time.monotonic()
+    try:
+        model(torch.randn(5, 4)).sum().backward()
+    except RuntimeError as e:
+        return {"seconds": time.monotonic() - start, "error": str(e).splitlines()[0]}
+    return {"seconds": None, "error": None}
+
+
+def test_a_stalled_replica_fails_the_others_within_the_default_groups_timeout():
+    results = spawn(_stalled_replica, 4, timeout=TIMEOUT, group_timeout=GROUP_TIMEOUT)
+    for rank, res in enumerate(results[:3]):
+        assert res["error"] is not None and res["seconds"] < GROUP_TIMEOUT + SLACK, (rank, res)

@@ -40,10 +40,16 @@ it twice. Parameter boundaries come from FSDP's parameter groups, which torch ke
 this module reads them through ``FSDPModule._get_fsdp_state()``, and under HSDP it gives the
 group a 1-D (shard) mesh description so that FSDP hands the reduction across replicas to the
 hook instead of running its own all-reduce (tested with torch 2.13).
+
+Timeouts: the reduction across replicas runs over groups that wait no longer than the default
+group (``init_process_group(timeout=...)``); ``init_device_mesh`` gives the mesh's groups
+torch's 30-minute default instead, so FSDP's own all-gather and reduce-scatter may wait that
+long, and :func:`use_adasum` warns (docs/failures.md says how to build a mesh with a timeout).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -58,7 +64,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from adasum import _sharded, _vhdd
 from adasum._buffers import Buffers
 from adasum._check import Problem, Setting, _hash, agree
-from adasum._groups import message_device, new_group_like
+from adasum._groups import bounded, message_device, new_group_like, timeout_of
 from adasum._layout import DtypeGroup, Flats, Layout
 from adasum._ops import SUPPORTED_DTYPES, offsets_of
 from adasum._p2p import Link
@@ -217,6 +223,21 @@ def _agree_to_install(members: dist.ProcessGroup | None, problem: Problem | None
         ) from e
 
 
+def _warn_if_waits_longer(mesh: FSDPMeshInfo) -> None:
+    """Warn where FSDP's own collectives wait longer than the default group would."""
+    groups = [mesh.shard_process_group] + ([mesh.replicate_process_group] if isinstance(mesh, HSDPMeshInfo) else [])
+    default = timeout_of(None)
+    longest = max((t for t in map(timeout_of, groups) if t is not None), default=None)
+    if default is not None and longest is not None and longest > default:
+        warnings.warn(
+            f"adasum.fsdp: the device mesh's process groups wait up to {longest} for a peer, the default group "
+            f"{default}: FSDP's own all-gather and reduce-scatter wait that long when a rank fails (use_adasum's "
+            "reductions wait no longer than the default group). Build the mesh from groups made with your timeout: "
+            "see 'FSDP2 and HSDP' in docs/failures.md",
+            stacklevel=3,
+        )
+
+
 def _install(module: FSDPModule, group: FSDPParamGroup, members: dist.ProcessGroup | None,
              hsdp: tuple[dist.ProcessGroup, dist.ProcessGroup] | None) -> AdasumReduceScatter | AdasumAcrossReplicas:
     # Every parameter that can have a gradient takes part in every reduction (a zero gradient if
@@ -247,7 +268,8 @@ def use_adasum(model: torch.nn.Module) -> list[AdasumReduceScatter | AdasumAcros
     dtype and whether it is frozen, the parameter groups, meshes and reduce dtypes. On any
     difference, or a model without FSDP modules or one already set up on some rank, every rank
     raises the same ValueError and nothing is installed; a rank that does not call it makes the
-    others raise RuntimeError within the process group's timeout.
+    others raise RuntimeError within the process group's timeout. Warns when the mesh's groups
+    wait longer than the default group.
     """
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     groups = [(name, g) for name, m in model.named_modules() if isinstance(m, FSDPModule) for g in _param_groups(m)]
@@ -257,7 +279,10 @@ def use_adasum(model: torch.nn.Module) -> list[AdasumReduceScatter | AdasumAcros
     if not groups:
         return []
     mesh = groups[0][1].mesh_info
-    hsdp = (mesh.replicate_process_group, mesh.shard_process_group) if isinstance(mesh, HSDPMeshInfo) else None
+    _warn_if_waits_longer(mesh)
+    hsdp = None
+    if isinstance(mesh, HSDPMeshInfo):  # the reduction's own groups, each member in the same order
+        hsdp = bounded(mesh.replicate_process_group), bounded(mesh.shard_process_group)
     installed = []
     for module in modules:
         installed += [_install(module, group, members, hsdp) for group in _param_groups(module)]
