@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+import adasum.fsdp
 from adasum import _vhdd
 from adasum._groups import timeout_of
 from adasum.fsdp import use_adasum
@@ -85,13 +86,28 @@ def _refused_install(rank: int, world: int, kind: str, victim: int, change: Call
     return {"error": caught(lambda: use_adasum(model)), "unchanged": _wiring(model) == before}
 
 
-def _refused_backward(rank: int, world: int, kind: str, frozen: set[int]) -> str | None:
-    """Parameters frozen after use_adasum on some ranks: the reduction refuses on every rank."""
+def _frozen_later(rank: int, world: int, kind: str, frozen: set[int]) -> dict:
+    """A parameter frozen on some ranks after a first backward pass (FSDP reads
+    ``requires_grad`` at every forward pass): the next reduction refuses on every rank. Also the
+    agreement rounds of the first backward pass: one per parameter group."""
     model = _pair(_mesh(kind, world))
-    use_adasum(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the HSDP mesh's 30-minute groups
+        use_adasum(model)
+    counted, agree = [0], adasum.fsdp.agree
+
+    def counting(*args, **kwargs):
+        counted[0] += 1
+        return agree(*args, **kwargs)
+
+    adasum.fsdp.agree = counting
+    try:
+        model(torch.randn(5, 4)).sum().backward()
+    finally:
+        adasum.fsdp.agree = agree
     if rank in frozen:
         _freeze(model)
-    return caught(lambda: model(torch.randn(5, 4)).sum().backward())
+    return {"rounds": counted[0], "error": caught(lambda: model(torch.randn(5, 4)).sum().backward())}
 
 
 def _groups_of_hooks(rank: int, world: int) -> dict:
@@ -119,9 +135,10 @@ def _refusals(rank: int, world: int) -> dict:
             "fsdp-transposed": _refused_install(rank, world, "fsdp", 2, _transpose),
             "hsdp-frozen": _refused_install(rank, world, "hsdp", 3, _freeze),
         },
+        # HSDP: a whole shard group, or FSDP's own reduce-scatter inside it would not agree.
         "backward": {
-            "fsdp": _refused_backward(rank, world, "fsdp", {1}),
-            "hsdp": _refused_backward(rank, world, "hsdp", {2, 3}),  # one whole shard group
+            "fsdp": _frozen_later(rank, world, "fsdp", {1}),
+            "hsdp": _frozen_later(rank, world, "hsdp", {2, 3}),
         },
         "groups": _groups_of_hooks(rank, world),
     }
@@ -151,7 +168,7 @@ def test_a_parameter_frozen_after_use_adasum_is_refused_on_every_rank(refusals, 
     what = "reduce-scatter input" if kind == "fsdp" else "shard of the gradients"
     message = (f"ValueError: adasum: rank {rank}: adasum.fsdp: the {what} holds {numel} elements, the parameter "
                f"group's gradients {expected}: a parameter was frozen or unfrozen after use_adasum")
-    assert [res["backward"][kind] for res in refusals] == [message] * 4
+    assert [res["backward"][kind] for res in refusals] == [{"rounds": 2, "error": message}] * 4
 
 
 def test_hsdp_reduces_over_groups_with_the_default_groups_timeout(refusals):

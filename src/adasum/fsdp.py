@@ -79,9 +79,10 @@ _REDUCTION: Setting = (("call", "adasum.fsdp reduction"),)
 def _agree_on_input(group: dist.ProcessGroup | None, tensor: torch.Tensor, numels: tuple[int, ...], rows: int,
                     what: str) -> None:
     """Return on every rank of ``group`` when each holds ``rows`` rows of the parameter group's
-    segments in one dtype; otherwise raise the same error on every rank. What FSDP hands over
-    changes where a parameter was frozen or unfrozen after use_adasum, and an exchange of
-    buffers of different sizes aborts the process inside Gloo."""
+    segments in one dtype; otherwise raise the same error on every rank (an exchange of buffers
+    of different sizes aborts the process inside Gloo). Every call agrees, unlike the DDP hook
+    that agrees once per layout: FSDP reads ``requires_grad`` again at every forward pass, so
+    a parameter frozen on one rank changes what it hands over there at any step."""
     expected = sum(numels) * rows
     problem = None if tensor.numel() == expected else Problem(
         ValueError, f"adasum.fsdp: the {what} holds {tensor.numel()} elements, the parameter group's gradients "
