@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
@@ -76,8 +77,8 @@ _INSTALL: Setting = (("call", "adasum.fsdp.use_adasum"),)
 _REDUCTION: Setting = (("call", "adasum.fsdp reduction"),)
 
 
-def _agree_on_input(group: dist.ProcessGroup | None, tensor: torch.Tensor, numels: tuple[int, ...], rows: int,
-                    what: str) -> None:
+def _agree_on_input(group: dist.ProcessGroup | None, tensor: torch.Tensor, numels: tuple[int, ...],
+                    rows: int) -> None:
     """Return on every rank of ``group`` when each holds ``rows`` rows of the parameter group's
     segments in one dtype; otherwise raise the same error on every rank (an exchange of buffers
     of different sizes aborts the process inside Gloo). Every call agrees, unlike the DDP hook
@@ -85,8 +86,8 @@ def _agree_on_input(group: dist.ProcessGroup | None, tensor: torch.Tensor, numel
     a parameter frozen on one rank changes what it hands over there at any step."""
     expected = sum(numels) * rows
     problem = None if tensor.numel() == expected else Problem(
-        ValueError, f"adasum.fsdp: the {what} holds {tensor.numel()} elements, the parameter group's gradients "
-                    f"{expected}: a parameter was frozen or unfrozen after use_adasum")
+        ValueError, f"adasum.fsdp: the reduce-scatter input holds {tensor.numel()} elements, the parameter "
+                    f"group's gradients {expected}: a parameter was frozen or unfrozen after use_adasum")
     layout = None if problem else Layout.of_flat(numels, tensor.dtype)
     agree(group, problem, layout, _REDUCTION, message_device(group))
 
@@ -114,28 +115,52 @@ class AdasumReduceScatter(ReduceScatter):
         async_op: bool = False,
     ) -> None:
         # ``op`` is FSDP's choice of sum or average: Adasum is neither, and the division is off.
-        _agree_on_input(group, input_tensor, self.numels, dist.get_world_size(group), "reduce-scatter input")
+        _agree_on_input(group, input_tensor, self.numels, dist.get_world_size(group))
         with torch.no_grad():
             _sharded.reduce_scatter(output_tensor, input_tensor, self.numels, group, self.buffers.get)
+
+
+class _AgreedReduceScatter(ReduceScatter):
+    """HSDP: FSDP's own reduce-scatter (the average inside the shard group), after every rank of
+    the mesh (``members``, None: the default group) agreed on its input, so that a parameter
+    frozen on part of a shard group fails on every rank instead of aborting one inside Gloo.
+    The reduction across replicas that follows works on its output and needs no check of its
+    own."""
+
+    def __init__(self, numels: Sequence[int], members: dist.ProcessGroup | None) -> None:
+        self.numels = tuple(int(n) for n in numels)
+        self.members = members
+        self.inner = DefaultReduceScatter()
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: object = None,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        _agree_on_input(self.members, input_tensor, self.numels, dist.get_world_size(group))
+        return self.inner(output_tensor, input_tensor, group, op, async_op)
 
 
 class AdasumAcrossReplicas:
     """HSDP's all-reduce hook: this rank's shard of its shard group's average becomes its shard
     of the Adasum over the replicas, per parameter, with the dot products summed over the shard
-    group (VHDD over the replicate group, :mod:`adasum._vhdd`). ``members`` is the group of
-    every rank of the mesh (None: the default group), where the ranks agree before each call."""
+    group (VHDD over the replicate group, :mod:`adasum._vhdd`)."""
 
-    def __init__(self, numels: Sequence[int], replicate: dist.ProcessGroup, shards: dist.ProcessGroup,
-                 members: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, numels: Sequence[int], replicate: dist.ProcessGroup, shards: dist.ProcessGroup) -> None:
         self.numels = tuple(int(n) for n in numels)
-        self.replicate, self.shards, self.members = replicate, shards, members
+        self.replicate, self.shards = replicate, shards
         self.buffers = Buffers()  # kept between calls; buffers.clear() frees them
 
     def __call__(self, output: torch.Tensor) -> None:
         replicas = dist.get_world_size(self.replicate)
         if replicas == 1:
             return
-        _agree_on_input(self.members, output, self.numels, 1, "shard of the gradients")
         layers = DtypeGroup(output.dtype, tuple(range(len(self.numels))), offsets_of(list(self.numels)))
         flats = Flats([output], [layers], len(self.numels), shards=self.shards)
         plan = plan_of(replicas, dist.get_rank(self.replicate))
@@ -232,9 +257,9 @@ def _warn_if_waits_longer(mesh: FSDPMeshInfo) -> None:
     if default is not None and longest is not None and longest > default:
         warnings.warn(
             f"adasum.fsdp: the device mesh's process groups wait up to {longest} for a peer, the default group "
-            f"{default}: FSDP's own all-gather and reduce-scatter wait that long when a rank fails (use_adasum's "
-            "reductions wait no longer than the default group). Build the mesh from groups made with your timeout: "
-            "see 'FSDP2 and HSDP' in docs/failures.md",
+            f"{default}: the collectives over them (FSDP's all-gather, the reduce-scatter) wait that long when a "
+            "rank fails; the reduction across HSDP replicas waits no longer than the default group. Build the mesh "
+            "from groups made with your timeout: see 'FSDP2 and HSDP' in docs/failures.md",
             stacklevel=3,
         )
 
@@ -249,13 +274,14 @@ def _install(module: FSDPModule, group: FSDPParamGroup, members: dist.ProcessGro
         module.set_custom_reduce_scatter(comm)
         module.set_gradient_divide_factor(1.0)
         return comm
-    hook = AdasumAcrossReplicas(numels, *hsdp, members)
+    hook = AdasumAcrossReplicas(numels, *hsdp)
     mesh = group.mesh_info
     # Described as 1-D, the group reduce-scatters (averaging) over the shard group and hands the
     # result to the hook instead of all-reducing across replicas.
     group.mesh_info = FSDPMeshInfo(
         mesh.mesh, shard_mesh_dim=mesh.shard_mesh_dim, dp_mesh_dims=mesh.dp_mesh_dims, spmd_mesh=mesh.spmd_mesh,
     )
+    module.set_custom_reduce_scatter(_AgreedReduceScatter(numels, members))
     module.set_all_reduce_hook(hook)
     return hook
 
