@@ -121,9 +121,11 @@ def test_fsdp_gradient_shards_equal_the_adasum_of_local_gradients(world, reduce_
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
     for rank, res in enumerate(results):
         assert_shards(res["shards"], reduced, rank, world, tol)
-        assert res["errors"]["twice"] == "adasum.fsdp: use_adasum was already called on this model"
-        assert res["errors"]["plain"] == "adasum.fsdp.use_adasum needs a model with fully_shard applied to it"
-        assert res["errors"]["policy"].startswith("adasum.fsdp: reduce_dtype torch.float8_e4m3fn is not supported")
+        assert res["errors"]["twice"] == "adasum: rank 0: adasum.fsdp.use_adasum was already called on this model"
+        assert res["errors"]["plain"] == (
+            "adasum: rank 0: adasum.fsdp.use_adasum needs a model with fully_shard applied to it")
+        assert res["errors"]["policy"].startswith(
+            "adasum: rank 0: adasum.fsdp: reduce_dtype torch.float8_e4m3fn is not supported")
 
 
 def _train_fsdp(rank: int, world: int) -> list[torch.Tensor]:

@@ -179,6 +179,7 @@ def _agreements_per_step(rank: int) -> int:
     """Agreement rounds in three steps of the wrapper (the check before the local step is the
     only one: the reduction that follows skips its own)."""
     import adasum._reducer
+    import adasum.optim._distributed
 
     counted = {"rounds": 0}
     agree = adasum._reducer.agree
@@ -187,7 +188,7 @@ def _agreements_per_step(rank: int) -> int:
         counted["rounds"] += 1
         return agree(*args, **kwargs)
 
-    adasum._reducer.agree = counting
+    adasum._reducer.agree = adasum.optim._distributed.agree = counting
     try:
         model = new_model(0)
         opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01))
@@ -196,8 +197,58 @@ def _agreements_per_step(rank: int) -> int:
             loss_of(model, rank, step).backward()
             opt.step()
     finally:
-        adasum._reducer.agree = agree
+        adasum._reducer.agree = adasum.optim._distributed.agree = agree
     return counted["rounds"] / 3
+
+
+def _error(fn) -> str | None:
+    """``"TypeName: message"`` of what ``fn()`` raises, else None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a rank that raised alone is what the tests look for
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _options_differ(rank: int, case: str) -> dict:
+    """One rank's options change the step's protocol: every rank raises the same error before
+    anything changes. ``grad_scaler``: only rank 0 passes its scaler; ``scaler_step``: rank 2
+    steps directly, the others through their scalers; ``passes``, ``passes_scaled``: rank 1
+    accumulates two passes, without and with a scaler."""
+    model = new_model(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = case != "passes"
+    passes = 2 if case.startswith("passes") and rank == 1 else 1
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), backward_passes_per_step=passes,
+                               grad_scaler=scaler if scaled and (case != "grad_scaler" or rank == 0) else None)
+    before = params(model)
+
+    def steps() -> None:
+        for micro in range(passes):
+            opt.zero_grad()
+            loss = loss_of(model, rank, micro)
+            if not scaled or (case == "scaler_step" and rank == 2):
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+
+    return {"error": _error(steps), "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
+            "adam_state": len(opt.state), "scale": scaler.get_scale()}
+
+
+def _broadcasts(rank: int) -> dict:
+    """broadcast_parameters agrees on shapes and dtypes first; integer buffers travel too."""
+    out = {}
+    for case, shape, dtype in [("shape", (12, 7), torch.float32), ("dtype", (10, 7), torch.float64)]:
+        mine = torch.full(shape if rank == 1 else (10, 7), float(rank), dtype=dtype if rank == 1 else torch.float32)
+        out[case] = {"error": _error(lambda: broadcast_parameters([mine])), "unchanged": bool((mine == rank).all())}
+    norm = torch.nn.BatchNorm1d(3)
+    norm.num_batches_tracked.fill_(rank + 5)
+    broadcast_parameters(norm, src=2)
+    out["buffers"] = int(norm.num_batches_tracked)
+    return out
 
 
 def _all(rank: int, world: int) -> dict:
@@ -209,12 +260,15 @@ def _all(rank: int, world: int) -> dict:
         "baselines": _baselines(rank),
         "mismatch": _mismatch(rank),
         "agreements": _agreements_per_step(rank),
+        "options": {case: _options_differ(rank, case) for case in OPTION_ERRORS},
+        "broadcasts": _broadcasts(rank),
     }
 
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict]:
-    return spawn(_all, WORLD, timeout=TIMEOUT)
+    # A short group timeout: a rank left waiting fails the tests fast instead of hanging them.
+    return spawn(_all, WORLD, timeout=TIMEOUT, group_timeout=20)
 
 
 def replay(name: str, initial: list[torch.Tensor], per_rank_grads: list[list[list[torch.Tensor]]],
@@ -306,6 +360,37 @@ def test_a_parameter_mismatch_raises_everywhere_before_the_step(runs):
 
 def test_one_agreement_round_per_step(runs):
     assert [r["agreements"] for r in runs] == [1.0] * len(runs)
+
+
+OPTION_ERRORS = {
+    "grad_scaler": "RuntimeError: adasum: rank 1: DistributedOptimizer is stepped by a GradScaler it does not know: "
+                   "pass grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank makes every "
+                   "rank's scaler back off and the scalers stay identical",
+    "scaler_step": "ValueError: adasum: stepped_by_grad_scaler=False on rank 2 but stepped_by_grad_scaler=True on rank 0",
+    "passes": "ValueError: adasum: backward_passes_per_step=2 on rank 1 but backward_passes_per_step=1 on rank 0",
+    "passes_scaled": "RuntimeError: adasum: rank 1: GradScaler.step was called after 1 of 2 backward passes; with "
+                     "accumulation, call scaler.unscale_/step/update only when DistributedOptimizer.ready is True",
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_ERRORS))
+def test_options_that_change_the_protocol_are_agreed_before_the_step(runs, case):
+    for r in runs:
+        assert r["options"][case] == {"error": OPTION_ERRORS[case], "unchanged": True, "adam_state": 0,
+                                      "scale": 2.0**10}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("shape", "ValueError: adasum: tensor 0 is (12, 7) float32 on rank 1 but (10, 7) float32 on rank 0"),
+    ("dtype", "ValueError: adasum: tensor 0 is (10, 7) float64 on rank 1 but (10, 7) float32 on rank 0"),
+])
+def test_broadcast_parameters_refuses_different_tensors_on_every_rank(runs, case, message):
+    for r in runs:
+        assert r["broadcasts"][case] == {"error": message, "unchanged": True}
+
+
+def test_broadcast_parameters_carries_integer_buffers(runs):
+    assert [r["broadcasts"]["buffers"] for r in runs] == [7] * WORLD
 
 
 def test_state_dict_round_trip(runs):

@@ -2,7 +2,9 @@
 
 A group the library creates inherits the timeout of the group it is made from: without that,
 ``new_group`` falls back to the 30-minute default, and a user who asked for
-``init_process_group(timeout=...)`` would wait half an hour on a dead peer.
+``init_process_group(timeout=...)`` would wait half an hour on a dead peer. Groups that others
+made (a device mesh's) are used as they are where they wait no longer than the default group,
+and replaced by a group of the same ranks with its timeout otherwise (:func:`bounded`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "all_gather_single", "timeout_of", "new_group_like", "message_device", "global_ranks", "device_type_of",
+    "all_gather_single", "timeout_of", "new_group_like", "bounded", "message_device", "global_ranks",
+    "device_type_of",
 ]
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single; torch 2.2 has only the old name.
@@ -52,6 +55,17 @@ def new_group_like(
         backend=dist.get_backend(parent if parent is not None else dist.group.WORLD),
         use_local_synchronization=local,
     )
+
+
+def bounded(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """``group``, or, where it waits longer than the default group (``init_device_mesh``
+    gives its groups torch's 30-minute default whatever ``init_process_group`` was told), a new
+    group of the same ranks with the default group's timeout and backend. Every member calls
+    it, in the same order; the others need not."""
+    mine, default = timeout_of(group), timeout_of(None)
+    if mine is None or default is None or mine <= default:
+        return group
+    return new_group_like(None, global_ranks(group), local=True)
 
 
 def message_device(group: dist.ProcessGroup | None) -> torch.device:

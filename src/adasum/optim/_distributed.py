@@ -25,6 +25,10 @@ import torch.distributed as dist
 
 from adasum._adasum import Adasum
 from adasum._baselines import Average
+from adasum._broadcast import broadcast
+from adasum._check import Problem, agree, local_problem
+from adasum._groups import device_type_of, message_device
+from adasum._layout import Layout
 from adasum._noise import Moments
 from adasum._reducer import Reducer
 from adasum._stats import Stats
@@ -66,8 +70,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         named_parameters: ``model.named_parameters()`` to name the layers in the statistics.
 
     Before the local step every rank checks, together with the others, that all pass the same
-    parameters (:meth:`adasum.Reducer.check`): on a mismatch every rank raises and no
-    optimizer state has changed.
+    parameters (as :meth:`adasum.Reducer.check` does) and the same options that change what a
+    step sends (``stats``, ``backward_passes_per_step``, ``grad_scaler``, and whether
+    ``GradScaler.step`` drives this step): on a mismatch, or an error one rank sees, every rank
+    raises the same error and no optimizer state has changed.
     """
 
     # GradScaler.step then calls step() on every rank, handing over found_inf and grad_scale,
@@ -197,22 +203,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None and self.passes + 1 < self.backward_passes_per_step:
             with torch.enable_grad():
                 return closure()
-        if closure is None and not self.ready:
-            if found_inf is not None:
-                raise RuntimeError(
-                    f"GradScaler.step was called after {self.passes} of "
-                    f"{self.backward_passes_per_step} backward passes; with accumulation, call "
-                    "scaler.unscale_/step/update only when DistributedOptimizer.ready is True"
-                )
+        if closure is None and not self.ready and found_inf is None:
             return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._agree(params, found_inf)  # before anything changes
         if found_inf is not None:
             if self._overflow_anywhere(found_inf):
                 self._end_cycle()
                 return None
             if grad_scale is not None:
                 self._unscale(grad_scale)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.reducer.check(params, stats=self.stats)  # before anything changes
         moments = self._gradient_moments(params) if self.stats else None
         start = self._snapshot(params)
         loss = local_delta(self.optimizer, params, start, closure)
@@ -227,6 +227,43 @@ class DistributedOptimizer(torch.optim.Optimizer):
         grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         # The check before the local step agreed on the parameters, whose shapes the gradients share.
         return Average(self.reducer.group)._all_reduce_checked(grads, stats=True).moments
+
+    def _agree(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
+        """:meth:`adasum.Reducer.check` of the parameters, in the same round as the options that
+        change what a step sends: a rank that all-reduces an overflow flag, or steps at another
+        pass, while the others reduce would leave them waiting."""
+        group = self.reducer.group
+        problem = (
+            self._scaler_problem(found_inf)
+            or local_problem(params, device_type_of(group))
+            or self.reducer._problem(params)
+        )
+        setting = self.reducer.setting() + (
+            ("stats", bool(self.stats)),
+            ("backward_passes_per_step", self.backward_passes_per_step),
+            ("grad_scaler", self.grad_scaler is not None),
+            ("stepped_by_grad_scaler", found_inf is not None),
+        )
+        agree(group, problem, None if problem else Layout.of(params), setting, message_device(group))
+
+    def _scaler_problem(self, found_inf: torch.Tensor | None) -> Problem | None:
+        if found_inf is None:
+            return None
+        if self.grad_scaler is None:
+            return Problem(
+                RuntimeError,
+                "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
+                "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
+                "makes every rank's scaler back off and the scalers stay identical",
+            )
+        if not self.ready:
+            return Problem(
+                RuntimeError,
+                f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
+                "backward passes; with accumulation, call scaler.unscale_/step/update only when "
+                "DistributedOptimizer.ready is True",
+            )
+        return None
 
     def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         # The copies of the parameters are kept between steps: allocating 1x the model every
@@ -255,12 +292,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.last_stats = Stats(stats.stages, names, moments)
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
-        if self.grad_scaler is None:
-            raise RuntimeError(
-                "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
-                "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
-                "makes every rank's scaler back off and the scalers stay identical"
-            )
         flag = found_inf.detach().float().reshape(1).clone()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.reducer.group)
         # GradScaler.update() reads the per-device flags it recorded for this optimizer, not the
@@ -292,12 +323,15 @@ def broadcast_parameters(
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """Make every rank's parameters (and, for a module, buffers) equal to those of rank ``src``
-    of ``group``. Delta mode needs equal starting points; DDP does this in its constructor."""
+    of ``group``. Delta mode needs equal starting points; DDP does this in its constructor.
+
+    The ranks first agree on ``src`` and on the tensors' number, shapes and dtypes
+    (:func:`adasum._broadcast.broadcast`; a broadcast into a tensor of another size copies part
+    of it without a word): on a difference every rank raises the same error and nothing is
+    copied."""
     tensors = (
         list(params.parameters()) + list(params.buffers())
         if isinstance(params, torch.nn.Module)
         else list(params)
     )
-    root = src if group is None else dist.get_global_rank(group, src)
-    for t in tensors:
-        dist.broadcast(t.detach(), src=root, group=group)
+    broadcast([t.detach() for t in tensors], src, group)
