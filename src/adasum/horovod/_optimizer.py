@@ -25,6 +25,7 @@ from adasum.horovod._allreduce import grouped_allreduce_async_
 from adasum.horovod._reduce_ops import Adasum, Average, Compression, ReduceOp, resolve_op
 from adasum.horovod._runtime import group_of
 from adasum.optim import DistributedOptimizer as _DeltaBase
+from adasum.optim._wrapper import Wrapper
 
 __all__ = ["DistributedOptimizer"]
 
@@ -52,7 +53,7 @@ def _names(optimizer: torch.optim.Optimizer, named_parameters: Iterable | None) 
     return names
 
 
-class _GradientOptimizer(torch.optim.Optimizer):
+class _GradientOptimizer(Wrapper):
     """Gradient mode: reduce the gradients, then step the wrapped optimizer (see
     :func:`DistributedOptimizer`). The wrapped optimizer owns the parameter groups and state,
     which this object exposes (so LR schedulers and ``state_dict`` work as on it)."""
@@ -74,22 +75,6 @@ class _GradientOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
     def __repr__(self) -> str:
         return f"hvd.DistributedOptimizer({self.optimizer!r}, op={self.op.name})"
 
@@ -98,12 +83,9 @@ class _GradientOptimizer(torch.optim.Optimizer):
         for p in self.optimizer.param_groups[-1]["params"]:
             self._names.setdefault(id(p), f"allreduce.noname.{len(self._names)}")
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._synchronized = False
-        self.optimizer.load_state_dict(state_dict)
+        super().load_state_dict(state_dict)
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Kept for Horovod's scripts: gradients are reduced once per step whatever the count."""

@@ -33,11 +33,12 @@ from adasum._noise import Moments
 from adasum._reducer import Reducer
 from adasum._stats import Stats
 from adasum.optim._delta import apply_delta, local_delta
+from adasum.optim._wrapper import Wrapper
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters"]
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(Wrapper):
     """Wrap ``optimizer`` so that each :meth:`step` reduces the ranks' parameter deltas with
     Adasum or another reducer (delta mode, see the module docstring).
 
@@ -116,36 +117,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     # -- the wrapped optimizer's face -------------------------------------------------------
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
     def __repr__(self) -> str:
         return f"DistributedOptimizer({self.optimizer!r})"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
         self._count_passes_of(self.optimizer.param_groups[-1]["params"])
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's optimizer state (the wrapped optimizer's ``state_dict``): in delta mode
-        every rank has its own moments, so every rank saves and loads its own."""
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
 
     # -- accumulation -----------------------------------------------------------------------
 
