@@ -123,9 +123,8 @@ def _instrument(clock: Clock) -> None:
     # step() calls these through the module's globals, so they are replaced there.
     distributed.local_delta = clock.timed("local step (inner Adam, then new - old)", distributed.local_delta)
     distributed.apply_delta = clock.timed("apply (old + reduced delta)", distributed.apply_delta)
-    # The reduction after the check (which agreed for it, so it has no agreement of its own).
-    Reducer._all_reduce_checked = clock.timed("all_reduce", Reducer._all_reduce_checked)
-    Reducer._validated = clock.timed("validation", Reducer._validated)
+    # The reduction after the check (which hands it its agreement, so it has no round of its own).
+    Reducer.all_reduce = clock.timed("all_reduce", Reducer.all_reduce)
     # The part of the validation that exchanges messages (every rank waits for the slowest).
     Reducer._agree = clock.timed("agreement among the ranks", Reducer._agree)
     Adasum._reduce = clock.timed("algorithm (Adasum._reduce)", Adasum._reduce)

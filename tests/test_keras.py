@@ -194,6 +194,8 @@ REFUSALS = {  # name: (mode, batches per update, what differs on the last worker
     "gradient, layout": ("gradient", 1, "layout"),
     "delta, reducer": ("delta", 1, "reducer"),
     "gradient accumulated, reducer": ("gradient", 2, "reducer"),
+    "delta, mode": ("delta", 1, "mode"),  # the last worker in gradient mode
+    "gradient, accumulation": ("gradient", 1, "accumulation"),  # the last worker accumulates 2
 }
 
 
@@ -204,6 +206,10 @@ def refused_update(rank: int, world: int, mode: str, steps: int, differs: str) -
     from adasum.keras import DistributedOptimizer
 
     last = rank == world - 1
+    if last and differs == "mode":
+        mode = "gradient"
+    if last and differs == "accumulation":
+        steps = 2
     model = narrower_on_the_last(rank, world) if differs == "layout" else make_model(seed=rank)
     reducer = adasum.Average() if differs == "reducer" and last else None
     optimizer = DistributedOptimizer(make_inner(mode), reducer, mode=mode, gradient_accumulation_steps=steps)
@@ -235,6 +241,11 @@ def refusals_changed_nothing(results: list[dict], backend: str) -> None:
             assert unchanged, (name, rank, message)
         if name.endswith("layout"):
             want = f"{kind}: adasum: tensor 0 is (6, 4) float32 on rank {last} but (6, 5) float32 on rank 0"
+        elif name.endswith("mode"):
+            want = f"{kind}: adasum: mode=gradient on rank {last} but mode=delta on rank 0"
+        elif name.endswith("accumulation"):
+            want = (f"{kind}: adasum: gradient_accumulation_steps=2 on rank {last} "
+                    "but gradient_accumulation_steps=1 on rank 0")
         else:
             want = f"{kind}: adasum: reducer=average on rank {last} but reducer=adasum on rank 0"
         assert results[0]["refused"][name][0] == want

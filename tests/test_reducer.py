@@ -16,7 +16,7 @@ from adasum._groups import timeout_of
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.launch import spawn
 from adasum.optim import DistributedOptimizer
-from conftest import TIMEOUT, rel_err, same_bits
+from conftest import TIMEOUT, caught, rel_err, same_bits
 
 SHAPES = [((6, 4), torch.float32), ((9,), torch.float64), ((5,), torch.bfloat16)]
 
@@ -135,6 +135,59 @@ def test_stats_cost_at_most_one_small_message(world):
             off, on = res[(algorithm, False)], res[(algorithm, True)]
             assert on["p2p"] == off["p2p"]
             assert on["gather"] - off["gather"] <= 1
+
+
+def _agreements(rank: int, world: int) -> dict:
+    """The public validation path: check() with a front door's options and error, and a
+    reduction handed the agreement, which skips its round."""
+    batches = {"n": 0}
+    send = dist.batch_isend_irecv
+
+    def counted(ops):
+        batches["n"] += 1
+        return send(ops)
+
+    dist.batch_isend_irecv = counted
+    reducer, last = adasum.Adasum(), rank == world - 1
+    out = {}
+    for name, call in [
+        ("check", lambda x: reducer.check(x, options={"mode": "delta"})),
+        ("all_reduce", lambda x: reducer.all_reduce(x)),
+        ("agreed", lambda x: reducer.all_reduce(x, agreement=reducer.check(x))),
+    ]:
+        x = rank_inputs(rank)
+        batches["n"] = 0
+        returned = call(x)
+        out[name] = (batches["n"], x, type(returned).__name__)
+    out["options"] = caught(lambda: reducer.check(rank_inputs(rank), options={"mode": "gradient" if last else "delta"}))
+    out["error"] = caught(lambda: reducer.check(rank_inputs(rank), error=ValueError("bad input") if rank == 1 else None))
+    made = reducer.check(rank_inputs(rank))
+    out["other tensors"] = caught(lambda: reducer.all_reduce(rank_inputs(rank)[:1], agreement=made))
+    out["other stats"] = caught(lambda: reducer.all_reduce(rank_inputs(rank), stats=True, agreement=made))
+    wide = [t for t in rank_inputs(rank) if t.dtype == torch.float64]  # a flat buffer has one dtype
+    flat, numels = torch.cat([t.reshape(-1) for t in wide]), [t.numel() for t in wide]
+    flat_agreement = reducer.check_flat(flat, numels)
+    reducer.all_reduce_flat(flat, numels, agreement=flat_agreement)
+    out["flat"] = flat
+    return out
+
+
+def test_check_returns_an_agreement_that_spares_the_reduction_its_round():
+    world = 3
+    results = spawn(_agreements, world, timeout=TIMEOUT)
+    want = adasum.reduce([rank_inputs(r) for r in range(world)])
+    for r in results:
+        check, plain, agreed = r["check"][0], r["all_reduce"][0], r["agreed"][0]
+        # The check's messages and the reduction's add up to a plain all_reduce: no second round.
+        assert check > 0 and agreed == plain
+        assert same_bits(r["agreed"][1], want) and same_bits(r["all_reduce"][1], want)
+        wide = adasum.reduce([[t for t in rank_inputs(k) if t.dtype == torch.float64] for k in range(world)])
+        assert same_bits(r["flat"], torch.cat([t.reshape(-1) for t in wide]))
+        assert r["check"][2] == "Agreement" and r["agreed"][2] == r["all_reduce"][2] == "NoneType"
+        assert r["options"] == f"ValueError: adasum: mode=gradient on rank {world - 1} but mode=delta on rank 0"
+        assert r["error"] == "ValueError: adasum: rank 1: bad input"
+        for key in ("other tensors", "other stats"):
+            assert r[key].startswith("ValueError: adasum: the agreement passed to Adasum.all_reduce"), r[key]
 
 
 def _lifecycle(rank: int, world: int) -> dict:

@@ -4,6 +4,7 @@ The engine, from the top down:
 
     adasum.Reducer                  the interface every front door calls: in place on a list of
                                     tensors or one flat buffer, over a process group
+    adasum.Agreement                what Reducer.check returns: the ranks agreed, no second round
     adasum.Adasum(group)            Adasum, any world size, bit-identical on every rank
     adasum.Hierarchical(local_size) average inside nodes, Adasum across them
     adasum.Average(), adasum.Sum()  the baselines, through the same code
@@ -18,7 +19,7 @@ The engine, from the top down:
 The front doors are the modules ``adasum.ddp`` (gradient mode, a DDP communication hook),
 ``adasum.optim`` (delta mode, an optimizer wrapper), ``adasum.fsdp`` (FSDP2 and HSDP),
 ``adasum.tensorflow`` and ``adasum.keras`` (TensorFlow 2 and Keras 3), ``adasum.jax`` (JAX and
-Optax) and ``adasum.horovod`` (Horovod's PyTorch API); the program, the simulator and the experiments are in ``adasum.lab``
+Optax) and ``adasum.horovod`` (Horovod's PyTorch, TensorFlow and Keras APIs); the program, the simulator and the experiments are in ``adasum.lab``
 (``pip install 'adasum[lab]'``).
 """
 
@@ -34,6 +35,7 @@ from adasum._version import __version__
 # then say in one line what to install when its extra is missing, before torch complains.
 _EXPORTS = {
     "Reducer": "adasum._reducer",
+    "Agreement": "adasum._reducer",
     "Adasum": "adasum._adasum",
     "Hierarchical": "adasum._hierarchical",
     "Average": "adasum._baselines",
@@ -72,5 +74,5 @@ if TYPE_CHECKING:
     from adasum._ops import combine
     from adasum._order import expression, schedule
     from adasum._reduce import reduce
-    from adasum._reducer import Reducer
+    from adasum._reducer import Agreement, Reducer
     from adasum._stats import Stats

@@ -4,6 +4,9 @@ A :class:`Reducer` replaces every rank's tensors, in place, by one reduction of 
 tensors over its process group, per layer (each tensor, or each run of a flat buffer, is one
 layer). Every call first runs the one validation (:mod:`adasum._check`), then packs the layers
 into one flat buffer per dtype and hands them to the implementation's :meth:`Reducer._reduce`.
+A front door that validates before it changes anything calls :meth:`Reducer.check` and hands
+the :class:`Agreement` it returns to the reduction, which then skips its own round: one path
+through the validation for every front door.
 The same reduction, computed in one process over N simulated ranks, is :meth:`Reducer.reduce`:
 the reference the tests compare against and the engine of the simulator.
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +31,7 @@ from adasum._groups import device_type_of, message_device
 from adasum._layout import DtypeGroup, Flats, Layout
 from adasum._stats import Stats
 
-__all__ = ["Reducer"]
+__all__ = ["Reducer", "Agreement"]
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -53,7 +56,14 @@ class Reducer(abc.ABC):
 
     # -- what every rank calls --------------------------------------------------------------
 
-    def all_reduce(self, tensors: Tensors, *, stats: bool = False) -> Stats | None:
+    def all_reduce(
+        self,
+        tensors: Tensors,
+        *,
+        stats: bool = False,
+        options: Mapping[str, object] | None = None,
+        agreement: Agreement | None = None,
+    ) -> Stats | None:
         """Replace each rank's tensors by the reduction of all ranks' tensors, in place.
 
         Every rank of the group calls this with the same number of tensors, shapes and dtypes
@@ -61,61 +71,92 @@ class Reducer(abc.ABC):
         carries; otherwise every rank raises the same TypeError or ValueError before any data
         moves. With ``stats=True`` returns the :class:`~adasum.Stats` of the pairwise
         combinations on every rank (statistics never change the result); otherwise None.
+
+        ``options``: the caller's own settings that every rank must pass alike, compared in the
+        same round (see :meth:`check`). ``agreement``: what :meth:`check` returned for these
+        tensors earlier in the step; the reduction then skips its own agreement round.
         """
-        tensor_list = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        return self._all_reduce_agreed(tensor_list, self._validated(tensor_list, stats), stats)
-
-    def _all_reduce_checked(self, tensors: Sequence[torch.Tensor], *, stats: bool = False) -> Stats | None:
-        """:meth:`all_reduce` without its agreement round, for a front door whose every rank
-        ran :meth:`check` on these same tensors (same shapes, dtypes, device) and ``stats``
-        earlier in the same step: the delta-mode optimizer checks before its local step, and a
-        second round would only repeat the answer."""
-        tensor_list = list(tensors)
-        return self._all_reduce_agreed(tensor_list, Layout.of(tensor_list), stats)
-
-    def _all_reduce_agreed(self, tensor_list: list[torch.Tensor], layout: Layout, stats: bool) -> Stats | None:
-        """The reduction of validated tensors whose layout every rank agreed on."""
+        tensor_list = _listed(tensors)
+        if agreement is None:
+            agreement = self.check(tensor_list, stats=stats, options=options)
+        else:
+            self._covered(agreement, Layout.of(tensor_list), tensor_list, stats)
         with torch.no_grad():  # in place on leaves that require grad, at every size
-            if self._idle(layout):
-                return self._idle_stats(len(layout)) if stats else None
-            in_place = [_end_to_end([tensor_list[i] for i in g.layers]) for g in layout.groups]
-            buffers = [
-                _flat_view(tensor_list[g.layers[0]], g.numel) if here else self._packed(layout, tensor_list, g)
-                for g, here in zip(layout.groups, in_place)
-            ]
-            result = self._reduce(Flats(buffers, layout.groups, len(layout)), stats)
-            for buffer, g, here in zip(buffers, layout.groups, in_place):
-                if not here:
-                    layout.unpack(buffer, tensor_list, g)
-        return result
+            return self._reduce_tensors(tensor_list, agreement.layout, stats)
 
-    def all_reduce_flat(self, buffer: torch.Tensor, numels: Sequence[int], *, stats: bool = False) -> Stats | None:
+    def all_reduce_flat(
+        self,
+        buffer: torch.Tensor,
+        numels: Sequence[int],
+        *,
+        stats: bool = False,
+        options: Mapping[str, object] | None = None,
+        agreement: Agreement | None = None,
+    ) -> Stats | None:
         """:meth:`all_reduce` on one contiguous 1-D buffer holding layers of ``numels``
-        elements end to end (a DDP bucket, say), in place and without a packing copy."""
-        numels = tuple(int(n) for n in numels)
+        elements end to end (a DDP bucket, say), in place and without a packing copy;
+        ``agreement`` comes from :meth:`check_flat`."""
+        if agreement is None:
+            agreement = self.check_flat(buffer, numels, stats=stats, options=options)
+        else:
+            self._covered(agreement, Layout.of_flat(tuple(int(n) for n in numels), buffer.dtype), [buffer], stats)
         with torch.no_grad():
-            problem = flat_problem(buffer, numels, device_type_of(self.group)) or self._problem([buffer])
-            layout = None if problem else Layout.of_flat(numels, buffer.dtype)
-            self._agree(problem, layout, stats)
-            return self._all_reduce_flat_agreed(buffer, layout, stats)
+            if self._idle(agreement.layout):
+                return self._idle_stats(len(agreement.layout)) if stats else None
+            layout = agreement.layout
+            return self._reduce(Flats([buffer], layout.groups, len(layout)), stats)
 
-    def _all_reduce_flat_checked(self, buffer: torch.Tensor, numels: Sequence[int], *, stats: bool = False) -> Stats | None:
-        """:meth:`all_reduce_flat` without its agreement round, for a front door whose every
-        rank already agreed on this layout (``numels``, dtype, device) and ``stats`` with this
-        reducer: the DDP hook agrees once per bucket layout."""
-        with torch.no_grad():
-            return self._all_reduce_flat_agreed(buffer, Layout.of_flat(tuple(int(n) for n in numels), buffer.dtype), stats)
-
-    def _all_reduce_flat_agreed(self, buffer: torch.Tensor, layout: Layout, stats: bool) -> Stats | None:
-        if self._idle(layout):
-            return self._idle_stats(len(layout)) if stats else None
-        return self._reduce(Flats([buffer], layout.groups, len(layout)), stats)
-
-    def check(self, tensors: Tensors, *, stats: bool = False) -> None:
+    def check(
+        self,
+        tensors: Tensors,
+        *,
+        stats: bool = False,
+        options: Mapping[str, object] | None = None,
+        error: Exception | None = None,
+    ) -> Agreement:
         """The validation of :meth:`all_reduce` alone: returns on every rank, or raises the same
-        error on every rank. For a caller that must know before it changes anything (the
-        delta-mode optimizer checks the parameters before its local step)."""
-        self._validated([tensors] if isinstance(tensors, torch.Tensor) else list(tensors), stats)
+        error on every rank, and moves no data.
+
+        For a front door that must know before it changes anything (the delta-mode optimizer
+        checks the parameters before its local step). ``options`` are its own settings that
+        every rank must pass alike (``{"mode": "delta"}``, say): a rank that differs makes
+        every rank raise a ValueError naming the option. ``error`` is a problem this rank found
+        in the caller's own input: every rank raises it, naming this rank. The returned
+        :class:`Agreement`, passed to :meth:`all_reduce` with the same tensors (or tensors of
+        the same shapes and dtypes) and ``stats``, spares the reduction a second round.
+        """
+        tensor_list = _listed(tensors)
+        problem = _problem_of(error) or local_problem(tensor_list, device_type_of(self.group))
+        problem = problem or self._problem(tensor_list)
+        return self._agreed(problem, None if problem else Layout.of(tensor_list), tensor_list, stats, options)
+
+    def check_flat(
+        self,
+        buffer: torch.Tensor,
+        numels: Sequence[int],
+        *,
+        stats: bool = False,
+        options: Mapping[str, object] | None = None,
+        error: Exception | None = None,
+    ) -> Agreement:
+        """:meth:`check` of a flat buffer of layers of ``numels`` elements, for
+        :meth:`all_reduce_flat`."""
+        numels = tuple(int(n) for n in numels)
+        problem = _problem_of(error) or flat_problem(buffer, numels, device_type_of(self.group))
+        problem = problem or self._problem([buffer])
+        layout = None if problem else Layout.of_flat(numels, buffer.dtype)
+        return self._agreed(problem, layout, [buffer], stats, options)
+
+    def agreement(self, tensors: Tensors, *, stats: bool = False) -> Agreement:
+        """The :class:`Agreement` :meth:`check` would return, made here without a message.
+
+        Only for a front door whose own agreement round already compared, on every rank, what
+        :meth:`check` compares (shapes, dtypes, device, this reducer's settings and ``stats``):
+        :mod:`adasum.horovod` agrees on each operation its own way. A wrong promise pairs
+        mismatched data across ranks, which is what :meth:`check` exists to prevent.
+        """
+        tensor_list = _listed(tensors)
+        return Agreement(Layout.of(tensor_list), _device(tensor_list), self.setting(), bool(stats))
 
     @abc.abstractmethod
     def reduce(self, per_rank: Sequence[Sequence[torch.Tensor]], *, stats: bool = False) -> Any:
@@ -172,21 +213,77 @@ class Reducer(abc.ABC):
 
     # -- the shared steps -------------------------------------------------------------------
 
-    def _validated(self, tensors: list, stats: bool) -> Layout:
-        problem = local_problem(tensors, device_type_of(self.group)) or self._problem(tensors)
-        layout = None if problem else Layout.of(tensors)
-        self._agree(problem, layout, stats)
-        return layout
+    def _agreed(
+        self,
+        problem: Problem | None,
+        layout: Layout | None,
+        tensors: list,
+        stats: bool,
+        options: Mapping[str, object] | None,
+    ) -> Agreement:
+        setting = self.setting() + (("stats", bool(stats)),) + tuple((options or {}).items())
+        self._agree(problem, layout, setting)
+        return Agreement(layout, _device(tensors), self.setting(), bool(stats))
 
-    def _agree(self, problem: Problem | None, layout: Layout | None, stats: bool) -> None:
-        setting = self.setting() + (("stats", bool(stats)),)
+    def _agree(self, problem: Problem | None, layout: Layout | None, setting: Setting) -> None:
+        # A method of its own so that a profiler can time the round.
         agree(self.group, problem, layout, setting, message_device(self.group))
+
+    def _covered(self, agreement: Agreement, layout: Layout, tensors: list, stats: bool) -> None:
+        """Raise on this rank if ``agreement`` was not made for tensors like these: a caller's
+        mistake that every rank makes alike, since every rank runs the same code."""
+        made = (agreement.layout.signature, agreement.device, agreement.setting, agreement.stats)
+        given = (layout.signature, _device(tensors), self.setting(), bool(stats))
+        if made != given:
+            raise ValueError(
+                f"adasum: the agreement passed to {type(self).__name__}.all_reduce was made by check() for "
+                "other tensors, another device, another reducer or another stats flag; pass what check() was given"
+            )
+
+    def _reduce_tensors(self, tensor_list: list[torch.Tensor], layout: Layout, stats: bool) -> Stats | None:
+        """The reduction of validated tensors whose layout every rank agreed on."""
+        if self._idle(layout):
+            return self._idle_stats(len(layout)) if stats else None
+        in_place = [_end_to_end([tensor_list[i] for i in g.layers]) for g in layout.groups]
+        buffers = [
+            _flat_view(tensor_list[g.layers[0]], g.numel) if here else self._packed(layout, tensor_list, g)
+            for g, here in zip(layout.groups, in_place)
+        ]
+        result = self._reduce(Flats(buffers, layout.groups, len(layout)), stats)
+        for buffer, g, here in zip(buffers, layout.groups, in_place):
+            if not here:
+                layout.unpack(buffer, tensor_list, g)
+        return result
 
     def _idle(self, layout: Layout) -> bool:
         return len(layout) == 0 or dist.get_world_size(self.group) == 1
 
     def _packed(self, layout: Layout, tensors: list[torch.Tensor], g: DtypeGroup) -> torch.Tensor:
         return layout.pack(tensors, g, out=self._buffers.get("pack", tensors[g.layers[0]], g.numel))
+
+
+class Agreement:
+    """What :meth:`Reducer.check` returns: every rank of the reducer's group passed this
+    layout, on this device, to a reducer with this setting and this ``stats`` flag (and the
+    caller's options alike). :meth:`Reducer.all_reduce` accepts it in place of its own
+    agreement round; it holds no tensors and no process group."""
+
+    __slots__ = ("layout", "device", "setting", "stats")
+
+    def __init__(self, layout: Layout, device: torch.device | None, setting: Setting, stats: bool) -> None:
+        self.layout, self.device, self.setting, self.stats = layout, device, setting, stats
+
+
+def _listed(tensors: Tensors) -> list:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _device(tensors: list) -> torch.device | None:
+    return tensors[0].device if tensors else None
+
+
+def _problem_of(error: Exception | None) -> Problem | None:
+    return None if error is None else Problem(type(error), str(error))
 
 
 def _end_to_end(tensors: list[torch.Tensor]) -> bool:

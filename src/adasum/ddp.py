@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from adasum._adasum import Adasum
 from adasum._groups import new_group_like
-from adasum._reducer import Reducer
+from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
 
 __all__ = ["AdasumState", "adasum_hook"]
@@ -83,7 +83,7 @@ class AdasumState:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         #: The bucket layouts (with the settings) every rank has agreed on; see _reduce.
-        self._agreed: set[tuple] = set()
+        self._agreed: dict[tuple, Agreement] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"reducer": self.reducer, "stats": self.stats, "overlap": self.overlap}
@@ -153,11 +153,9 @@ class AdasumState:
         # same order, so a layout agreed once stays agreed: every rank takes the same branch.
         # A new layout (DDP rebuilds its buckets after the first step) is agreed anew.
         key = (job.index, tuple(job.numels), job.buffer.dtype, job.buffer.device, self.stats, reducer.setting())
-        if key in self._agreed:
-            stats = reducer._all_reduce_flat_checked(job.flat, job.numels, stats=self.stats)
-        else:
-            stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats)
-            self._agreed.add(key)
+        if key not in self._agreed:
+            self._agreed[key] = reducer.check_flat(job.flat, job.numels, stats=self.stats)
+        stats = reducer.all_reduce_flat(job.flat, job.numels, stats=self.stats, agreement=self._agreed[key])
         if stats is not None:
             self._record(job, stats)
         return job.buffer

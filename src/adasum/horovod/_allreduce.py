@@ -123,7 +123,8 @@ def _adasum(tensors: Sequence[torch.Tensor], group) -> None:
     try:
         # Agreed before: same shapes, dtypes, device and op everywhere, so the engine's own
         # agreement round would only repeat the answer.
-        _reducers[group]._all_reduce_checked(tensors)
+        reducer = _reducers[group]
+        reducer.all_reduce(tensors, agreement=reducer.agreement(tensors))
     except RuntimeError as e:  # the exchanges failed: a peer died or the group timed out
         raise HorovodInternalError(str(e)) from e
 

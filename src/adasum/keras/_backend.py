@@ -10,7 +10,7 @@ stateless function that cannot call the engine; :mod:`adasum.jax` is the way the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ContextManager
 
 import keras
@@ -33,26 +33,28 @@ def check_backend() -> str:
     return name
 
 
-def all_reduce(values: Sequence[Any], reducer: Reducer) -> list[Any]:
+def all_reduce(values: Sequence[Any], reducer: Reducer, options: Mapping[str, object]) -> list[Any]:
     """``reducer``'s reduction of every worker's ``values`` (backend tensors we may overwrite),
-    as a list of backend tensors."""
+    as a list of backend tensors; ``options`` must be alike on every worker
+    (:meth:`adasum.Reducer.check`)."""
     if keras.backend.backend() == "tensorflow":
         from adasum.tensorflow import all_reduce as tf_all_reduce
 
-        return tf_all_reduce(list(values), reducer)
+        return tf_all_reduce(list(values), reducer, options=options)
     values = list(values)
-    reducer.all_reduce(values)
+    reducer.all_reduce(values, options=options)
     return values
 
 
-def check(values: Sequence[Any], reducer: Reducer) -> Any:
-    """``reducer``'s validation of ``values`` alone: the same error on every worker, or none.
-    Returns what :func:`after` orders later operations after (None on the torch backend)."""
+def check(values: Sequence[Any], reducer: Reducer, options: Mapping[str, object]) -> Any:
+    """``reducer``'s validation of ``values`` and ``options`` alone: the same error on every
+    worker, or none. Returns what :func:`after` orders later operations after (None on the
+    torch backend)."""
     if keras.backend.backend() == "tensorflow":
         from adasum.tensorflow import check as tf_check
 
-        return tf_check(list(values), reducer)
-    reducer.check(list(values))
+        return tf_check(list(values), reducer, options=options)
+    reducer.check(list(values), options=options)
     return None
 
 

@@ -56,8 +56,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     The trainable variables stay bit-identical on every worker. If the workers' variables or
     reducers differ, every worker raises the same error before any weight or optimizer variable
-    changes, also in Keras's compiled train step. Every worker must pass the same ``mode`` and
-    ``gradient_accumulation_steps``: those are not compared. Non-trainable variables
+    changes, also in Keras's compiled train step; so do they if the workers' ``mode`` or
+    ``gradient_accumulation_steps`` differ (compared at the first update). Non-trainable variables
     (normalization statistics) are each worker's own; broadcast them before saving if they
     must agree. Keras's ``mixed_float16`` policy is not supported: its loss scaler would skip
     steps on one worker alone. Keras's compiled train step must not be XLA-compiled on the
@@ -193,7 +193,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     def _gradient_update(self, grads: list, variables: list) -> list:
         present = [i for i, g in enumerate(grads) if g is not None]
-        reduced = _backend.all_reduce([grads[i] for i in present], self.reducer)
+        reduced = _backend.all_reduce([grads[i] for i in present], self.reducer, self._options())
         combined = list(grads)
         for i, g in zip(present, reduced):
             combined[i] = g
@@ -207,11 +207,16 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         # Every variable takes part, with or without a gradient, so that all workers pass the
         # same tensors whichever gradients they happened to get. They are checked before the
         # local step, so that on a mismatch every worker raises with its state unchanged.
-        agreed = [_backend.check([v.value for v in variables], self.reducer)]
+        agreed = [_backend.check([v.value for v in variables], self.reducer, self._options())]
         with _backend.after(agreed):
             start = [ops.copy(v.value) for v in variables]
             self.inner_optimizer.apply(grads, variables)
             deltas = [ops.subtract(v.value, s) for v, s in zip(variables, start)]
-            for v, s, d in zip(variables, start, _backend.all_reduce(deltas, self.reducer)):
+            for v, s, d in zip(variables, start, _backend.all_reduce(deltas, self.reducer, self._options())):
                 v.assign(ops.add(s, d))
         return agreed
+
+    def _options(self) -> dict[str, object]:
+        # What changes when a worker reduces: a worker in another mode, or one that reduces at
+        # another batch, would pair its messages with the wrong ones of the others.
+        return {"mode": self.mode, "gradient_accumulation_steps": self.steps}

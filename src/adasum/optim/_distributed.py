@@ -26,11 +26,8 @@ import torch.distributed as dist
 from adasum._adasum import Adasum
 from adasum._baselines import Average
 from adasum._broadcast import broadcast
-from adasum._check import Problem, agree, local_problem
-from adasum._groups import device_type_of, message_device
-from adasum._layout import Layout
 from adasum._noise import Moments
-from adasum._reducer import Reducer
+from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
 from adasum.optim._delta import apply_delta, local_delta
 from adasum.optim._wrapper import Wrapper
@@ -183,7 +180,7 @@ class DistributedOptimizer(Wrapper):
         if closure is None and not self.ready and found_inf is None:
             return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self._agree(params, found_inf)  # before anything changes
+        agreement = self._check(params, found_inf)  # before anything changes
         if found_inf is not None:
             if self._overflow_anywhere(found_inf):
                 self._end_cycle()
@@ -193,7 +190,7 @@ class DistributedOptimizer(Wrapper):
         moments = self._gradient_moments(params) if self.stats else None
         start = self._snapshot(params)
         loss = local_delta(self.optimizer, params, start, closure)
-        self._reduce(params, start, moments)
+        self._reduce(params, start, moments, agreement)
         self._end_cycle()
         return loss
 
@@ -202,40 +199,33 @@ class DistributedOptimizer(Wrapper):
         not gradients): every rank's squared norms and their average's. A missing gradient
         counts as zero, as it does in the local step."""
         grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        # The check before the local step agreed on the parameters, whose shapes the gradients share.
-        return Average(self.reducer.group)._all_reduce_checked(grads, stats=True).moments
+        average = Average(self.reducer.group)
+        # The check before the local step agreed on the parameters, whose shapes the gradients
+        # share, and on stats=True: that agreement covers this reduction too.
+        return average.all_reduce(grads, stats=True, agreement=average.agreement(grads, stats=True)).moments
 
-    def _agree(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> None:
+    def _check(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Agreement:
         """:meth:`adasum.Reducer.check` of the parameters, in the same round as the options that
         change what a step sends: a rank that all-reduces an overflow flag, or steps at another
         pass, while the others reduce would leave them waiting."""
-        group = self.reducer.group
-        problem = (
-            self._scaler_problem(found_inf)
-            or local_problem(params, device_type_of(group))
-            or self.reducer._problem(params)
-        )
-        setting = self.reducer.setting() + (
-            ("stats", bool(self.stats)),
-            ("backward_passes_per_step", self.backward_passes_per_step),
-            ("grad_scaler", self.grad_scaler is not None),
-            ("stepped_by_grad_scaler", found_inf is not None),
-        )
-        agree(group, problem, None if problem else Layout.of(params), setting, message_device(group))
+        options = {
+            "backward_passes_per_step": self.backward_passes_per_step,
+            "grad_scaler": self.grad_scaler is not None,
+            "stepped_by_grad_scaler": found_inf is not None,
+        }
+        return self.reducer.check(params, stats=self.stats, options=options, error=self._scaler_error(found_inf))
 
-    def _scaler_problem(self, found_inf: torch.Tensor | None) -> Problem | None:
+    def _scaler_error(self, found_inf: torch.Tensor | None) -> Exception | None:
         if found_inf is None:
             return None
         if self.grad_scaler is None:
-            return Problem(
-                RuntimeError,
+            return RuntimeError(
                 "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
                 "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
                 "makes every rank's scaler back off and the scalers stay identical",
             )
         if not self.ready:
-            return Problem(
-                RuntimeError,
+            return RuntimeError(
                 f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
                 "backward passes; with accumulation, call scaler.unscale_/step/update only when "
                 "DistributedOptimizer.ready is True",
@@ -252,12 +242,14 @@ class DistributedOptimizer(Wrapper):
             torch._foreach_copy_(self._start, [p.detach() for p in params])
         return self._start
 
-    def _reduce(self, params: list[torch.Tensor], start: list[torch.Tensor], moments: Moments | None) -> None:
+    def _reduce(
+        self, params: list[torch.Tensor], start: list[torch.Tensor], moments: Moments | None, agreement: Agreement
+    ) -> None:
         # The parameters hold their deltas: they are reduced in place and shifted back, so delta
         # mode needs no memory beyond the snapshot.
         try:
-            # Checked together before the local step: no second agreement round.
-            stats = self.reducer._all_reduce_checked(params, stats=self.stats)
+            # Checked before the local step: no second agreement round.
+            stats = self.reducer.all_reduce(params, stats=self.stats, agreement=agreement)
         except BaseException:
             # Leave usable parameters behind (the values before this step), not deltas.
             with torch.no_grad():

@@ -15,7 +15,7 @@ of its own errors (a ``tf.errors.OpError``) carrying the same message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -31,7 +31,7 @@ __all__ = ["all_reduce", "broadcast", "check"]
 
 # The functions below are Python that builds one py_function node; AutoGraph must leave them be.
 @tf.autograph.experimental.do_not_convert
-def all_reduce(tensors: Any, reducer: Reducer | None = None) -> Any:
+def all_reduce(tensors: Any, reducer: Reducer | None = None, *, options: Mapping[str, object] | None = None) -> Any:
     """The Adasum (or ``reducer``'s reduction) of every worker's ``tensors``, per tensor.
 
     ``tensors`` is one ``tf.Tensor`` (or ``tf.Variable``) or a list or tuple of them; returns new
@@ -40,10 +40,11 @@ def all_reduce(tensors: Any, reducer: Reducer | None = None) -> Any:
     :func:`adasum.reduce` of all workers' tensors up to the float64 rounding of the dot products
     (rule 5 of the contract). The default reducer is :class:`adasum.Adasum` over the default
     torch.distributed group, which the program initialises (``torch.distributed
-    .init_process_group("gloo")``, e.g. under ``torchrun``).
+    .init_process_group("gloo")``, e.g. under ``torchrun``). ``options``: the caller's own
+    settings every worker must pass alike (:meth:`adasum.Reducer.check`).
     """
     reducer = reducer if reducer is not None else _default()
-    return _apply(lambda flat: _reduced(flat, reducer), tensors)
+    return _apply(lambda flat: _reduced(flat, reducer, options), tensors)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -60,7 +61,7 @@ def broadcast(tensors: Any, src: int = 0, group: dist.ProcessGroup | None = None
 
 
 @tf.autograph.experimental.do_not_convert
-def check(tensors: Any, reducer: Reducer | None = None) -> tf.Tensor:
+def check(tensors: Any, reducer: Reducer | None = None, *, options: Mapping[str, object] | None = None) -> tf.Tensor:
     """The validation of :func:`all_reduce` alone (:meth:`adasum.Reducer.check`): returns on
     every worker or raises the same error on every worker, and moves no data.
 
@@ -74,7 +75,7 @@ def check(tensors: Any, reducer: Reducer | None = None) -> tf.Tensor:
     values = [tf.convert_to_tensor(t) for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors])]
 
     def call(*args: tf.Tensor) -> tf.Tensor:
-        reducer.check([torch.from_dlpack(a) for a in args])  # reads only: no copy needed
+        reducer.check([torch.from_dlpack(a) for a in args], options=options)  # reads only: no copy needed
         return tf.constant(True)
 
     if tf.executing_eagerly():
@@ -147,6 +148,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
 
 
-def _reduced(flat: list[torch.Tensor], reducer: Reducer) -> list[torch.Tensor]:
-    reducer.all_reduce(flat)
+def _reduced(flat: list[torch.Tensor], reducer: Reducer, options: Mapping[str, object] | None) -> list[torch.Tensor]:
+    reducer.all_reduce(flat, options=options)
     return flat
