@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:

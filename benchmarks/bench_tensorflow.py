@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 
-from adasum.lab.launch import free_port, spawn
+from adasum.launch import free_port, spawn
 
 
 def _worker(rank: int, world: int, ports: list[int], sizes: list[int], tensors: int, reps: int) -> list[tuple]:

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import fully_shard
 
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.fsdp import use_adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 
 WIDTHS = [1024, 2048, 2048, 1024, 1024, 512]  # about 10.0M parameters

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import adasum
 from adasum import _p2p, _reducer, _vhdd
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from bench_collective import _timed
 
 #: The phases; their names are the table's row prefixes.

@@ -44,7 +44,7 @@ import adasum.optim._distributed as distributed
 from adasum._adasum import Adasum
 from adasum._reducer import Reducer
 from adasum.ddp import AdasumState
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 
 #: (Adasum setup, its baseline), as bench_training.py pairs them.

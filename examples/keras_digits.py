@@ -5,7 +5,7 @@
     python examples/keras_digits.py --workers 2 --epochs 4
 
 Each worker is a process of one torch.distributed group (here started by
-``adasum.lab.launch.spawn``; ``torchrun`` does the same job for a script of your own). Every
+``adasum.launch.spawn``; ``torchrun`` does the same job for a script of your own). Every
 worker builds the model, compiles it with ``adasum.keras.DistributedOptimizer`` around momentum
 SGD (gradient mode: the gradients are combined, then every worker steps), takes rank 0's
 weights with ``broadcast_variables`` and fits on its own quarter of the training set. The
@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 
 LR, BATCH, TARGET = 0.05, 32, 0.95
 N_TEST = 297  # held out, the same on every worker

@@ -1,6 +1,6 @@
 """Helpers the test modules share.
 
-Multi-process tests start real Gloo groups through :func:`adasum.lab.launch.spawn`, whose
+Multi-process tests start real Gloo groups through :func:`adasum.launch.spawn`, whose
 ``timeout`` ends every worker, so a bug fails the test instead of hanging it.
 """
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from adasum.ddp import AdasumState, adasum_hook  # noqa: E402
-from adasum.lab.launch import spawn  # noqa: E402
+from adasum.launch import spawn  # noqa: E402
 from conftest import TIMEOUT, same_bits  # noqa: E402
 from stacks import assert_adasum_of_local, local_gradients  # noqa: E402
 

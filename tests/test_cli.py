@@ -38,7 +38,7 @@ def nothing_runs(monkeypatch) -> None:
     def never(*args, **kwargs):
         raise AssertionError("a run started")
 
-    monkeypatch.setattr("adasum.lab.launch.spawn", never)
+    monkeypatch.setattr("adasum.launch.spawn", never)
     monkeypatch.setattr("adasum.lab.simulate.sweep", never)
     monkeypatch.setattr("adasum.lab.simulate.geometry", never)
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, caught, rel_err, same_bits
 
 WORLD_SIZES = [2, 3, 4, 5, 6, 7, 8]

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT
 from stacks import assert_adasum_of_local, local_gradients
 

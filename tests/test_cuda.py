@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import adasum
 from adasum import _ops as ops
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, caught, rel_err, same_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adasum
 import adasum._reducer
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, bits
 
 WORLD = 4

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adasum
 from adasum import _adasum, _hierarchical, _vhdd
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.launch import WorkerError, spawn
+from adasum.launch import WorkerError, spawn
 from adasum.optim import DistributedOptimizer
 from conftest import TIMEOUT
 

@@ -12,7 +12,7 @@ import adasum
 import adasum._sharded
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.fsdp import use_adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, rel_err
 
 NUMELS = [5, 0, 12, 3]  # one row's segments: parameters' padded shards

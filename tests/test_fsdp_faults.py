@@ -19,7 +19,7 @@ import adasum.fsdp
 from adasum import _vhdd
 from adasum._groups import timeout_of
 from adasum.fsdp import use_adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, caught
 
 #: The process group's timeout where a test waits for it by design, and what a rank may take on

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
 from adasum._hierarchical import split_layers
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 from conftest import TIMEOUT, bits, caught
 SHAPES = [((7, 5), torch.float32), ((13,), torch.float64), ((4, 4), torch.bfloat16),

@@ -19,7 +19,7 @@ import torch
 
 import adasum
 import adasum.horovod as hvd
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, same_bits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, rel_err
 
 pytestmark = pytest.mark.skipif(

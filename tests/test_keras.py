@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, caught
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras")

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 import adasum  # noqa: E402
-from adasum.lab.launch import spawn  # noqa: E402
+from adasum.launch import spawn  # noqa: E402
 from conftest import TIMEOUT, same_bits  # noqa: E402
 from stacks import assert_adasum_of_local, local_gradients  # noqa: E402
 

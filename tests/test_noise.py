@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 from conftest import TIMEOUT, rel_err
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, bits, caught
 from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
 

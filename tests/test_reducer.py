@@ -14,7 +14,7 @@ import torch.distributed as dist
 import adasum
 from adasum._groups import timeout_of
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 from conftest import TIMEOUT, caught, rel_err, same_bits
 

@@ -12,7 +12,8 @@ import torch
 import adasum
 from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.records import crossing
-from adasum.lab.tasks import TaskError, load_task
+from adasum.lab.task import TaskError
+from adasum.lab.tasks import load_task
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
 

@@ -16,7 +16,8 @@ from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig
 from adasum.lab.records import evaluate
 from adasum.lab.simulate import activation_bytes, resolve_device, simulate_run
-from adasum.lab.tasks import TaskError, load_task
+from adasum.lab.task import TaskError
+from adasum.lab.tasks import load_task
 
 # ------------------------------------------------------------------------------------- text
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 from conftest import TIMEOUT, caught, rel_err, same_bits
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs tensorflow")

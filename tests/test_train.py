@@ -171,7 +171,7 @@ def test_a_bad_checkpoint_is_one_line_before_any_worker_starts(damage, message, 
     args, good = checkpointed
     bad = tmp_path / "checkpoint.pt"
     damage(good, bad)
-    monkeypatch.setattr("adasum.lab.launch.spawn", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr("adasum.launch.spawn", lambda *a, **k: pytest.fail("a worker started"))
     capsys.readouterr()
     assert main(["train", *args, "--epochs", "2", "--resume", str(bad), "--out", str(tmp_path / "run")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -196,7 +196,7 @@ def _interrupt(*args, **kwargs):
 def test_ctrl_c_names_the_checkpoint_it_resumed_from_or_none(checkpointed, tmp_path, capsys, monkeypatch):
     """Before a run saves anything, the checkpoint to go back to is the one it resumed from."""
     args, good = checkpointed
-    monkeypatch.setattr("adasum.lab.launch.spawn", _interrupt)
+    monkeypatch.setattr("adasum.launch.spawn", _interrupt)
     capsys.readouterr()
     assert main(["train", *args, "--epochs", "2", "--out", str(tmp_path)]) == 130
     assert main(["train", *args, "--epochs", "2", "--out", str(tmp_path), "--resume", str(good)]) == 130

@@ -9,7 +9,7 @@ r"""Adasum for Keras 3's ``model.fit`` across worker processes (TensorFlow and t
     broadcast_variables(model.variables)          every worker starts from rank 0's weights
 
 Each worker is one process of a torch.distributed group (``torchrun``, or
-:func:`adasum.lab.launch.spawn`), feeds ``model.fit`` its own share of the data, and ends every
+:func:`adasum.launch.spawn`), feeds ``model.fit`` its own share of the data, and ends every
 update with the same bits in its trainable variables. The combination is the project's one
 engine (:class:`adasum.Reducer`), reached through :mod:`adasum.tensorflow` on the TensorFlow
 backend and directly on the torch backend.

@@ -12,7 +12,9 @@
   judge the paper's claims (:mod:`~adasum.lab.readings`, with :mod:`~adasum.lab.bootstrap`),
   the tables and plots (:mod:`~adasum.lab.study_report`, :mod:`~adasum.lab.study_plots`);
 * the experiments: tasks, models, optimizers and the run configuration they share
-  (:mod:`~adasum.lab.tasks`, with the transformer on source text in :mod:`~adasum.lab.text`,
+  (:mod:`~adasum.lab.tasks`, the registry of tasks over the interface of
+  :mod:`~adasum.lab.task`: the array tasks in :mod:`~adasum.lab.arrays`, the transformer on
+  source text in :mod:`~adasum.lab.text`,
   the CNN on augmented digits in :mod:`~adasum.lab.images` and the streams of generated
   examples in :mod:`~adasum.lab.synthetic`; :mod:`~adasum.lab.models`,
   :mod:`~adasum.lab.optimizers`, :mod:`~adasum.lab.config`, :mod:`~adasum.lab.train`), and

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
-from adasum.lab.launch import WorkerError
-from adasum.lab.tasks import TASKS, TaskError, load_task
+from adasum.launch import WorkerError
+from adasum.lab.task import TaskError
+from adasum.lab.tasks import TASKS, load_task
 
 __all__ = ["main", "build_parser"]
 
@@ -198,7 +199,7 @@ def _torchrun_world() -> tuple[int, int] | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adasum.lab.launch import spawn
+    from adasum.launch import spawn
     from adasum.lab.train import CHECKPOINT, train_worker
 
     config = _config(args, reducer=args.reducer, optimizer=args.optimizer, mode=args.mode, lr=args.lr,
@@ -407,7 +408,7 @@ DEMO = RunConfig(task="digits-mlp", optimizer="momentum", lr=0.05, batch=32, tar
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adasum.lab.launch import spawn
+    from adasum.launch import spawn
     from adasum.lab.report import write_report
     from adasum.lab.train import train_worker
 

@@ -28,7 +28,7 @@ import torch
 
 from adasum.lab.config import DELTA_MODE, ConfigError, RunConfig
 from adasum.lab.simulate import simulate_run
-from adasum.lab.tasks import Task
+from adasum.lab.task import Task
 
 __all__ = ["one_worker_config", "measure_noise", "evaluations", "first_reaching", "noise_report",
            "CriticalFit", "fit_critical_batch"]

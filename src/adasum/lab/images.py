@@ -23,10 +23,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from adasum.lab.models import ResidualCNN
-from adasum.lab.tasks import DATA_SEED, Task, load_task
+from adasum.lab.arrays import digits_task
+from adasum.lab.task import DATA_SEED, Task
 
-__all__ = ["AugmentedImages", "augmented_digits", "random_affine", "warp"]
+__all__ = ["IMAGE_TASKS", "AugmentedImages", "augmented_digits", "random_affine", "warp"]
 
+#: The image tasks.
+IMAGE_TASKS = ("augdigits-resnet",)
 SIDE = 16
 DEFAULT_SAMPLES = 65536
 _TEST_COPIES = 4
@@ -98,7 +101,7 @@ def warp(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
 
 def augmented_digits(name: str, samples: int | None = None) -> AugmentedImages:
     """The task: ``samples`` augmented training examples (default :data:`DEFAULT_SAMPLES`)."""
-    digits = load_task("digits-cnn")
+    digits = digits_task("digits-cnn")
     train = digits.x_train.view(-1, 1, 8, 8)
     test = digits.x_test.view(-1, 1, 8, 8).repeat(_TEST_COPIES, 1, 1, 1)
     # Separate streams for the training and the test maps: the test set stays the same

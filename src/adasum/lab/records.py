@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from adasum.lab.config import Plan
-from adasum.lab.tasks import Task
+from adasum.lab.task import Task
 
 __all__ = ["evaluate", "crossing", "summarize", "write_csv", "write_json"]
 

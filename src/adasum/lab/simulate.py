@@ -47,7 +47,7 @@ from adasum.lab.config import REDUCERS, ConfigError, Plan, RunConfig, make_reduc
 from adasum.lab.optimizers import set_lr
 from adasum.lab.replicas import Replicas, per_rank
 from adasum.lab.records import crossing, evaluate, summarize
-from adasum.lab.tasks import Task
+from adasum.lab.task import Task
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
            "activation_bytes", "chunk_budget", "orthogonality", "gradient_noise"]

@@ -24,7 +24,8 @@ from adasum.lab.config import Plan, RunConfig
 from adasum.lab.records import write_json
 from adasum.lab.sections import Scale, Section, Setting
 from adasum.lab.study_plan import Point, next_points
-from adasum.lab.tasks import Task, load_task
+from adasum.lab.task import Task
+from adasum.lab.tasks import load_task
 
 __all__ = ["RunSpec", "run_spec", "run_study"]
 

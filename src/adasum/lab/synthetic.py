@@ -41,11 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from adasum.lab.tasks import DATA_SEED, STREAM_TASKS, Task, TaskError
+from adasum.lab.task import DATA_SEED, Task, TaskError
 
 __all__ = ["STREAM_TASKS", "stream_task", "stream_normals", "mixture_bayes_accuracy",
            "GaussianMixture", "TeacherMLP", "TEST_SIZE"]
 
+#: The streams of fresh generated examples.
+STREAM_TASKS = ("gauss-logistic", "teacher-mlp")
 DEFAULT_SAMPLES = 1 << 22
 TEST_SIZE = 1 << 15
 _EVAL_BATCH = 8192

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from adasum.lab.models import ByteTransformer
-from adasum.lab.tasks import Task, TaskError
+from adasum.lab.task import Task, TaskError
 
-__all__ = ["TextTask", "TransformerSize", "SIZES", "text_task", "corpus_files", "stdlib_root"]
+__all__ = ["TEXT_TASKS", "TextTask", "TransformerSize", "SIZES", "text_task", "corpus_files", "stdlib_root"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ SIZES = {
     "stdlib-transformer": TransformerSize(width=128, layers=2, heads=4, context=64),
     "stdlib-transformer-large": TransformerSize(width=256, layers=4, heads=8, context=128),
 }
+#: The text tasks, one per model size.
+TEXT_TASKS = tuple(SIZES)
 #: One file in ``_BUCKETS`` (by the hash of its path) is validation text: about 6%.
 _BUCKETS = 16
 #: Validation windows: enough for a loss estimate good to about 1%, few enough to evaluate

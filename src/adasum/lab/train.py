@@ -43,7 +43,8 @@ from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
-from adasum.lab.tasks import Task, load_task
+from adasum.lab.task import Task
+from adasum.lab.tasks import load_task
 from adasum.optim import DistributedOptimizer
 
 __all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "CHECKPOINT"]

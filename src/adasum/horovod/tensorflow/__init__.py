@@ -45,7 +45,7 @@ def DistributedOptimizer(optimizer, name=None, use_locking=False, **kwargs):  # 
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"adasum.horovod.tensorflow.DistributedOptimizer wraps a keras.optimizers.Optimizer, "
                         f"got {type(optimizer).__name__}; for a custom loop use hvd.DistributedGradientTape")
-    from adasum.horovod.keras import DistributedOptimizer as keras_optimizer
+    from adasum.horovod.keras._optimizer import DistributedOptimizer as keras_optimizer
 
     return keras_optimizer(optimizer, name=name, **kwargs)
 
