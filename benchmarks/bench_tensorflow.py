@@ -80,7 +80,8 @@ def main() -> None:
     for world in args.workers:
         ports = [free_port() for _ in range(world)]
         env = {"TF_CPP_MIN_LOG_LEVEL": "3"}
-        for w, size, tf_ms, ada_ms, low, high in spawn(_worker, world, ports, args.sizes, args.tensors, args.reps, timeout=1800, env=env)[0]:
+        rows = spawn(_worker, world, ports, args.sizes, args.tensors, args.reps, timeout=1800, env=env)[0]
+        for w, size, tf_ms, ada_ms, low, high in rows:
             print(f"| {w} | 2^{size.bit_length() - 1} | {tf_ms * 1e3:.1f} | {ada_ms * 1e3:.1f} | "
                   f"{ada_ms / tf_ms:.2f} | {low:.2f}-{high:.2f} |", flush=True)
 

@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.fsdp import use_adasum

@@ -28,11 +28,11 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from bench_collective import _timed
 
 import adasum
 from adasum import _p2p, _reducer, _vhdd
 from adasum.launch import spawn
-from bench_collective import _timed
 
 #: The phases; their names are the table's row prefixes.
 PHASES = {

@@ -30,7 +30,8 @@ ARGS = parse_host_args(__doc__.splitlines()[0], quick="one small case, 3 repeats
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 jax.config.update("jax_enable_x64", ARGS.x64)
 

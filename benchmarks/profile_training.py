@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from bench_training import SETUPS, batch, make_model
 
 import adasum.optim._distributed as distributed
@@ -89,7 +88,7 @@ class Clock:
 
         return wrapper
 
-    def phase(self, name: str) -> "_Phase":
+    def phase(self, name: str) -> _Phase:
         return _Phase(self, name)
 
     def take(self) -> dict[str, float]:

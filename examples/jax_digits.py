@@ -18,7 +18,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
@@ -57,7 +58,7 @@ def loss_fn(params, x, y):
 
 # --- the optimizer: Adam on each device, Adasum of the deltas ------------------------------
 mesh = jax.make_mesh((DEVICES,), ("data",))
-optimizer = adasum.jax.adasum(optax.adam(LEARNING_RATE), "data")
+optimizer = adasum.jax.adasum_deltas(optax.adam(LEARNING_RATE), "data")
 # For SGD-style training, reduce the gradients instead (gradient mode):
 #   optimizer = optax.chain(adasum.jax.adasum_gradients("data"), optax.sgd(0.1))
 

@@ -1,5 +1,6 @@
 """The PyTorch-ops path of the operator (CUDA buffers; CPU without the C kernels) against the
-C kernels, reached through the public entry points with ``_kernels`` switched off: the combination bit for bit, the partial sums to float64 rounding, and its extra
+C kernels, reached through the public entry points with ``_kernels`` switched off: the
+combination bit for bit, the partial sums to float64 rounding, and its extra
 memory against the half-buffer target, measured from the CPU allocator's events."""
 
 import sys
@@ -82,7 +83,8 @@ def test_torch_path_matches_the_kernels_with_small_chunks(monkeypatch, dtype, la
 def test_torch_path_matches_the_kernels_at_natural_chunk_sizes(monkeypatch, dtype):
     numels = [300_000, 1, 0, 123_457, 40_000]
     a, b = operands(sum(numels), dtype, seed=11)
-    assert len(_chunked.Blocks(ops.offsets_of(numels), _chunked.chunk_elements(a.numel(), a.element_size(), 32, a.device)).chunks) > 5
+    chunk = _chunked.chunk_elements(a.numel(), a.element_size(), 32, a.device)
+    assert len(_chunked.Blocks(ops.offsets_of(numels), chunk).chunks) > 5
     (fast_p, fast), (slow_p, slow) = both_paths(monkeypatch, a, b, numels)
     assert same_bits(fast, slow)
     assert_partials_close(fast_p, slow_p, a, b, numels)

@@ -192,15 +192,20 @@ def test_non_finite_propagates(run):
 def test_mismatches_raise_on_every_rank(run):
     world, results = run
     for res in results:
-        assert res["shape_error"] == f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
-        assert res["dtype_error"].startswith("ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
+        assert res["shape_error"] == (
+            f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0")
+        assert res["dtype_error"].startswith(
+            "ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
         assert res["count_error"] == "ValueError: adasum: rank 1 passed 2 tensors, rank 0 passed 1"
-        assert res["type_error"] == "TypeError: adasum: rank 0: tensor 0 is int32; Adasum needs float16, bfloat16, float32 or float64 tensors"
+        assert res["type_error"] == (
+            "TypeError: adasum: rank 0: tensor 0 is int32; Adasum needs float16, bfloat16, float32 or float64 tensors")
     last = world - 1
     for res in results:
-        assert res["one_int"] == f"TypeError: adasum: rank {last}: tensor 0 is int64; Adasum needs float16, bfloat16, float32 or float64 tensors"
+        assert res["one_int"] == (
+            f"TypeError: adasum: rank {last}: tensor 0 is int64; Adasum needs float16, bfloat16, float32 or float64 tensors")
         assert res["not_a_tensor"] == "TypeError: adasum: rank 1: item 0 is a list, not a torch.Tensor"
-        assert res["meta_device"] == "ValueError: adasum: rank 0: the tensors are on meta, but the process group carries cpu tensors"
+        assert res["meta_device"] == (
+            "ValueError: adasum: rank 0: the tensors are on meta, but the process group carries cpu tensors")
         assert res["two_devices"] == "ValueError: adasum: rank 1: the tensors are on several devices: cpu, meta"
         assert res["flat_2d"] == "ValueError: adasum: rank 1: the flat buffer must be a contiguous 1-D tensor"
         assert res["flat_sizes"] == f"ValueError: adasum: rank {last}: the layers' sizes add up to 5, the buffer holds 6"

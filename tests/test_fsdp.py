@@ -25,17 +25,11 @@ def _rows(rank: int, world: int) -> torch.Tensor:
 
 def _scatter(rank: int, world: int) -> torch.Tensor:
     out = torch.empty(sum(NUMELS), dtype=torch.float64)
-    buffers: dict = {}
-
-    def buffer(purpose, like, n):
-        key = purpose
-        if key not in buffers or buffers[key].numel() < n:
-            buffers[key] = torch.empty(n, dtype=like.dtype)
-        return buffers[key][:n]
+    from adasum._buffers import Buffers
 
     rows = _rows(rank, world)
     before = rows.clone()
-    adasum._sharded.reduce_scatter(out, rows, NUMELS, None, buffer)
+    adasum._sharded.reduce_scatter(out, rows, NUMELS, None, Buffers())
     assert torch.equal(rows, before)
     return out
 

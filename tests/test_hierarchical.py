@@ -16,11 +16,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adasum
-from adasum.ddp import AdasumState, adasum_hook
 from adasum._hierarchical import split_layers
+from adasum.ddp import AdasumState, adasum_hook
 from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer
 from conftest import TIMEOUT, bits, caught
+
 SHAPES = [((7, 5), torch.float32), ((13,), torch.float64), ((4, 4), torch.bfloat16),
           ((3,), torch.float32), ((50,), torch.float32), ((2, 3), torch.float64)]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2}
@@ -162,7 +163,8 @@ def test_layout_must_divide_the_world(six):
 def test_bad_input_raises_the_same_error_on_every_rank(six):
     world = len(six)
     for r in six:
-        assert r["shape_error"] == f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0"
+        assert r["shape_error"] == (
+            f"ValueError: adasum: tensor 1 is (4, 5) float32 on rank {world - 1} but (5, 4) float32 on rank 0")
         assert r["dtype_error"].startswith("ValueError: adasum: tensor 0 is (3,) float32 on rank 1 but (3,) float64 on rank 0")
         assert r["count_error"] == "ValueError: adasum: rank 1 passed 2 tensors, rank 0 passed 1"
         assert r["empty_error"] == "ValueError: adasum: rank 1 passed 0 tensors, rank 0 passed 1"

@@ -360,7 +360,7 @@ def test_keras_fit_with_the_callbacks(run):
     assert any(np.abs(b).max() > 0 for b in before)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a, b / 2, rtol=1e-6)
-    for r, res in enumerate(results):
+    for res in results:
         mean, gathered, sent = res["keras_values"]
         assert mean == pytest.approx((world - 1) / 2) and gathered.tolist() == list(range(world))
         assert sent.tolist() == [1, 7]

@@ -25,7 +25,8 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import adasum  # noqa: E402
 from adasum import jax as adasum_jax  # noqa: E402
@@ -350,13 +351,13 @@ def _grads_and_params(n: int, rng: np.random.Generator):
 
 
 def test_delta_mode_reduces_each_devices_optimizer_step() -> None:
-    """adasum(adam): every device takes its own Adam step; the deltas are reduced by Adasum;
+    """adasum_deltas(adam): every device takes its own Adam step; the deltas are reduced by Adasum;
     the Adam moments stay per device. Two steps against an independent per-device computation."""
     n, lr = 3, 0.01
     rng = np.random.default_rng(9)
     params, _ = _grads_and_params(n, rng)
     steps = [_grads_and_params(n, rng)[1] for _ in range(2)]
-    tx = adasum_jax.adasum(optax.adam(lr), AXIS)
+    tx = adasum_jax.adasum_deltas(optax.adam(lr), AXIS)
 
     state = jax.tree.map(lambda s: np.stack([np.asarray(s)] * n), tx.init(params))
     jax_params = params

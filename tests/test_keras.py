@@ -63,11 +63,12 @@ def _fit(rank: int, world: int, mode: str, steps: int, refusals: bool) -> dict:
     start = [np.array(w) for w in model.get_weights()]
     x, y = data(world, steps)
     model.fit(x[rank::world], y[rank::world], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    out = {"start": start, "end": [np.array(w) for w in model.get_weights()], "updates": int(keras.ops.convert_to_numpy(optimizer.iterations))}
+    updates = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    out = {"start": start, "end": [np.array(w) for w in model.get_weights()], "updates": updates}
     if rank == 0:
         out["replay"] = replay(start, world, mode, steps)
     loaded = DistributedOptimizer.from_config(optimizer.get_config())
-    out["config"] = (type(loaded.inner_optimizer).__name__, loaded.mode, loaded.steps,
+    out["config"] = (type(loaded.inner_optimizer).__name__, loaded.mode, loaded.accumulation_steps,
                      float(keras.ops.convert_to_numpy(loaded.learning_rate)))
     out["errors"] = {
         "mismatch": caught(lambda: mismatched(rank, world)),
@@ -168,7 +169,8 @@ def replay(start: list[np.ndarray], world: int, mode: str, steps: int) -> list[n
         m.set_weights(start)
     per_update = steps * BATCH
     for u in range(UPDATES):
-        shards = [(x[r::world][u * per_update : (u + 1) * per_update], y[r::world][u * per_update : (u + 1) * per_update]) for r in range(world)]
+        update = slice(u * per_update, (u + 1) * per_update)
+        shards = [(x[r::world][update], y[r::world][update]) for r in range(world)]
         weights = [np.array(w) for w in models[0].get_weights()]
         grads = [accumulated(m, xs, ys, steps) for m, (xs, ys) in zip(models, shards)]
         if mode == "gradient":

@@ -16,8 +16,8 @@ import torch
 
 import adasum
 from adasum.launch import spawn
-from conftest import TIMEOUT, bits, caught
 from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
+from conftest import TIMEOUT, bits, caught
 
 WORLD = 3
 STEPS = 3

@@ -40,7 +40,8 @@ def np_tree(vectors: list[np.ndarray], dtype: torch.dtype) -> np.ndarray:
     return tree(leaves)
 
 
-SHAPES = [((4, 3), torch.float32), ((0,), torch.float32), ((11,), torch.float64), ((2, 2, 2), torch.bfloat16), ((9,), torch.float16), ((1,), torch.float32)]
+SHAPES = [((4, 3), torch.float32), ((0,), torch.float32), ((11,), torch.float64), ((2, 2, 2), torch.bfloat16),
+          ((9,), torch.float16), ((1,), torch.float32)]
 
 
 def make_inputs(n: int, seed: int = 0) -> list[list[torch.Tensor]]:

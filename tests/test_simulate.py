@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import adasum
-from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
 from adasum.lab.records import crossing
+from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import load_task
-from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 
 
 def test_reduce_stacked_matches_the_reducer_and_the_mean():
@@ -50,8 +50,8 @@ def test_delta_mode_with_one_worker_is_the_plain_optimizer():
     history, _ = simulate_run(task, config, 1, distances=False)
     model = task.build_model(config.seed)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    plan = Plan(config, 1, len(task.x_train))
-    for (step, idx), row in zip(plan.batches(), history):
+    plan = Steps(config, 1, len(task.x_train))
+    for (_, idx), row in zip(plan.batches(), history):
         opt.zero_grad()
         loss = task.loss(model(task.x_train[idx]), task.y_train[idx])
         loss.backward()
@@ -130,36 +130,36 @@ def test_sweep_skips_settings_larger_than_the_training_set():
 
 
 def test_plan_orders_examples_by_seed_and_epoch():
-    plan = Plan(RunConfig(batch=10, epochs=2, seed=3), 4, 1000)
+    plan = Steps(RunConfig(batch=10, epochs=2, seed=3), 4, 1000)
     steps = list(plan.batches())
     assert len(steps) == plan.total_steps == 2 * 25
     first_epoch = torch.cat([idx for _, idx in steps[:25]])
     assert len(set(first_epoch.tolist())) == 1000
     assert [s for s, _ in plan.batches(start=30)] == list(range(30, 50))
-    assert not torch.equal(steps[0][1], Plan(RunConfig(batch=10, seed=4), 4, 1000).epoch_order(0)[0])
+    assert not torch.equal(steps[0][1], Steps(RunConfig(batch=10, seed=4), 4, 1000).epoch_order(0)[0])
     with pytest.raises(ConfigError, match="training set"):
-        Plan(RunConfig(batch=300), 4, 1000)
+        Steps(RunConfig(batch=300), 4, 1000)
 
 
 def test_evaluations_per_doubling_add_geometric_points():
-    plan = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1, evals_per_doubling=8), 1, 1000)
+    plan = Steps(RunConfig(batch=10, epochs=4, evals_per_epoch=1, evals_per_doubling=8), 1, 1000)
     steps = {s for s in range(1, plan.total_steps + 1) if plan.evaluates_after(s)}
     # The first step at or after each 2^(j/8), and the end of every epoch.
     geometric = {math.ceil(2 ** (j / 8)) for j in range(8 * 9)} & set(range(1, 401))
     assert steps == geometric | {100, 200, 300, 400}
     assert sorted(steps)[:20] == [*range(1, 17), 18, 20, 21, 23]  # every step while 2^(1/8) x < x + 1
     assert len([s for s in steps if 200 < s <= 400]) == 8 + 2  # a doubling's 8, and 2 epochs' ends
-    plain = Plan(RunConfig(batch=10, epochs=4, evals_per_epoch=1), 1, 1000)
+    plain = Steps(RunConfig(batch=10, epochs=4, evals_per_epoch=1), 1, 1000)
     assert [s for s in range(1, 401) if plain.evaluates_after(s)] == [100, 200, 300, 400]
     with pytest.raises(ConfigError, match="per doubling"):
         RunConfig(evals_per_doubling=-1).validated()
 
 
 def test_lr_schedules():
-    plan = Plan(RunConfig(lr=1.0, batch=10, epochs=1, warmup=2, schedule="cosine"), 1, 100)
+    plan = Steps(RunConfig(lr=1.0, batch=10, epochs=1, warmup=2, schedule="cosine"), 1, 100)
     lrs = [plan.lr_at(s) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] < 0.05
-    assert Plan(RunConfig(lr=1.0, batch=10, epochs=1, schedule="linear"), 1, 100).lr_at(5) == 0.5
+    assert Steps(RunConfig(lr=1.0, batch=10, epochs=1, schedule="linear"), 1, 100).lr_at(5) == 0.5
 
 
 def test_file_tasks(tmp_path):

@@ -15,10 +15,10 @@ import pytest
 
 from adasum.lab.bootstrap import paired_difference_ci
 from adasum.lab.cli import main
-from adasum.lab.config import ConfigError, Plan, RunConfig
+from adasum.lab.config import ConfigError, RunConfig, Steps
 from adasum.lab.protocol import best_per_setting, steps_of
 from adasum.lab.readings import compare, e_star, recipe_rows, tuned_rows, verdict
-from adasum.lab.sections import SECTIONS, MIN_STEPS, Scale, Section, Setting, critical_grid
+from adasum.lab.sections import MIN_STEPS, SECTIONS, Batching, Scale, Section, critical_grid
 from adasum.lab.simulate import simulate_run
 from adasum.lab.study import run_study
 from adasum.lab.study_plan import next_points, widen
@@ -27,7 +27,7 @@ from adasum.lab.tasks import load_task
 
 # Far below the protocol's minimums (128 steps, 5 seeds), which the shipped sections obey: the
 # study's machinery is the same, in seconds.
-TINY_SCALE = Scale((Setting(4, 16), Setting(8, 16)), b_crit=32, lrs=(0.2, 0.4), base_lr=0.2, reference=16,
+TINY_SCALE = Scale((Batching(4, 16), Batching(8, 16)), b_crit=32, lrs=(0.2, 0.4), base_lr=0.2, reference=16,
                    target=0.4, samples=512, sweep_seeds=(0,), seeds=(0, 1), min_steps=8, max_widen=1,
                    min_warmup=2, evals_per_epoch=4)
 TINY = Section("tiny", "tiny convex", "logistic", "momentum", SECTIONS["convex"].combiners,
@@ -35,7 +35,7 @@ TINY = Section("tiny", "tiny convex", "logistic", "momentum", SECTIONS["convex"]
 
 
 def record(lr: float, seed: int, steps: int | None, combiner: str = "adasum", *, reading: str = "tuned",
-           setting: Setting = Setting(8, 16), score: float | None = None) -> dict:
+           setting: Batching = Batching(8, 16), score: float | None = None) -> dict:
     """What a finished run's record holds, for a run with the given result."""
     return {"optimizer": "momentum", "combiner": combiner, "reading": reading, "setting": setting.label,
             "lr": lr, "seed": seed, "steps_to_target": steps, "steps": 100,
@@ -84,7 +84,7 @@ def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():
     assert widen([0.1, 0.2, 0.4], {0.1, 0.4}, [0.1, 0.2, 0.4], max_widen=2) == [0.05, 0.8]
     assert widen([0.1, 0.2, 0.4], {0.2}, [0.1, 0.2, 0.4], max_widen=2) == []
     assert widen([0.025, 0.05, 0.1, 0.2, 0.4], {0.025}, [0.1, 0.2, 0.4], max_widen=2) == []  # at the cap
-    scale = replace(TINY_SCALE, settings=(Setting(8, 16),), lrs=(0.1, 0.2, 0.4), max_widen=2, seeds=(0, 1, 2))
+    scale = replace(TINY_SCALE, settings=(Batching(8, 16),), lrs=(0.1, 0.2, 0.4), max_widen=2, seeds=(0, 1, 2))
     section = replace(TINY, cpu=scale, readings=("tuned",))
     # Adasum is best at the top (0.4); averaging at 0.2: both get 0.8, with the sweep's seed.
     runs = [record(lr, 0, n) for lr, n in ((0.1, 30), (0.2, 20), (0.4, 10))]
@@ -103,15 +103,15 @@ def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():
 
 
 def test_an_elastic_setting_tries_every_rate_of_its_constant_twin():
-    elastic = Setting(8, 16, 1, 2, 1)
-    scale = replace(TINY_SCALE, settings=(Setting(8, 16), elastic), lrs=(0.1, 0.2), max_widen=2)
+    elastic = Batching(8, 16, 1, 2, 1)
+    scale = replace(TINY_SCALE, settings=(Batching(8, 16), elastic), lrs=(0.1, 0.2), max_widen=2)
     twin = [record(lr, 0, 10, c) for lr in (0.1, 0.2, 0.4) for c in ("adasum", "average")]  # widened to 0.4
     points = next_points(replace(TINY, readings=("tuned",)), scale, twin)
     assert {(p.setting, p.lr) for p in points if p.setting == elastic} == {(elastic, lr) for lr in (0.1, 0.2, 0.4)}
 
 
 def test_the_recipe_tests_adasum_at_multiples_of_e_star():
-    settings = tuple(Setting(n, 16) for n in (1, 2, 4, 8, 16, 32))
+    settings = tuple(Batching(n, 16) for n in (1, 2, 4, 8, 16, 32))
     scale = replace(TINY_SCALE, settings=settings, lrs=(0.1,), sweep_seeds=(0,), seeds=(0,), max_widen=0)
     done = [record(0.1, 0, 10, c, setting=s) for s in settings for c in ("adasum", "average")]
     points = next_points(TINY, scale, done)
@@ -192,8 +192,8 @@ def test_sections_grow_from_below_b_crit_by_workers_to_a_budget_of_128_steps():
         critical_grid(8, 16)
     scale = replace(TINY_SCALE, min_steps=MIN_STEPS, min_warmup=10)
     epochs = scale.epochs_for(5000)
-    assert Plan(RunConfig(batch=16, epochs=epochs), 8, 5000).total_steps >= MIN_STEPS
-    assert Plan(RunConfig(batch=16, epochs=epochs - 1), 8, 5000).total_steps < MIN_STEPS
+    assert Steps(RunConfig(batch=16, epochs=epochs), 8, 5000).total_steps >= MIN_STEPS
+    assert Steps(RunConfig(batch=16, epochs=epochs - 1), 8, 5000).total_steps < MIN_STEPS
     assert (scale.warmup_for(100), scale.warmup_for(1000), scale.warmup_for(10)) == (10, 50, 5)
     for section in SECTIONS.values():  # every shipped scale obeys the protocol
         for name in ("cpu", "gpu"):
@@ -205,7 +205,7 @@ def test_sections_grow_from_below_b_crit_by_workers_to_a_budget_of_128_steps():
                 assert max(s.examples for s in main_grid) >= 16 * scale.b_crit
             epochs = scale.epochs_for(scale.samples)  # every E gets the largest's 128 steps or more
             for s in main_grid:
-                assert Plan(RunConfig(batch=s.batch, accum=s.accum, epochs=epochs), s.workers,
+                assert Steps(RunConfig(batch=s.batch, accum=s.accum, epochs=epochs), s.workers,
                             scale.samples).total_steps >= MIN_STEPS
     assert SECTIONS["adam"].task_at(SECTIONS["adam"].gpu) == "stdlib-transformer-large"  # 3.3M parameters
     with pytest.raises(ConfigError, match="2x apart"):
@@ -270,7 +270,7 @@ def test_elastic_run_is_a_checkpoint_resumed_with_another_worker_count(optimizer
     checkpoints: list[dict] = []
     first, _ = simulate_run(task, config, 2, distances=False, on_epoch=checkpoints.append)
     second, _ = simulate_run(task, config, 8, distances=False, resume=checkpoints[0])
-    before, after = Plan(config, 2, 512).steps_per_epoch, Plan(config, 8, 512).steps_per_epoch
+    before, after = Steps(config, 2, 512).steps_per_epoch, Steps(config, 8, 512).steps_per_epoch
     assert len(elastic) == before + 2 * after  # the worker count changed after one epoch
     assert (summary["workers_before"], summary["workers"]) == (2, 8)
     manual = first[:before] + second

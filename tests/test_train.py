@@ -19,8 +19,8 @@ import torch
 
 from adasum.lab.cli import main
 from adasum.lab.config import RunConfig
-from adasum.lab.tasks import load_task
 from adasum.lab.simulate import simulate_run
+from adasum.lab.tasks import load_task
 from adasum.lab.train import check_resume, load_checkpoint, save_checkpoint
 
 

@@ -33,9 +33,10 @@ DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 def _case(dtype_name: str, layout: int) -> str | None:
     """Runs one case in the interpreter; returns what went wrong, or None."""
+    from test_chunked import LAYOUTS, assert_partials_close, operands
+
     from adasum import _triton
     from conftest import same_bits
-    from test_chunked import LAYOUTS, assert_partials_close, operands
 
     numels = LAYOUTS[layout]
     a, b = operands(sum(numels), getattr(torch, dtype_name), seed=layout)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from adasum._layout import Layout
-from adasum._ops import SUPPORTED_DTYPES
+from adasum._ops import SUPPORTED_DTYPES, unsupported_dtype
 from adasum._p2p import Link, everyone_max
 from adasum._plan import plan_of
 
@@ -48,11 +48,7 @@ def local_problem(tensors: Sequence[object], device_type: str | None) -> Problem
         if not isinstance(t, torch.Tensor):
             return Problem(TypeError, f"item {i} is a {type(t).__name__}, not a torch.Tensor")
         if t.dtype not in SUPPORTED_DTYPES:
-            return Problem(
-                TypeError,
-                f"tensor {i} is {str(t.dtype).removeprefix('torch.')}; Adasum needs float16, "
-                "bfloat16, float32 or float64 tensors",
-            )
+            return Problem(TypeError, unsupported_dtype(f"tensor {i}", t.dtype))
         if t.layout != torch.strided:
             return Problem(TypeError, f"tensor {i} is {t.layout}; Adasum needs dense tensors")
     devices = sorted({str(t.device) for t in tensors})

@@ -58,14 +58,18 @@ ZERO_GUARD = math.sqrt(torch.finfo(torch.float64).tiny)
 _KERNEL_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
+def unsupported_dtype(what: str, dtype: object, items: str = "tensors") -> str:
+    """The one text for a dtype Adasum refuses (here, in the validation, in JAX):
+    ``tensor 2 is int64; Adasum needs float16, bfloat16, float32 or float64 tensors``."""
+    return f"{what} is {str(dtype).removeprefix('torch.')}; Adasum needs float16, bfloat16, float32 or float64 {items}"
+
+
 def check_dtype(tensor: torch.Tensor) -> None:
     """Raise TypeError unless ``tensor`` has a floating dtype Adasum supports."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"Adasum needs float16, bfloat16, float32 or float64 tensors, got {tensor.dtype}"
-        )
+        raise TypeError(unsupported_dtype("the tensor", tensor.dtype))
 
 
 def offsets_of(numels: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ it row 2i+1 at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from adasum import _order, _vhdd
+from adasum._buffers import Buffers
 from adasum._layout import DtypeGroup, Flats
 from adasum._ops import offsets_of
 from adasum._p2p import Link
@@ -42,7 +43,7 @@ class RowLayout:
 
     order: tuple[int, ...]  # ranks' rows, in buffer order
     bounds: tuple[int, ...]  # element offsets of the block boundaries in the buffer
-    group: DtypeGroup  # one segment per (row, parameter), each tagged with its parameter
+    segments: DtypeGroup  # one segment per (row, parameter), each tagged with its parameter
 
     def split(self, lo: int, hi: int) -> int:
         """Halve [lo, hi), which spans a power-of-two number of blocks, at a block boundary."""
@@ -68,12 +69,8 @@ def row_layout(world: int, numels: tuple[int, ...], dtype: torch.dtype) -> RowLa
         order += block
         bounds.append(bounds[-1] + len(block) * row)
     layers = tuple(i for _ in range(world) for i in range(len(numels)))
-    group = DtypeGroup(dtype, layers, offsets_of(list(numels) * world))
-    return RowLayout(tuple(order), tuple(bounds), group)
-
-
-#: A buffer kept between calls: (purpose, like, numel) -> tensor.
-Buffers = Callable[[str, torch.Tensor, int], torch.Tensor]
+    segments = DtypeGroup(dtype, layers, offsets_of(list(numels) * world))
+    return RowLayout(tuple(order), tuple(bounds), segments)
 
 
 def reduce_scatter(
@@ -93,11 +90,11 @@ def reduce_scatter(
         return
     plan: Plan = plan_of(world, rank)
     layout = row_layout(world, tuple(numels), rows.dtype)
-    buffer = buffers("rows", rows, rows.numel())
+    buffer = buffers.get("rows", rows, rows.numel())
     torch.index_select(rows.view(world, row), 0, torch.tensor(layout.order), out=buffer.view(world, row))
-    flats = Flats([buffer], [layout.group], len(numels))
+    flats = Flats([buffer], [layout.segments], len(numels))
     link = Link(group)
-    scratch = lambda like, n: buffers("recv", like, n)  # noqa: E731
+    scratch = lambda like, n: buffers.get("recv", like, n)  # noqa: E731
     _vhdd.fold(flats, plan, link, scratch, None)
     if plan.leaf is not None:
         _vhdd.reduce_scatter(flats, plan, link, scratch, None, layout.split)

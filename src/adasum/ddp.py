@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,21 +66,21 @@ class AdasumState:
 
     def __init__(
         self,
-        reducer: Optional[Reducer] = None,
+        reducer: Reducer | None = None,
         *,
         stats: bool = False,
-        named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         overlap: bool = True,
     ) -> None:
         self.reducer = reducer if reducer is not None else Adasum()
         self.stats = stats
         self.overlap = overlap
-        self.last_stats: Optional[Stats] = None
+        self.last_stats: Stats | None = None
         self._names: dict[int, str] = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
         self._pending: list[tuple[Stats, list[str]]] = []
-        self._group: Optional[dist.ProcessGroup] = None
-        self._worker: Optional[Reducer] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._group: dist.ProcessGroup | None = None
+        self._worker: Reducer | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         #: The bucket layouts (with the settings) every rank has agreed on; see _reduce.
         self._agreed: dict[tuple, Agreement] = {}
@@ -184,7 +184,7 @@ class _Bucket:
         self.param_ids = [id(p) for p in bucket.parameters()]
         #: For a CUDA bucket reduced on the background thread: the point of the autograd
         #: stream (the current one here) after which the gradients are complete.
-        self.ready: Optional[torch.cuda.Event] = None
+        self.ready: torch.cuda.Event | None = None
         if overlap and self.buffer.is_cuda:
             self.ready = torch.cuda.Event()
             self.ready.record(torch.cuda.current_stream(self.buffer.device))

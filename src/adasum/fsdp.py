@@ -117,7 +117,7 @@ class AdasumReduceScatter(ReduceScatter):
         # ``op`` is FSDP's choice of sum or average: Adasum is neither, and the division is off.
         _agree_on_input(group, input_tensor, self.numels, dist.get_world_size(group))
         with torch.no_grad():
-            _sharded.reduce_scatter(output_tensor, input_tensor, self.numels, group, self.buffers.get)
+            _sharded.reduce_scatter(output_tensor, input_tensor, self.numels, group, self.buffers)
 
 
 class _AgreedReduceScatter(ReduceScatter):

@@ -158,10 +158,10 @@ def spawn(
                         outputs[r] = None
                 dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
                 if dead:
-                    raise WorkerError(_death(dead[0], procs[dead[0]].exitcode))
+                    raise WorkerError(_death(dead[0], procs[dead[0]].exitcode)) from None
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(nprocs)) - set(outputs))
-                    raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s")
+                    raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s") from None
                 continue
             if not ok:
                 raise WorkerError(_killed(procs, rank, may_exit) or f"worker {rank} failed:\n{payload}")

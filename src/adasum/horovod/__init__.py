@@ -14,12 +14,28 @@ What differs from Horovod and what is not offered: docs/horovod.md.
 
 from adasum.horovod._agree import MismatchError
 from adasum.horovod._allreduce import (
-    allreduce, allreduce_, allreduce_async, allreduce_async_,
-    grouped_allreduce, grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
+    allreduce,
+    allreduce_,
+    allreduce_async,
+    allreduce_async_,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
 )
 from adasum.horovod._collectives import (
-    allgather, allgather_async, alltoall, barrier, broadcast, broadcast_, broadcast_async, broadcast_async_,
-    grouped_allgather, grouped_allgather_async, join, reducescatter,
+    allgather,
+    allgather_async,
+    alltoall,
+    barrier,
+    broadcast,
+    broadcast_,
+    broadcast_async,
+    broadcast_async_,
+    grouped_allgather,
+    grouped_allgather_async,
+    join,
+    reducescatter,
 )
 from adasum.horovod._handles import Handle, HorovodInternalError, poll, synchronize
 from adasum.horovod._missing import not_offered
@@ -27,8 +43,24 @@ from adasum.horovod._objects import allgather_object, broadcast_object, broadcas
 from adasum.horovod._optimizer import DistributedOptimizer
 from adasum.horovod._reduce_ops import Adasum, Average, Compression, Max, Min, Product, ReduceOp, Sum
 from adasum.horovod._runtime import (
-    ccl_built, cross_rank, cross_size, cuda_built, ddl_built, gloo_built, gloo_enabled, init, is_initialized,
-    local_rank, local_size, mpi_built, mpi_enabled, nccl_built, rank, rocm_built, shutdown, size,
+    ccl_built,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    nccl_built,
+    rank,
+    rocm_built,
+    shutdown,
+    size,
 )
 
 __all__ = [

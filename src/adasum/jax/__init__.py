@@ -1,10 +1,10 @@
 r"""Adasum for JAX: a collective for ``jax.shard_map`` and ``jax.pmap``, and Optax transformations.
 
-    from adasum.jax import all_reduce, adasum, adasum_gradients
+    from adasum.jax import all_reduce, adasum_deltas, adasum_gradients
 
     all_reduce(tree, axis_name)          inside shard_map/pmap: every leaf replaced by the Adasum
                                          of that leaf over the devices of ``axis_name``
-    adasum(inner, axis_name)             Optax, delta mode: the inner optimizer's per-device
+    adasum_deltas(inner, axis_name)      Optax, delta mode: the inner optimizer's per-device
                                          updates (deltas) are replaced by their Adasum; its state
                                          stays per device
     adasum_gradients(axis_name)          Optax, gradient mode: the gradients are replaced by their
@@ -68,6 +68,6 @@ compensated float32 sums, power-of-two scaling).
 
 from adasum.jax._collective import all_reduce
 from adasum.jax._operator import SUPPORTED_DTYPES, accumulation_dtype
-from adasum.jax._optax import adasum, adasum_gradients
+from adasum.jax._optax import adasum_deltas, adasum_gradients
 
-__all__ = ["all_reduce", "adasum", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"]
+__all__ = ["all_reduce", "adasum_deltas", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"]

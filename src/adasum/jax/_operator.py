@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adasum._ops import ZERO_GUARD
+from adasum._ops import ZERO_GUARD, unsupported_dtype
 from adasum.jax._sums import compensated_sum, compensated_sums, exponent, times_pow2
 
 __all__ = [
@@ -49,9 +49,7 @@ def check_leaf(x: Any) -> jax.Array:
     """``x`` as an array; TypeError unless its dtype is one of :data:`SUPPORTED_DTYPES`."""
     x = jnp.asarray(x)
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"Adasum needs float16, bfloat16, float32 or float64 leaves, got {x.dtype}"
-        )
+        raise TypeError(unsupported_dtype("a leaf", x.dtype, "leaves"))
     return x
 
 

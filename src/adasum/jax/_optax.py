@@ -15,10 +15,10 @@ from adasum.jax._collective import all_reduce
 if TYPE_CHECKING:
     import optax
 
-__all__ = ["adasum", "adasum_gradients"]
+__all__ = ["adasum_deltas", "adasum_gradients"]
 
 
-def adasum(
+def adasum_deltas(
     inner: optax.GradientTransformation, axis_name: Hashable
 ) -> optax.GradientTransformationExtraArgs:
     """Delta mode: run ``inner`` (an Optax transformation) on each device's own gradients and
@@ -53,4 +53,4 @@ def adasum_gradients(axis_name: Hashable) -> optax.GradientTransformationExtraAr
     import optax
 
     # The identity's update is the gradient itself, so its "delta" is what gets reduced.
-    return adasum(optax.identity(), axis_name)
+    return adasum_deltas(optax.identity(), axis_name)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import keras
 import torch.distributed as dist
@@ -58,7 +59,7 @@ def check(values: Sequence[Any], reducer: Reducer, options: Mapping[str, object]
     return None
 
 
-def after(results: Sequence[Any]) -> ContextManager:
+def after(results: Sequence[Any]) -> AbstractContextManager:
     """A context whose operations wait for ``results`` (of :func:`check` or :func:`all_reduce`).
 
     Inside Keras's compiled TensorFlow step, operations run in the order of their dependencies,

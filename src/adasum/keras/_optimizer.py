@@ -98,13 +98,13 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer = optimizer
         self.reducer = reducer if reducer is not None else Adasum()
         self.mode = mode
-        self.steps = int(gradient_accumulation_steps)
+        self.accumulation_steps = int(gradient_accumulation_steps)
 
     # -- state --------------------------------------------------------------------------------
 
     def build(self, variables: Sequence[keras.Variable]) -> None:
         self.inner_optimizer.build(variables)
-        if self.steps > 1:
+        if self.accumulation_steps > 1:
             self._pass = self.add_variable((), initializer="zeros", dtype="int32", name="pass")
             self._sums = self.add_optimizer_variables(variables, "accumulated_gradient")
         super().build(variables)
@@ -138,7 +138,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "mode": self.mode,
-            "gradient_accumulation_steps": self.steps,
+            "gradient_accumulation_steps": self.accumulation_steps,
         }
 
     @classmethod
@@ -156,11 +156,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.built = True
         variables = list(trainable_variables if trainable_variables is not None else self._trainable_variables)
         grads = list(grads)
-        if self.steps == 1:
+        if self.accumulation_steps == 1:
             self.update(grads, variables)
             return
         sums = [self._sums[self._get_variable_index(v)] for v in variables]
-        last = ops.equal(self._pass, self.steps - 1)
+        last = ops.equal(self._pass, self.accumulation_steps - 1)
         ops.cond(last, lambda: self._last_pass(grads, variables, sums), lambda: self._add(grads, sums))
 
     def _add(self, grads: list, sums: list) -> None:
@@ -170,7 +170,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self._pass.assign_add(1)
 
     def _last_pass(self, grads: list, variables: list, sums: list) -> None:
-        means = [g if g is None or s is None else ops.divide(ops.add(g, s), self.steps) for g, s in zip(grads, sums)]
+        means = [g if g is None or s is None else ops.divide(ops.add(g, s), self.accumulation_steps) for g, s in zip(grads, sums)]
         # The accumulators start again only once the workers have agreed on this update: on a
         # refusal they keep the batches already summed.
         with _backend.after(self.update(means, variables)):
@@ -219,4 +219,4 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def _options(self) -> dict[str, object]:
         # What changes when a worker reduces: a worker in another mode, or one that reduces at
         # another batch, would pair its messages with the wrong ones of the others.
-        return {"mode": self.mode, "gradient_accumulation_steps": self.steps}
+        return {"mode": self.mode, "gradient_accumulation_steps": self.accumulation_steps}

@@ -18,10 +18,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, Plan, RunConfig
-from adasum.launch import WorkerError
+from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, RunConfig, Steps
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import TASKS, load_task
+from adasum.launch import WorkerError
 
 __all__ = ["main", "build_parser"]
 
@@ -199,8 +199,8 @@ def _torchrun_world() -> tuple[int, int] | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from adasum.launch import spawn
     from adasum.lab.train import CHECKPOINT, train_worker
+    from adasum.launch import spawn
 
     config = _config(args, reducer=args.reducer, optimizer=args.optimizer, mode=args.mode, lr=args.lr,
                      batch=args.batch, accum=args.accum)
@@ -241,7 +241,7 @@ def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) 
     from adasum.lab.train import check_resume
 
     task = load_task(config.task, config.data, config.samples, copies=local)
-    Plan(config, workers, task.train_size)
+    Steps(config, workers, task.train_size)
     if resume is not None:
         check_resume(resume, config, workers, task.build_model(config.seed))
 
@@ -305,7 +305,7 @@ def _simulate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     base = _config(args, mode=args.mode)
     task = load_task(base.task, base.data, base.samples)
-    Plan(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
+    Steps(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
     out = _output_dir(args.out)
 
     def report(summary: dict) -> None:
@@ -408,9 +408,9 @@ DEMO = RunConfig(task="digits-mlp", optimizer="momentum", lr=0.05, batch=32, tar
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adasum.launch import spawn
     from adasum.lab.report import write_report
     from adasum.lab.train import train_worker
+    from adasum.launch import spawn
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")

@@ -17,7 +17,7 @@ import adasum
 
 __all__ = [
     "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES",
-    "ConfigError", "RunConfig", "Plan", "make_reducer",
+    "ConfigError", "RunConfig", "Steps", "make_reducer",
 ]
 
 #: The reducers a run can use, by the name the options and the summaries give them. Real
@@ -112,8 +112,9 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The step schedule of ``config`` for ``workers`` workers on ``train_size`` examples."""
+class Steps:
+    """The steps of a run of ``config`` with ``workers`` workers on ``train_size`` examples: how
+    many, the examples each draws, and after which the test score is measured."""
 
     config: RunConfig
     workers: int

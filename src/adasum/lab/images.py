@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adasum.lab.models import ResidualCNN
 from adasum.lab.arrays import digits_task
+from adasum.lab.models import ResidualCNN
 from adasum.lab.task import DATA_SEED, Task
 
 __all__ = ["IMAGE_TASKS", "AugmentedImages", "augmented_digits", "random_affine", "warp"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adasum.lab.config import Plan
+from adasum.lab.config import Steps
 from adasum.lab.task import Task
 
 __all__ = ["evaluate", "crossing", "summarize", "write_csv", "write_json"]
@@ -42,7 +42,7 @@ def crossing(evaluated: Sequence[dict], target: float) -> int | None:
     return None
 
 
-def summarize(history: Sequence[dict], plan: Plan) -> dict:
+def summarize(history: Sequence[dict], plan: Steps) -> dict:
     """One line per run: where it ended and when it first reached the target score.
 
     ``steps_to_target`` is the :func:`crossing` of the evaluations. ``train_loss`` is the mean

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from adasum.lab.config import ConfigError
 
-__all__ = ["Setting", "Combiner", "Scale", "Section", "SECTIONS", "critical_grid", "recipe_lr", "MIN_STEPS"]
+__all__ = ["Batching", "Combiner", "Scale", "Section", "SECTIONS", "critical_grid", "recipe_lr", "MIN_STEPS"]
 
 #: Optimizer steps the largest E gets at least: fewer, and a setting's steps to the target
 #: are decided by the schedule's warm-up and decay rather than by the combiner.
@@ -32,7 +32,7 @@ MIN_SEEDS = 5
 
 
 @dataclass(frozen=True)
-class Setting:
+class Batching:
     """Workers x per-worker batch x accumulation; with ``resize_to``, the run continues with
     that many workers from the start of epoch ``resize_epoch`` (elastic training)."""
 
@@ -73,7 +73,7 @@ class Combiner:
 
 
 def critical_grid(b_crit: float, batch: int, *, span: int = 32, max_workers: int = 64,
-                  accum: tuple[int, ...] = ()) -> tuple[Setting, ...]:
+                  accum: tuple[int, ...] = ()) -> tuple[Batching, ...]:
     """Settings whose E runs 2x apart from the largest ``batch`` x 2^k at or below ``b_crit``/2
     (``batch`` itself if that is larger) up to the first at or above ``span`` x ``b_crit``.
     E grows by the number of workers at ``batch`` examples per worker; past ``max_workers``
@@ -87,16 +87,16 @@ def critical_grid(b_crit: float, batch: int, *, span: int = 32, max_workers: int
     grid = []
     while True:
         workers = min(examples // batch, max_workers)
-        grid.append(Setting(workers, batch, examples // (workers * batch)))
+        grid.append(Batching(workers, batch, examples // (workers * batch)))
         if examples >= span * b_crit:
             break
         examples *= 2
     last = grid[-1]
-    grid += [Setting(last.workers // a, batch, last.accum * a) for a in accum if last.workers // a >= 1]
+    grid += [Batching(last.workers // a, batch, last.accum * a) for a in accum if last.workers // a >= 1]
     return tuple(grid)
 
 
-def recipe_lr(rule: str, base_lr: float, setting: Setting, reference: int) -> float:
+def recipe_lr(rule: str, base_lr: float, setting: Batching, reference: int) -> float:
     """The learning rate a scaling recipe gives ``setting``, from ``base_lr`` for one worker
     taking ``reference`` examples per step:
 
@@ -131,7 +131,7 @@ class Scale:
     per epoch and ``evals_per_doubling`` per doubling of the step count (see
     :class:`~adasum.lab.config.RunConfig`)."""
 
-    settings: tuple[Setting, ...]
+    settings: tuple[Batching, ...]
     b_crit: float
     lrs: tuple[float, ...]
     base_lr: float
@@ -253,9 +253,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     Section(
         "elastic", "elastic training: momentum SGD, the worker count changed midway at the same "
         "learning rate", "augdigits-resnet", "momentum", _GRADIENT,
-        cpu=Scale((Setting(4, 16), Setting(16, 16), Setting(4, 16, 1, 16, 1)), b_crit=32, lrs=_axis(0.0125, 5),
+        cpu=Scale((Batching(4, 16), Batching(16, 16), Batching(4, 16, 1, 16, 1)), b_crit=32, lrs=_axis(0.0125, 5),
                   base_lr=0.05, reference=16, target=0.8, samples=8192),
-        gpu=Scale((Setting(8, 32), Setting(64, 32), Setting(8, 32, 1, 64, 4), Setting(64, 32, 1, 8, 4)),
+        gpu=Scale((Batching(8, 32), Batching(64, 32), Batching(8, 32, 1, 64, 4), Batching(64, 32, 1, 8, 4)),
                   b_crit=256, lrs=_axis(0.0125, 8), base_lr=0.05, reference=32, target=0.95, samples=65536),
         readings=("tuned",),  # the elastic table is its reading
     ),

@@ -4,7 +4,7 @@ The workers share one model. Each step, ``torch.func.vmap`` takes every worker's
 its own examples in one batched call; the gradients (gradient mode) or the per-worker optimizer
 deltas (delta mode, each worker with its own optimizer state) are reduced by the run's
 reducer (Adasum, the average or the sum). Data order, learning-rate schedule and evaluation
-points are those of ``adasum train`` (:class:`~adasum.lab.config.Plan`), so a simulated run
+points are those of ``adasum train`` (:class:`~adasum.lab.config.Steps`), so a simulated run
 follows the real one to float tolerance.
 
 Every step with two or more workers also feeds the gradient noise scale (:class:`adasum.NoiseScale`,
@@ -43,10 +43,10 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from tqdm import tqdm
 
 import adasum
-from adasum.lab.config import REDUCERS, ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.config import REDUCERS, ConfigError, RunConfig, Steps, make_reducer
 from adasum.lab.optimizers import set_lr
-from adasum.lab.replicas import Replicas, per_rank
 from adasum.lab.records import crossing, evaluate, summarize
+from adasum.lab.replicas import Replicas, per_rank
 from adasum.lab.task import Task
 
 __all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
@@ -169,9 +169,9 @@ def _sequential_distances(workers: _Workers, reducers: dict[str, adasum.Reducer]
 
 
 def _phases(config: RunConfig, workers: int, train_size: int, resize: tuple[int, int] | None,
-            first: int) -> list[tuple[Plan, int, int]]:
+            first: int) -> list[tuple[Steps, int, int]]:
     """``(plan, first epoch, end epoch)`` of each stretch of a run with a fixed worker count."""
-    plan = Plan(config, workers, train_size)
+    plan = Steps(config, workers, train_size)
     if first >= config.epochs:
         raise ConfigError(f"the checkpoint is at epoch {first}: nothing is left of {config.epochs} epochs")
     if resize is None:
@@ -182,7 +182,7 @@ def _phases(config: RunConfig, workers: int, train_size: int, resize: tuple[int,
                           f"{config.epochs - 1}, not at epoch {epoch}")
     if after < 1:
         raise ConfigError(f"the new worker count must be at least 1, got {after}")
-    return [(plan, first, epoch), (Plan(config, after, train_size), epoch, config.epochs)]
+    return [(plan, first, epoch), (Steps(config, after, train_size), epoch, config.epochs)]
 
 
 def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool = True,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from adasum.lab.config import Plan, RunConfig
+from adasum.lab.config import RunConfig, Steps
 from adasum.lab.records import write_json
-from adasum.lab.sections import Scale, Section, Setting
+from adasum.lab.sections import Batching, Scale, Section
 from adasum.lab.study_plan import Point, next_points
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
@@ -35,7 +35,7 @@ class RunSpec:
     """One run of a study: its configuration, its setting, and what the study calls it."""
 
     config: RunConfig
-    setting: Setting
+    setting: Batching
     point: Point
 
     @property
@@ -56,7 +56,7 @@ def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> R
         mode=combiner.mode, lr=point.lr, schedule=scale.schedule, batch=s.batch, accum=s.accum,
         epochs=scale.epochs_for(train_size), seed=point.seed, target=scale.target,
         evals_per_epoch=scale.evals_per_epoch, evals_per_doubling=scale.evals_per_doubling)
-    steps = Plan(config, s.workers, train_size).total_steps
+    steps = Steps(config, s.workers, train_size).total_steps
     return RunSpec(config.with_(warmup=scale.warmup_for(steps)).validated(), s, point)
 
 

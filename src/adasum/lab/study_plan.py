@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from adasum.lab.protocol import best_lr
 from adasum.lab.readings import BASELINE, CANDIDATE, RECIPE_MULTIPLES, e_star
-from adasum.lab.sections import Scale, Section, Setting, recipe_lr
+from adasum.lab.sections import Batching, Scale, Section, recipe_lr
 
 __all__ = ["Point", "next_points", "widen", "neighbourhood", "rounded"]
 
@@ -35,7 +35,7 @@ class Point:
 
     reading: str
     combiner: str
-    setting: Setting
+    setting: Batching
     lr: float
     seed: int
 
@@ -63,23 +63,23 @@ def neighbourhood(axis: Sequence[float], lr: float) -> list[float]:
     return list(axis[max(0, i - 1):i + 2])
 
 
-def _missing(reading: str, combiners: Sequence[str], setting: Setting, lrs: Sequence[float],
+def _missing(reading: str, combiners: Sequence[str], setting: Batching, lrs: Sequence[float],
              seeds: Sequence[int], done: set[tuple]) -> list[Point]:
     return [Point(reading, c, setting, lr, s) for c in combiners for lr in lrs for s in seeds
             if (reading, c, setting.label, lr, s) not in done]
 
 
-def _twin_lrs(setting: Setting, tuned: Sequence[dict]) -> set[float]:
+def _twin_lrs(setting: Batching, tuned: Sequence[dict]) -> set[float]:
     """The rates an elastic setting's constant twin (the same workers, never changed) tried: the
     elastic setting tries them too, so that the twin's best rate, where the elastic table
     resumes, is among its own."""
     if setting.resize_to is None:
         return set()
-    twin = Setting(setting.workers, setting.batch, setting.accum).label
+    twin = Batching(setting.workers, setting.batch, setting.accum).label
     return {r["lr"] for r in tuned if r["setting"] == twin}
 
 
-def _tuned(section: Section, scale: Scale, setting: Setting, tuned: Sequence[dict], done: set[tuple]) -> list[Point]:
+def _tuned(section: Section, scale: Scale, setting: Batching, tuned: Sequence[dict], done: set[tuple]) -> list[Point]:
     """The tuned reading's next runs at one setting (see the module's description)."""
     combiners = list(section.combiners)
     runs = [r for r in tuned if r["setting"] == setting.label]
@@ -102,7 +102,7 @@ def _recipe(section: Section, scale: Scale, records: Sequence[dict], done: set[t
     """The recipe reading's next runs: averaging everywhere first, then Adasum where E* says."""
     settings = [s for s in scale.settings if s.resize_to is None]
 
-    def points(combiner: str, chosen: Sequence[Setting]) -> list[Point]:
+    def points(combiner: str, chosen: Sequence[Batching]) -> list[Point]:
         rule = section.combiners[combiner].rule
         return [p for s in chosen for p in _missing(
             "recipe", [combiner], s, [rounded(recipe_lr(rule, scale.base_lr, s, scale.reference))], scale.seeds, done)]

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.config import ConfigError, Plan, RunConfig, make_reducer
+from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
 from adasum.lab.optimizers import make_optimizer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
 from adasum.lab.task import Task
@@ -158,7 +158,7 @@ def train_worker(
     """Run ``config`` as worker ``rank`` of ``workers`` (the process group is initialised).
     Rank 0 returns ``{"summary": ..., "history": [...]}``; the other ranks return None."""
     task = load_task(config.task, config.data, config.samples)
-    plan = Plan(config, workers, task.train_size)
+    plan = Steps(config, workers, task.train_size)
     model = task.build_model(config.seed)
     # The checkpoint and the evaluation use the bare model, whatever wraps it for training.
     net, optimizer, front, resources = _data_parallel(

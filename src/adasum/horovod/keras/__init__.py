@@ -22,15 +22,32 @@ import numpy as np
 import tensorflow as tf
 
 from adasum.horovod import (
-    Adasum, Average, HorovodInternalError, MismatchError, Sum, cross_rank, cross_size, cuda_built, gloo_built,
-    gloo_enabled, global_process_set, init, is_initialized, local_rank, local_size, mpi_built, mpi_enabled,
-    nccl_built, rank, shutdown, size,
+    Adasum,
+    Average,
+    HorovodInternalError,
+    MismatchError,
+    Sum,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    global_process_set,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    nccl_built,
+    rank,
+    shutdown,
+    size,
 )
 from adasum.horovod._missing import not_offered
 from adasum.horovod.keras import callbacks
 from adasum.horovod.keras._optimizer import DistributedOptimizer
-from adasum.horovod.tensorflow import Compression, broadcast_variables
-from adasum.horovod.tensorflow import _ops
+from adasum.horovod.tensorflow import Compression, _ops, broadcast_variables
 
 if keras.backend.backend() != "tensorflow":  # Horovod's Keras API was TensorFlow's
     raise ImportError(f"adasum.horovod.keras needs Keras's TensorFlow backend (KERAS_BACKEND=tensorflow), not "

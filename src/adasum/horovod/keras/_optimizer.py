@@ -58,8 +58,8 @@ class DistributedOptimizer(_Engine):
     def update(self, grads: list, variables: list) -> Any:
         # The engine averages accumulated gradients (Keras's meaning); Horovod summed them unless
         # told to average. Whatever the engine's update returns is passed on unchanged.
-        if self.steps > 1 and not self.average_aggregated:
-            grads = [g if g is None else ops.multiply(g, self.steps) for g in grads]
+        if self.accumulation_steps > 1 and not self.average_aggregated:
+            grads = [g if g is None else ops.multiply(g, self.accumulation_steps) for g in grads]
         return super().update(grads, variables)
 
     def register_local_var(self, var: Any) -> None:
@@ -70,7 +70,7 @@ class DistributedOptimizer(_Engine):
     def get_config(self) -> dict[str, Any]:
         # The process set is not saved: a loaded optimizer runs over every rank.
         return {"name": self.name, "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-                "op": int(self.op), "backward_passes_per_step": self.steps,
+                "op": int(self.op), "backward_passes_per_step": self.accumulation_steps,
                 "average_aggregated_gradients": self.average_aggregated}
 
     @classmethod

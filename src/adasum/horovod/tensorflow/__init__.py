@@ -15,13 +15,43 @@ Horovod and what is not offered: docs/horovod.md.
 """
 
 from adasum.horovod import (
-    Adasum, Average, HorovodInternalError, Max, Min, MismatchError, Product, ReduceOp, Sum, allgather_object,
-    broadcast_object, cross_rank, cross_size, cuda_built, gloo_built, gloo_enabled, global_process_set, init,
-    is_initialized, local_rank, local_size, mpi_built, mpi_enabled, nccl_built, rank, shutdown, size,
+    Adasum,
+    Average,
+    HorovodInternalError,
+    Max,
+    Min,
+    MismatchError,
+    Product,
+    ReduceOp,
+    Sum,
+    allgather_object,
+    broadcast_object,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    global_process_set,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    nccl_built,
+    rank,
+    shutdown,
+    size,
 )
 from adasum.horovod._missing import not_offered
 from adasum.horovod.tensorflow._ops import (
-    Compression, allgather, allreduce, broadcast, broadcast_variables, grouped_allgather, grouped_allreduce,
+    Compression,
+    allgather,
+    allreduce,
+    broadcast,
+    broadcast_variables,
+    grouped_allgather,
+    grouped_allreduce,
 )
 from adasum.horovod.tensorflow._tape import DistributedGradientTape, PartialDistributedGradientTape
 
