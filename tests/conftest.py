@@ -6,6 +6,10 @@ Multi-process tests start real Gloo groups through :func:`adasum.launch.spawn`, 
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
 import torch
 
 #: Seconds a spawned group may take before its workers are ended and the test fails.
@@ -30,6 +34,24 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error of ``x`` against ``ref`` (the norm of ``x`` when ``ref`` is zero)."""
     x, ref = x.double().flatten(), ref.double().flatten()
     return float((x - ref).norm() / ref.norm()) if ref.norm() > 0 else float(x.norm())
+
+
+def messages(fn: Callable[[], object]) -> Counter:
+    """The Gloo operations ``fn()`` runs on this rank, by name (``gloo:send``, ``gloo:recv``,
+    ``gloo:all_gather``, ...), as torch's profiler records them: counted outside the library,
+    whichever of its code paths sends them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return Counter(e.name for e in profile.events() if e.name.startswith("gloo:"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests of modules that start worker processes are marked slow: pytest -m "not slow" runs
+    # the single-process ones, a loop of seconds.
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and any(hasattr(module, name) for name in ("spawn", "subprocess")):
+            item.add_marker(pytest.mark.slow)
 
 
 def caught(fn) -> str | None:
