@@ -12,11 +12,11 @@ Adasum).
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,8 +56,9 @@ def launch(tmp: Path, nnodes: str, agents: int) -> list[dict]:
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp,
                                           start_new_session=True))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        codes = [p.wait(timeout=LAUNCH_TIMEOUT) for p in procs]
+        codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
@@ -100,7 +101,7 @@ def local_gradients(rank: int) -> list[torch.Tensor]:
 def local_deltas(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The parameters before the step and rank ``rank``'s own Adam update of them."""
     model = worker.build_model()
-    start = [p.detach().clone() for p in copy.deepcopy(model).parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=worker.LR)
     worker.loss_of(model, rank).backward()
     opt.step()
