@@ -174,12 +174,10 @@ class DistributedOptimizer(Wrapper):
         """
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
         grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
-        if closure is not None and self.passes + 1 < self.backward_passes_per_step:
-            with torch.enable_grad():
-                return closure()
-        if closure is None and not self.ready and found_inf is None:
-            return None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        accumulating, value = self._between_updates(closure, found_inf)
+        if accumulating:
+            return value
+        params = self._params()
         agreement = self._check(params, found_inf)  # before anything changes
         if found_inf is not None:
             if self._overflow_anywhere(found_inf):
@@ -193,6 +191,17 @@ class DistributedOptimizer(Wrapper):
         self._reduce(params, start, moments, agreement)
         self._end_cycle()
         return loss
+
+    def _between_updates(self, closure: Callable[[], Any] | None, found_inf: torch.Tensor | None) -> tuple[bool, Any]:
+        """``(True, what step returns)`` when this call of :meth:`step` only accumulates a
+        backward pass (evaluating the closure, if any); ``(False, None)`` when it updates."""
+        if closure is not None and self.passes + 1 < self.backward_passes_per_step:
+            with torch.enable_grad():
+                return True, closure()
+        return closure is None and not self.ready and found_inf is None, None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _gradient_moments(self, params: list[torch.Tensor]) -> Moments | None:
         """The noise scale's moments of this step's gradients (the deltas the reduction sees are
@@ -208,14 +217,20 @@ class DistributedOptimizer(Wrapper):
         """:meth:`adasum.Reducer.check` of the parameters, in the same round as the options that
         change what a step sends: a rank that all-reduces an overflow flag, or steps at another
         pass, while the others reduce would leave them waiting."""
-        options = {
+        return self.reducer.check(
+            params, stats=self.stats, options=self._options(found_inf), error=self._local_error(params, found_inf)
+        )
+
+    def _options(self, found_inf: torch.Tensor | None) -> dict[str, object]:
+        """The settings every rank must step with alike."""
+        return {
             "backward_passes_per_step": self.backward_passes_per_step,
             "grad_scaler": self.grad_scaler is not None,
             "stepped_by_grad_scaler": found_inf is not None,
         }
-        return self.reducer.check(params, stats=self.stats, options=options, error=self._scaler_error(found_inf))
 
-    def _scaler_error(self, found_inf: torch.Tensor | None) -> Exception | None:
+    def _local_error(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Exception | None:
+        """A problem this rank sees in its own use of the wrapper; every rank raises it."""
         if found_inf is None:
             return None
         if self.grad_scaler is None:
@@ -255,10 +270,14 @@ class DistributedOptimizer(Wrapper):
             with torch.no_grad():
                 torch._foreach_copy_([p.detach() for p in params], start)
             raise
-        apply_delta(params, start)
+        self._apply(params, start)
         if stats is not None:
             names = tuple(self._names.get(id(p), str(i)) for i, p in enumerate(params))
             self.last_stats = Stats(stats.stages, names, moments)
+
+    def _apply(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+        """``params`` (holding the reduced delta) become start + delta."""
+        apply_delta(params, start)
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
         flag = found_inf.detach().float().reshape(1).clone()
