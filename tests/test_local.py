@@ -52,21 +52,23 @@ def make_outer(ps: list[torch.Tensor], lr: float = 0.7) -> torch.optim.Optimizer
 
 REDUCERS = {"adasum": adasum.Adasum, "average": adasum.Average}
 
-# name: (inner, H, outer?, reducer, backward passes per update, updates)
+# name: (inner, H, outer?, reducer, backward passes per update, updates, wire dtype)
 SCENARIOS = {
-    "local-sgd": ("sgd", 4, False, "adasum", 1, 8),
-    "diloco": ("adamw", 3, True, "adasum", 1, 9),
-    "diloco-average-x2": ("adamw", 2, True, "average", 2, 4),
+    "local-sgd": ("sgd", 4, False, "adasum", 1, 8, None),
+    "diloco": ("adamw", 3, True, "adasum", 1, 9, None),
+    "diloco-average-x2": ("adamw", 2, True, "average", 2, 4, None),
+    "diloco-bf16": ("adam", 2, True, "adasum", 1, 4, torch.bfloat16),
 }
 
 
 def _train(rank: int, name: str) -> dict:
-    inner, h, outer, reducer, passes, updates = SCENARIOS[name]
+    inner, h, outer, reducer, passes, updates, wire = SCENARIOS[name]
     model = new_model(rank)  # different initialisations: broadcast_parameters makes them equal
     broadcast_parameters(model)
     ps = list(model.parameters())
     opt = LocalSGD(make_inner(inner, ps), REDUCERS[reducer](), sync_every=h, backward_passes_per_step=passes,
-                   outer=make_outer(ps) if outer else None, stats=True, named_parameters=model.named_parameters())
+                   outer=make_outer(ps) if outer else None, stats=True, named_parameters=model.named_parameters(),
+                   wire_dtype=wire)
     out = {"initial": params(model), "params": [], "inner_steps": []}
     for micro in range(updates * passes):
         opt.zero_grad()
@@ -154,9 +156,10 @@ def _mismatch(rank: int, case: str) -> dict:
     model = new_model(0)
     ps = list(model.parameters())
     h = 3 if case == "sync_every" and rank == 1 else 4
+    wire = torch.bfloat16 if case == "wire_dtype" and rank == 2 else None
     outer = None if case == "no_outer" and rank == 0 else make_outer(
         ps[:2] if case == "outer_params" and rank == 2 else ps, lr=0.5 if case == "outer_lr" and rank == 2 else 0.7)
-    opt = LocalSGD(make_inner("adam", ps), sync_every=h, outer=outer)
+    opt = LocalSGD(make_inner("adam", ps), sync_every=h, outer=outer, wire_dtype=wire)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = params(model)
 
@@ -179,6 +182,7 @@ MISMATCHES = {
     "no_outer": "ValueError: adasum: outer=SGD with 1 groups on rank 1 but outer=None on rank 0",
     "outer_params": "ValueError: adasum: rank 2: the outer optimizer holds 0 parameters the inner one does not "
                     "and misses 2 of its; give it the same parameters",
+    "wire_dtype": "ValueError: adasum: tensor 0 is (8, 5) bfloat16 on rank 2 but (8, 5) float32 on rank 0",
     "grad_scaler": "RuntimeError: adasum: rank 1: LocalSGD is stepped by a GradScaler, which it does not "
                    "support; use bfloat16 autocast (no scaler needed) or float32",
 }
@@ -204,7 +208,7 @@ def runs() -> list[dict]:
 def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch.Tensor]]], list]:
     """LocalSGD written out in one process: ``history[step][rank]`` is worker rank's parameters
     after each update; also the deltas of the last synchronisation."""
-    inner, h, outer, reducer, passes, updates = SCENARIOS[name]
+    inner, h, outer, reducer, passes, updates, wire = SCENARIOS[name]
     x = [t.clone() for t in initial]
     workers = []
     for _ in range(WORLD):
@@ -223,8 +227,9 @@ def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch
                 loss_of(model, rank, step * passes + k).backward()
             opt.step()
         if (step + 1) % h == 0:
-            deltas = [[p.detach() - xi for p, xi in zip(model.parameters(), x)] for model, _ in workers]
-            combined = REDUCERS[reducer]().reduce(deltas)
+            deltas = [[(p.detach() - xi).to(wire or xi.dtype) for p, xi in zip(model.parameters(), x)]
+                      for model, _ in workers]
+            combined = [c.to(xi.dtype) for c, xi in zip(REDUCERS[reducer]().reduce(deltas), x)]
             if outer_opt is None:
                 x = [xi + d for xi, d in zip(x, combined)]
             else:
@@ -307,6 +312,8 @@ def test_rejects_bad_arguments():
         assert caught(lambda: LocalSGD(inner, sync_every=h)) == f"ValueError: sync_every must be an integer >= 1, got {h!r}"
     assert caught(lambda: LocalSGD(inner, sync_every=2, outer=inner)) == (
         "ValueError: outer must be an optimizer of its own, not the inner optimizer")
+    assert caught(lambda: LocalSGD(inner, sync_every=2, wire_dtype=torch.int8)) == (
+        "ValueError: wire_dtype must be None or a floating dtype the reducers take, got torch.int8")
     assert caught(lambda: LocalSGD(inner, sync_every=2, outer="sgd")) == (
         "TypeError: outer must be a plain torch.optim.Optimizer, got str")
     opt = LocalSGD(inner, sync_every=2, outer=torch.optim.SGD(model.parameters(), lr=1.0))

@@ -218,8 +218,14 @@ class DistributedOptimizer(Wrapper):
         change what a step sends: a rank that all-reduces an overflow flag, or steps at another
         pass, while the others reduce would leave them waiting."""
         return self.reducer.check(
-            params, stats=self.stats, options=self._options(found_inf), error=self._local_error(params, found_inf)
+            self._sent(params), stats=self.stats, options=self._options(found_inf),
+            error=self._local_error(params, found_inf),
         )
+
+    def _sent(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors the reduction sends, whose layout the ranks agree on: the parameters
+        themselves, holding their deltas."""
+        return params
 
     def _options(self, found_inf: torch.Tensor | None) -> dict[str, object]:
         """The settings every rank must step with alike."""
@@ -264,7 +270,7 @@ class DistributedOptimizer(Wrapper):
         # mode needs no memory beyond the snapshot.
         try:
             # Checked before the local step: no second agreement round.
-            stats = self.reducer.all_reduce(params, stats=self.stats, agreement=agreement)
+            stats = self._all_reduce(params, agreement)
         except BaseException:
             # Leave usable parameters behind (the values before this step), not deltas.
             with torch.no_grad():
@@ -274,6 +280,10 @@ class DistributedOptimizer(Wrapper):
         if stats is not None:
             names = tuple(self._names.get(id(p), str(i)) for i, p in enumerate(params))
             self.last_stats = Stats(stats.stages, names, moments)
+
+    def _all_reduce(self, params: list[torch.Tensor], agreement: Agreement) -> Stats | None:
+        """Reduce the deltas the parameters hold, in place."""
+        return self.reducer.all_reduce(params, stats=self.stats, agreement=agreement)
 
     def _apply(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
         """``params`` (holding the reduced delta) become start + delta."""

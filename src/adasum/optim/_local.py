@@ -18,6 +18,10 @@ is AdamW inside and SGD with Nesterov momentum outside, with R the average. With
 combination moves, per layer, between averaging the deltas (parallel deltas) and summing them
 (orthogonal deltas): an outer learning rate between 1 and N chosen by the geometry of the
 deltas. H = 1 without an outer optimizer is delta mode (:class:`DistributedOptimizer`).
+
+The deltas may travel in a narrower dtype (``wire_dtype=torch.bfloat16``): each rank rounds its
+delta to it, the reduction accumulates its dot products and norms in float64 as always and
+writes D in that dtype, and D is widened back before it is applied.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from adasum._reducer import Agreement, Reducer
+from adasum._stats import Stats
 from adasum.optim._delta import local_delta
 from adasum.optim._distributed import DistributedOptimizer
 
@@ -64,6 +69,8 @@ class LocalSGD(DistributedOptimizer):
             :attr:`last_stats` (statistics of the deltas; their noise scale is that of the
             deltas, not of gradients).
         named_parameters: ``model.named_parameters()`` to name the layers in the statistics.
+        wire_dtype: the dtype the deltas are reduced in (float16, bfloat16, float32, float64);
+            None: the parameters' own.
 
     The first update after a synchronisation (or after :meth:`load_state_dict`) checks with the
     other ranks that all pass the same parameters, ``sync_every``, the outer optimizer's kind
@@ -82,6 +89,7 @@ class LocalSGD(DistributedOptimizer):
         backward_passes_per_step: int = 1,
         stats: bool = False,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -89,9 +97,13 @@ class LocalSGD(DistributedOptimizer):
             raise TypeError(f"outer must be a plain torch.optim.Optimizer, got {type(outer).__name__}")
         if outer is optimizer:
             raise ValueError("outer must be an optimizer of its own, not the inner optimizer")
+        if wire_dtype not in (None, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"wire_dtype must be None or a floating dtype the reducers take, got {wire_dtype}")
         super().__init__(optimizer, reducer, backward_passes_per_step, stats=stats, named_parameters=named_parameters)
         self.sync_every = sync_every
         self.outer = outer
+        self.wire_dtype = wire_dtype
+        self._wire: list[torch.Tensor] = []  # the deltas in wire_dtype, kept between cycles
         self._inner_steps = 0  # updates since the last synchronisation
         self._agreement: Agreement | None = None  # the ranks' agreement for the current cycle
 
@@ -149,6 +161,23 @@ class LocalSGD(DistributedOptimizer):
                 return ValueError(f"the outer optimizer holds {len(outer - inner)} parameters the inner one does "
                                   f"not and misses {len(inner - outer)} of its; give it the same parameters")
         return None
+
+    def _sent(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.wire_dtype is None:
+            return params
+        if [(w.shape, w.device) for w in self._wire] != [(p.shape, p.device) for p in params]:
+            self._wire = [torch.empty_like(p, dtype=self.wire_dtype) for p in params]
+        return self._wire
+
+    def _all_reduce(self, params: list[torch.Tensor], agreement: Agreement) -> Stats | None:
+        if self.wire_dtype is None:
+            return super()._all_reduce(params, agreement)
+        wire = self._sent(params)
+        with torch.no_grad():
+            torch._foreach_copy_(wire, [p.detach() for p in params])
+            stats = self.reducer.all_reduce(wire, stats=self.stats, agreement=agreement)
+            torch._foreach_copy_([p.detach() for p in params], wire)
+        return stats
 
     def _apply(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
         """``params`` hold the reduced delta D: without an outer optimizer they become
