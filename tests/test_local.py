@@ -58,7 +58,11 @@ SCENARIOS = {
     "diloco": ("adamw", 3, True, "adasum", 1, 9, None),
     "diloco-average-x2": ("adamw", 2, True, "average", 2, 4, None),
     "diloco-bf16": ("adam", 2, True, "adasum", 1, 4, torch.bfloat16),
+    "local-adam-grad-scaler": ("adam", 3, False, "adasum", 1, 6, None),
 }
+#: (update, rank) whose loss overflows in the GradScaler scenario: in the middle of a cycle and
+#: at its last update.
+OVERFLOWS = frozenset({(1, 1), (2, 2)})
 
 
 def _train(rank: int, name: str) -> dict:
@@ -69,11 +73,19 @@ def _train(rank: int, name: str) -> dict:
     opt = LocalSGD(make_inner(inner, ps), REDUCERS[reducer](), sync_every=h, backward_passes_per_step=passes,
                    outer=make_outer(ps) if outer else None, stats=True, named_parameters=model.named_parameters(),
                    wire_dtype=wire)
-    out = {"initial": params(model), "params": [], "inner_steps": []}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) if "scaler" in name else None
+    out = {"initial": params(model), "params": [], "inner_steps": [], "scales": []}
     for micro in range(updates * passes):
         opt.zero_grad()
-        loss_of(model, rank, micro).backward()
-        opt.step()
+        loss = loss_of(model, rank, micro)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:  # this rank's own scaler; LocalSGD unscales
+            scaler.scale(loss * (torch.inf if (micro, rank) in OVERFLOWS else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+            out["scales"].append(scaler.get_scale())
         if opt.passes == 0:
             out["params"].append(params(model))
             out["inner_steps"].append(opt.inner_steps)
@@ -183,8 +195,8 @@ MISMATCHES = {
     "outer_params": "ValueError: adasum: rank 2: the outer optimizer holds 0 parameters the inner one does not "
                     "and misses 2 of its; give it the same parameters",
     "wire_dtype": "ValueError: adasum: tensor 0 is (8, 5) bfloat16 on rank 2 but (8, 5) float32 on rank 0",
-    "grad_scaler": "RuntimeError: adasum: rank 1: LocalSGD is stepped by a GradScaler, which it does not "
-                   "support; use bfloat16 autocast (no scaler needed) or float32",
+    "grad_scaler": "ValueError: adasum: stepped_by_grad_scaler=True on rank 1 but stepped_by_grad_scaler=False "
+                   "on rank 0",
 }
 
 
@@ -207,7 +219,9 @@ def runs() -> list[dict]:
 
 def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch.Tensor]]], list]:
     """LocalSGD written out in one process: ``history[step][rank]`` is worker rank's parameters
-    after each update; also the deltas of the last synchronisation."""
+    after each update; also the deltas of the last synchronisation. A worker whose loss
+    overflowed (``OVERFLOWS``, with a GradScaler) skips that update."""
+    skipped = OVERFLOWS if "scaler" in name else frozenset()
     inner, h, outer, reducer, passes, updates, wire = SCENARIOS[name]
     x = [t.clone() for t in initial]
     workers = []
@@ -225,7 +239,8 @@ def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch
             opt.zero_grad()
             for k in range(passes):
                 loss_of(model, rank, step * passes + k).backward()
-            opt.step()
+            if (step, rank) not in skipped:
+                opt.step()
         if (step + 1) % h == 0:
             deltas = [[(p.detach() - xi).to(wire or xi.dtype) for p, xi in zip(model.parameters(), x)]
                       for model, _ in workers]
@@ -268,6 +283,17 @@ def test_replicas_are_bit_identical_after_each_synchronisation_only(runs, name):
         for other in scenario[1:]:
             # Between synchronisations each rank has moved on its own data.
             assert same_bits(mine, other["params"][step]) == synced, (name, step)
+
+
+def test_grad_scalers_are_per_rank_and_an_overflow_skips_one_ranks_update(runs):
+    scales = [r["scenarios"]["local-adam-grad-scaler"]["scales"] for r in runs]
+    # Growth every 2 clean updates; rank 1 backed off at update 1, rank 2 at update 2 (the sync).
+    assert scales[0][:3] == [2.0**10, 2.0**11, 2.0**11]
+    assert scales[1][:3] == [2.0**10, 2.0**9, 2.0**9]
+    assert scales[2][:3] == [2.0**10, 2.0**11, 2.0**10]
+    # What the replay checks: the overflowed updates were skipped on those ranks alone.
+    scenario = [r["scenarios"]["local-adam-grad-scaler"] for r in runs]
+    assert same_bits(scenario[1]["params"][1], scenario[1]["params"][0])
 
 
 def test_stats_are_those_of_the_last_synchronisations_deltas(runs):

@@ -237,21 +237,24 @@ class DistributedOptimizer(Wrapper):
 
     def _local_error(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Exception | None:
         """A problem this rank sees in its own use of the wrapper; every rank raises it."""
-        if found_inf is None:
-            return None
-        if self.grad_scaler is None:
+        if found_inf is not None and self.grad_scaler is None:
             return RuntimeError(
                 "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
                 "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
                 "makes every rank's scaler back off and the scalers stay identical",
             )
-        if not self.ready:
-            return RuntimeError(
-                f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
-                "backward passes; with accumulation, call scaler.unscale_/step/update only when "
-                "DistributedOptimizer.ready is True",
-            )
-        return None
+        return self._early_scaler_step(found_inf)
+
+    def _early_scaler_step(self, found_inf: torch.Tensor | None) -> Exception | None:
+        """The error of a step through ``GradScaler.step`` before the last backward pass of an
+        accumulation cycle (which would update too early), else None."""
+        if found_inf is None or self.ready:
+            return None
+        return RuntimeError(
+            f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
+            "backward passes; with accumulation, call scaler.unscale_/step/update only when "
+            f"{type(self).__name__}.ready is True",
+        )
 
     def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         # The copies of the parameters are kept between steps: allocating 1x the model every

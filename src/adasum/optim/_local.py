@@ -33,7 +33,7 @@ import torch
 
 from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
-from adasum.optim._delta import local_delta
+from adasum.optim._delta import take_delta
 from adasum.optim._distributed import DistributedOptimizer
 
 __all__ = ["LocalSGD"]
@@ -75,8 +75,8 @@ class LocalSGD(DistributedOptimizer):
     The first update after a synchronisation (or after :meth:`load_state_dict`) checks with the
     other ranks that all pass the same parameters, ``sync_every``, the outer optimizer's kind
     and hyperparameters and the other options, before anything changes: on a mismatch every
-    rank raises the same error. The steps in between send nothing. A ``GradScaler`` is refused
-    (bfloat16 autocast needs none).
+    rank raises the same error. The steps in between send nothing. A ``GradScaler`` (float16)
+    is this rank's own: see :meth:`step`.
     """
 
     def __init__(
@@ -117,8 +117,14 @@ class LocalSGD(DistributedOptimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Accumulate, or update the inner optimizer; on the H-th update, synchronise. Returns
-        the closure's value (None without one)."""
+        the closure's value (None without one, or when an overflow skipped the update).
+
+        Under ``GradScaler.step`` every rank's scaler is its own (it scales only this rank's
+        gradients): an overflow skips this rank's inner update, which still counts, so that the
+        ranks synchronise together; gradients the user did not unscale are unscaled here.
+        """
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         accumulating, value = self._between_updates(closure, found_inf)
         if accumulating:
             return value
@@ -129,17 +135,27 @@ class LocalSGD(DistributedOptimizer):
             self._agreement = self._check(params, found_inf)
             if self._inner_steps == 0:
                 self._snapshot(params)
-        elif found_inf is not None:
-            raise self._local_error(params, found_inf)
-        if self._inner_steps + 1 < self.sync_every:
-            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-            self._inner_steps += 1
-        else:
-            loss = local_delta(self.optimizer, params, self._start, closure)
-            agreement, self._agreement, self._inner_steps = self._agreement, None, 0
-            self._reduce(params, self._start, None, agreement)
+        elif (error := self._early_scaler_step(found_inf)) is not None:
+            raise error
+        loss = self._inner_update(closure, found_inf, grad_scale)
         self._end_cycle()
+        if self._inner_steps + 1 < self.sync_every:
+            self._inner_steps += 1
+            return loss
+        take_delta(params, self._start)
+        agreement, self._agreement, self._inner_steps = self._agreement, None, 0
+        self._reduce(params, self._start, None, agreement)
         return loss
+
+    def _inner_update(
+        self, closure: Callable[[], Any] | None, found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None
+    ) -> Any:
+        if found_inf is not None:
+            if found_inf.item() > 0:
+                return None  # skipped, as GradScaler skips it on one device; update() backs off
+            if grad_scale is not None:
+                self._unscale(grad_scale)
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     def _options(self, found_inf: torch.Tensor | None) -> dict[str, object]:
         options = super()._options(found_inf)
@@ -149,18 +165,15 @@ class LocalSGD(DistributedOptimizer):
         return options
 
     def _local_error(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Exception | None:
-        if found_inf is not None:
-            # Skipping an overflowed inner step on one rank only would be sound, but it is not
-            # built: refuse rather than let the ranks' step counts drift apart.
-            return RuntimeError("LocalSGD is stepped by a GradScaler, which it does not support; "
-                                "use bfloat16 autocast (no scaler needed) or float32")
-        if self.outer is not None:
+        # No grad_scaler= is needed: the scalers need not agree (see step).
+        error = self._early_scaler_step(found_inf)
+        if error is None and self.outer is not None:
             inner = {id(p) for p in params}
             outer = {id(p) for group in self.outer.param_groups for p in group["params"]}
             if inner != outer:
-                return ValueError(f"the outer optimizer holds {len(outer - inner)} parameters the inner one does "
-                                  f"not and misses {len(inner - outer)} of its; give it the same parameters")
-        return None
+                error = ValueError(f"the outer optimizer holds {len(outer - inner)} parameters the inner one does "
+                                   f"not and misses {len(inner - outer)} of its; give it the same parameters")
+        return error
 
     def _sent(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.wire_dtype is None:
