@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import adasum
 from adasum.lab.launch import spawn
@@ -138,6 +139,43 @@ def _resume(rank: int) -> dict:
     return {"continued": params(model), "resumed": params(resumed), "saved_steps": saved_state["inner_steps"]}
 
 
+def _elastic(rank: int) -> dict:
+    """The "diloco" scenario on ranks 0 and 1 for 4 updates (one into the second cycle),
+    checkpointed; then all three ranks resume from the checkpoint, rank 2 from rank 0's files
+    (new rank r takes old rank r mod N's, the rule of elastic runs), for the remaining 5."""
+    pair = dist.new_group([0, 1])
+    _, h, _, _, _, updates, _ = SCENARIOS["diloco"]
+
+    def build(reducer: adasum.Reducer) -> tuple[torch.nn.Module, LocalSGD]:
+        model = new_model(0)
+        ps = list(model.parameters())
+        return model, LocalSGD(make_inner("adamw", ps), reducer, sync_every=h, outer=make_outer(ps))
+
+    def train(model: torch.nn.Module, opt: LocalSGD, micros: range) -> list:
+        out = []
+        for micro in micros:
+            opt.zero_grad()
+            loss_of(model, rank, micro).backward()
+            opt.step()
+            out.append(params(model))
+        return out
+
+    checkpoint = None
+    if rank < 2:
+        model, opt = build(adasum.Adasum(pair))
+        train(model, opt, range(4))
+        checkpoint = (params(model), copy.deepcopy(opt.state_dict()))
+    checkpoints = [None] * WORLD
+    dist.all_gather_object(checkpoints, checkpoint)
+    saved_params, saved_state = checkpoints[rank % 2]
+    model, opt = build(adasum.Adasum())
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), saved_params):
+            p.copy_(saved)
+    opt.load_state_dict(saved_state)
+    return {"initial": params(new_model(0)), "params": train(model, opt, range(4, updates))}
+
+
 def _agreements(rank: int) -> int:
     """Agreement rounds in 8 updates with H=4: one per cycle, none between synchronisations."""
     import adasum._reducer
@@ -206,6 +244,7 @@ def _all(rank: int, world: int) -> dict:
         "scenarios": {name: _train(rank, name) for name in SCENARIOS},
         "h1": {passes: _h1_is_delta_mode(rank, passes) for passes in (1, 2)},
         "resume": _resume(rank),
+        "elastic": _elastic(rank),
         "agreements": _agreements(rank),
         "mismatch": {case: _mismatch(rank, case) for case in MISMATCHES},
     }
@@ -217,15 +256,18 @@ def runs() -> list[dict]:
     return spawn(_all, WORLD, timeout=TIMEOUT, group_timeout=20)
 
 
-def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch.Tensor]]], list]:
+def replay(name: str, initial: list[torch.Tensor], world: int = WORLD,
+           resize: tuple[int, int] | None = None) -> tuple[list[list[list[torch.Tensor]]], list]:
     """LocalSGD written out in one process: ``history[step][rank]`` is worker rank's parameters
     after each update; also the deltas of the last synchronisation. A worker whose loss
-    overflowed (``OVERFLOWS``, with a GradScaler) skips that update."""
+    overflowed (``OVERFLOWS``, with a GradScaler) skips that update. ``resize=(update, n)``:
+    from that update on there are n workers, new worker r a copy of worker r mod world (its
+    parameters and its inner optimizer)."""
     skipped = OVERFLOWS if "scaler" in name else frozenset()
     inner, h, outer, reducer, passes, updates, wire = SCENARIOS[name]
     x = [t.clone() for t in initial]
     workers = []
-    for _ in range(WORLD):
+    for _ in range(world):
         model = new_model(0)
         with torch.no_grad():
             for p, t in zip(model.parameters(), x):
@@ -235,6 +277,8 @@ def replay(name: str, initial: list[torch.Tensor]) -> tuple[list[list[list[torch
     outer_opt = make_outer(shadow) if outer else None
     history, deltas = [], None
     for step in range(updates):
+        if resize is not None and step == resize[0]:
+            workers += [copy.deepcopy(workers[r % world]) for r in range(world, resize[1])]
         for rank, (model, opt) in enumerate(workers):
             opt.zero_grad()
             for k in range(passes):
@@ -318,6 +362,15 @@ def test_resume_equals_an_uninterrupted_run(runs):
     for r in runs:
         assert r["resume"]["saved_steps"] == 1
         assert same_bits(r["resume"]["continued"], r["resume"]["resumed"])
+
+
+def test_resume_on_more_ranks_follows_the_elastic_rule(runs):
+    expected, _ = replay("diloco", runs[0]["elastic"]["initial"], world=2, resize=(4, WORLD))
+    for step, want in enumerate(expected[4:], start=4):
+        for rank, r in enumerate(runs):
+            for got, w in zip(r["elastic"]["params"][step - 4], want[rank]):
+                assert torch.allclose(got, w, rtol=1e-5, atol=1e-6), (step, rank, (got - w).abs().max())
+    assert same_bits(runs[0]["elastic"]["params"][-1], runs[2]["elastic"]["params"][-1])
 
 
 def test_one_agreement_round_per_cycle(runs):
