@@ -57,7 +57,7 @@ REDUCERS = {"adasum": adasum.Adasum, "average": adasum.Average}
 SCENARIOS = {
     "local-sgd": ("sgd", 4, False, "adasum", 1, 8, None),
     "diloco": ("adamw", 3, True, "adasum", 1, 9, None),
-    "diloco-average-x2": ("adamw", 2, True, "average", 2, 4, None),
+    "diloco-average-x2-closure": ("adamw", 2, True, "average", 2, 4, None),
     "diloco-bf16": ("adam", 2, True, "adasum", 1, 4, torch.bfloat16),
     "local-adam-grad-scaler": ("adam", 3, False, "adasum", 1, 6, None),
 }
@@ -77,13 +77,21 @@ def _train(rank: int, name: str) -> dict:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) if "scaler" in name else None
     out = {"initial": params(model), "params": [], "inner_steps": [], "scales": []}
     for micro in range(updates * passes):
-        opt.zero_grad()
-        loss = loss_of(model, rank, micro)
-        if scaler is None:
-            loss.backward()
+        if "closure" in name:  # a closure per backward pass: the last one reaches the optimizer
+            def closure(micro=micro):
+                opt.zero_grad()  # nothing in the middle of an accumulation
+                loss = loss_of(model, rank, micro)
+                loss.backward()
+                return loss
+
+            assert torch.isfinite(opt.step(closure))
+        elif scaler is None:
+            opt.zero_grad()
+            loss_of(model, rank, micro).backward()
             opt.step()
         else:  # this rank's own scaler; LocalSGD unscales
-            scaler.scale(loss * (torch.inf if (micro, rank) in OVERFLOWS else 1.0)).backward()
+            opt.zero_grad()
+            scaler.scale(loss_of(model, rank, micro) * (torch.inf if (micro, rank) in OVERFLOWS else 1.0)).backward()
             scaler.step(opt)
             scaler.update()
             out["scales"].append(scaler.get_scale())
