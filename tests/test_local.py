@@ -409,3 +409,9 @@ def test_rejects_bad_arguments():
         "ValueError: the checkpoint is 2 updates into a cycle; sync_every is 2")
     assert caught(lambda: opt.load_state_dict({**state, "outer": None})) == (
         "ValueError: the checkpoint and this LocalSGD differ in having an outer optimizer")
+    assert caught(lambda: opt.load_state_dict({**state, "inner_steps": 1, "start": params(model)[:1]})) == (
+        "ValueError: the checkpoint's synchronised parameters do not match this optimizer's parameters")
+    opt.load_state_dict({**state, "inner_steps": 1, "start": params(model)})
+    assert opt.inner_steps == 1
+    with pytest.raises(RuntimeError, match="add_param_group 1 updates into a cycle"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})

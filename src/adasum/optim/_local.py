@@ -110,6 +110,14 @@ class LocalSGD(DistributedOptimizer):
     def __repr__(self) -> str:
         return f"LocalSGD({self.optimizer!r}, sync_every={self.sync_every}, outer={self.outer!r})"
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer (and, by hand, to the outer one) between cycles:
+        in the middle of one the new parameters would have no synchronised values."""
+        if self._inner_steps:
+            raise RuntimeError(f"add_param_group {self._inner_steps} updates into a cycle; add parameter "
+                               "groups when inner_steps is 0 (right after a synchronisation)")
+        super().add_param_group(param_group)
+
     @property
     def inner_steps(self) -> int:
         """Updates of the inner optimizer since the last synchronisation (0 to H-1)."""
