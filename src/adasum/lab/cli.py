@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--mode", choices=MODES, help="as for train (default: the optimizer's)")
     sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
     sim.add_argument("--sync-every", type=int, default=1, help="local SGD (delta mode): steps between reductions")
-    sim.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, help="DiLoCo: an outer optimizer on the reduced delta")
+    sim.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, help="DiLoCo: an outer step on the reduced delta")
     sim.add_argument("--outer-lr", type=float, default=0.7, help="its learning rate (default 0.7)")
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
     sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])

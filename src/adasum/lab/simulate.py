@@ -208,12 +208,12 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     ``history`` has one row per step (as ``adasum train`` writes it); rows at evaluation
     points add the test score and, with ``distances``, the distances to sequential SGD; with
     ``diagnostics``, how orthogonal the workers' reduced vectors (gradients, or deltas in delta
-    mode, the last synchronisation's with local SGD) are, per layer and per level of Adasum's tree (:meth:`adasum.Stats.summary` under the
-    prefix ``orth``: cosines, and the scaling 1/2 = averaged, 1 = summed), whatever the run's
-    reducer. The summary adds the device, the chunk and ``seconds_per_step``: the mean wall
-    time of the training steps alone (gradients, reduction, update; no evaluations, no
-    distances), the first step left out when there are others, since it pays the one-time
-    costs (allocations, kernel selection, CUDA's start).
+    mode, the last synchronisation's with local SGD) are, per layer and per level of Adasum's
+    tree (:meth:`adasum.Stats.summary` under the prefix ``orth``: cosines, and the scaling
+    1/2 = averaged, 1 = summed), whatever the run's reducer. The summary adds the device, the
+    chunk and ``seconds_per_step``: the mean wall time of the training steps alone (gradients,
+    reduction, update; no evaluations, no distances), the first step left out when there are
+    others, since it pays the one-time costs (allocations, kernel selection, CUDA's start).
 
     Elastic training: ``resize=(epoch, n)`` continues the run with ``n`` workers from the
     start of epoch ``epoch`` on, with the same weights, optimizer state and learning rate, and

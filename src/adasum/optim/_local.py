@@ -93,7 +93,8 @@ class LocalSGD(DistributedOptimizer):
     ) -> None:
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
-        if outer is not None and (not isinstance(outer, torch.optim.Optimizer) or isinstance(outer, DistributedOptimizer)):
+        plain = isinstance(outer, torch.optim.Optimizer) and not isinstance(outer, DistributedOptimizer)
+        if outer is not None and not plain:
             raise TypeError(f"outer must be a plain torch.optim.Optimizer, got {type(outer).__name__}")
         if outer is optimizer:
             raise ValueError("outer must be an optimizer of its own, not the inner optimizer")
