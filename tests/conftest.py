@@ -61,3 +61,13 @@ def caught(fn) -> str | None:
     except (ValueError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def raised(fn) -> str | None:
+    """The first line of ``"TypeName: message"`` of any exception ``fn()`` raises, else None
+    (for a multi-process test, where a rank that raised alone is the failure to look for)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None

@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainerCallb
 
 import adasum  # noqa: E402
 from adasum.hf import AdasumTrainer  # noqa: E402
-from adasum.lab.launch import spawn  # noqa: E402
+from adasum.launch import spawn  # noqa: E402
 from adasum.optim import DistributedOptimizer  # noqa: E402
 from conftest import TIMEOUT, same_bits  # noqa: E402
 from stacks import assert_adasum_of_local, local_gradients  # noqa: E402

@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import nodes_worker as worker
 import pytest
 import torch
 
 import adasum
-import nodes_worker as worker
-from adasum.lab.launch import free_port
+from adasum.launch import free_port
 from conftest import rel_err, same_bits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import torch
 import adasum
 from adasum.launch import spawn
 from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
-from conftest import TIMEOUT, bits, caught
+from conftest import TIMEOUT, bits, caught, raised
 
 WORLD = 3
 STEPS = 3
@@ -201,15 +201,6 @@ def _agreements_per_step(rank: int) -> int:
     return counted["rounds"] / 3
 
 
-def _error(fn) -> str | None:
-    """``"TypeName: message"`` of what ``fn()`` raises, else None."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - a rank that raised alone is what the tests look for
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-    return None
-
-
 def _options_differ(rank: int, case: str) -> dict:
     """One rank's options change the step's protocol: every rank raises the same error before
     anything changes. ``grad_scaler``: only rank 0 passes its scaler; ``scaler_step``: rank 2
@@ -234,7 +225,7 @@ def _options_differ(rank: int, case: str) -> dict:
                 scaler.scale(loss).backward()
                 scaler.step(opt)
 
-    return {"error": _error(steps), "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
+    return {"error": raised(steps), "unchanged": all(torch.equal(a, b) for a, b in zip(before, params(model))),
             "adam_state": len(opt.state), "scale": scaler.get_scale()}
 
 
@@ -243,7 +234,7 @@ def _broadcasts(rank: int) -> dict:
     out = {}
     for case, shape, dtype in [("shape", (12, 7), torch.float32), ("dtype", (10, 7), torch.float64)]:
         mine = torch.full(shape if rank == 1 else (10, 7), float(rank), dtype=dtype if rank == 1 else torch.float32)
-        out[case] = {"error": _error(lambda: broadcast_parameters([mine])), "unchanged": bool((mine == rank).all())}
+        out[case] = {"error": raised(lambda: broadcast_parameters([mine])), "unchanged": bool((mine == rank).all())}
     norm = torch.nn.BatchNorm1d(3)
     norm.num_batches_tracked.fill_(rank + 5)
     broadcast_parameters(norm, src=2)

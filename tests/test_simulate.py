@@ -3,6 +3,7 @@ the step plan and the task registry."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 import adasum
 from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
-from adasum.lab.records import crossing
+from adasum.lab.records import crossing, evaluate
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import load_task
@@ -214,3 +215,73 @@ def test_a_run_stopped_at_the_target_is_the_full_run_up_to_its_crossing():
     assert stopped[-1]["step"] == evaluated[evaluated.index(reached) + 1] < len(full)
     assert [r["loss"] for r in stopped] == [r["loss"] for r in full[: len(stopped)]]
     assert summary["score"] >= config.target
+
+
+# ----------------------------------------------------------------------------- local SGD
+
+def _diloco(**changes) -> RunConfig:
+    """3 workers of 16 examples on 512: 10 steps an epoch, so with H = 3 the epoch ends one
+    step into a cycle."""
+    return RunConfig(task="logistic", samples=512, optimizer="adam", lr=0.01, epochs=2, batch=16,
+                     evals_per_epoch=2, sync_every=3, outer="nesterov", **changes)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_local_sgd_equals_a_replay_of_the_workers(chunk):
+    """Every worker its own Adam on its own weights, Adasum of the deltas from the shared
+    weights every third step, DiLoCo's Nesterov step on the shared weights; the workers'
+    gradients in one call or in chunks of 2."""
+    task = load_task("logistic", samples=512)
+    config = _diloco()
+    history, summary = simulate_run(task, config, 3, distances=False, worker_chunk=chunk)
+    plan = Steps(config, 3, task.train_size)
+    shared = task.build_model(config.seed)
+    workers = [copy.deepcopy(shared) for _ in range(3)]
+    inner = [torch.optim.Adam(w.parameters(), lr=0.01) for w in workers]
+    outer = torch.optim.SGD(shared.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    for (step, idx), row in zip(plan.batches(), history, strict=True):
+        x, y = task.examples(idx.view(3, plan.per_worker))
+        losses = []
+        for r, (w, opt) in enumerate(zip(workers, inner)):
+            opt.zero_grad()
+            loss = task.loss(w(x[r]), y[r])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert row["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5), step
+        if (step + 1) % 3 == 0:
+            deltas = [[a.detach() - b.detach() for a, b in zip(w.parameters(), shared.parameters())] for w in workers]
+            for p, d in zip(shared.parameters(), adasum.reduce(deltas)):
+                p.grad = -d
+            outer.step()
+            for w in workers:
+                w.load_state_dict(shared.state_dict())
+    assert history[-1]["score"] == pytest.approx(evaluate(task, shared)["score"], abs=1e-6)
+    assert (summary["sync_every"], summary["outer"], summary["outer_lr"]) == (3, "nesterov", 0.7)
+    assert math.isnan(summary["dist_adasum"]) and math.isnan(summary["noise_scale"])
+
+
+def test_local_sgd_resumes_in_the_middle_of_a_cycle():
+    task = load_task("logistic", samples=512)
+    checkpoints = []
+    full, _ = simulate_run(task, _diloco(), 3, distances=False, on_epoch=checkpoints.append)
+    assert checkpoints[0]["since_sync"] == 1
+    resumed, _ = simulate_run(task, _diloco(), 3, distances=False, resume=checkpoints[0])
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[10:]]
+    assert resumed[-1]["score"] == full[-1]["score"]
+
+
+def test_local_sgd_options():
+    defaults = RunConfig().as_dict()
+    # Stored runs (and the study's file names) keep the configuration they had.
+    assert not {"sync_every", "outer", "outer_lr"} & set(defaults)
+    assert RunConfig(**defaults) == RunConfig()
+    local = RunConfig(optimizer="adam", sync_every=4)
+    assert local.as_dict()["sync_every"] == 4 and RunConfig(**local.as_dict()) == local
+    assert local.validated().local and not RunConfig(optimizer="adam").local
+    with pytest.raises(ConfigError, match="need delta mode"):
+        RunConfig(optimizer="momentum", sync_every=4).validated()
+    with pytest.raises(ConfigError, match="unknown outer optimizer"):
+        RunConfig(optimizer="adam", outer="adam").validated()
+    with pytest.raises(ConfigError, match="--sync-every must be at least 1"):
+        RunConfig(optimizer="adam", sync_every=0).validated()

@@ -18,7 +18,16 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from adasum.lab.config import MODES, OPTIMIZERS, REDUCERS, SCHEDULES, ConfigError, RunConfig, Steps
+from adasum.lab.config import (
+    MODES,
+    OPTIMIZERS,
+    OUTER_OPTIMIZERS,
+    REDUCERS,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    Steps,
+)
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import TASKS, load_task
 from adasum.launch import WorkerError
@@ -109,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--optimizers", type=_names(OPTIMIZERS, "optimizer"), default=["momentum"])
     sim.add_argument("--mode", choices=MODES, help="as for train (default: the optimizer's)")
     sim.add_argument("--lrs", type=_list_of(float, "--lrs"), default=[0.05])
+    sim.add_argument("--sync-every", type=int, default=1, help="local SGD (delta mode): steps between reductions")
+    sim.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, help="DiLoCo: an outer step on the reduced delta")
+    sim.add_argument("--outer-lr", type=float, default=0.7, help="its learning rate (default 0.7)")
     sim.add_argument("--batches", type=_list_of(int, "--batches"), default=[32])
     sim.add_argument("--accums", type=_list_of(int, "--accums"), default=[1])
     sim.add_argument("--no-distances", action="store_true", help="skip the distance to sequential SGD")
@@ -303,7 +315,10 @@ def _simulate(args: argparse.Namespace) -> int:
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    base = _config(args, mode=args.mode)
+    base = _config(args, mode=args.mode, optimizer=args.optimizers[0], sync_every=args.sync_every,
+                   outer=args.outer_optimizer, outer_lr=args.outer_lr)
+    for name in args.optimizers[1:]:  # local SGD needs every one in delta mode: say so before the sweep
+        base.with_(optimizer=name).validated()
     task = load_task(base.task, base.data, base.samples)
     Steps(base.with_(batch=min(args.batches), accum=min(args.accums)), min(args.workers), task.train_size)
     out = _output_dir(args.out)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 import adasum
 
 __all__ = [
-    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES",
+    "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES", "OUTER_OPTIMIZERS",
     "ConfigError", "RunConfig", "Steps", "make_reducer",
 ]
 
@@ -34,6 +34,9 @@ DELTA_MODE = frozenset({"adam", "lamb"})
 #: optimizer on the averaged gradient), momentum in delta mode is Horovod's update mode.
 MODES = ("gradient", "delta")
 SCHEDULES = ("constant", "cosine", "linear")
+#: Outer optimizers of local SGD (:class:`adasum.optim.LocalSGD`), see
+#: :func:`adasum.lab.optimizers.make_outer`.
+OUTER_OPTIMIZERS = ("sgd", "nesterov")
 #: The largest seed: each epoch's data order is drawn from ``seed * 1_000_003 + epoch``, which
 #: must stay within what ``torch.Generator.manual_seed`` takes (64 bits).
 MAX_SEED = 2**32 - 1
@@ -72,6 +75,13 @@ class RunConfig:
     #: target are then measured to about the same relative precision early and late, where
     #: evaluations per epoch leave a small E's early crossing tens of steps apart. 0: none.
     evals_per_doubling: int = 0
+    #: Local SGD (delta mode): every worker steps this many times on its own weights between
+    #: reductions of the deltas. 1 with no outer optimizer: delta mode as it always was.
+    sync_every: int = 1
+    #: DiLoCo: an optimizer of :data:`OUTER_OPTIMIZERS` steps on the negated reduced delta
+    #: (None: the reduced delta is added), at learning rate ``outer_lr``.
+    outer: str | None = None
+    outer_lr: float = 0.7
 
     def validated(self) -> RunConfig:
         """Self, or ConfigError naming the first bad option."""
@@ -94,6 +104,14 @@ class RunConfig:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.evals_per_doubling < 0:
             raise ConfigError(f"evaluations per doubling must be >= 0, got {self.evals_per_doubling}")
+        if self.sync_every < 1:
+            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+        if self.outer is not None and self.outer not in OUTER_OPTIMIZERS:
+            raise ConfigError(f"unknown outer optimizer {self.outer!r} (choose from {', '.join(OUTER_OPTIMIZERS)})")
+        if not (self.outer_lr > 0 and math.isfinite(self.outer_lr)):
+            raise ConfigError(f"the outer learning rate must be a positive number, got {self.outer_lr}")
+        if self.local and not self.reduces_deltas:
+            raise ConfigError("--sync-every and --outer-optimizer reduce deltas: they need delta mode (--mode delta)")
         if self.target is not None and not 0 < self.target <= 1:
             # Accuracy and R^2 are at most 1: a larger target can never be reached.
             raise ConfigError(f"the target score must be in (0, 1] (accuracy or R^2), got {self.target}")
@@ -104,11 +122,27 @@ class RunConfig:
         """Whether the workers' parameter updates are reduced (delta mode), not their gradients."""
         return self.optimizer in DELTA_MODE if self.mode is None else self.mode == "delta"
 
+    @property
+    def local(self) -> bool:
+        """Whether the workers run local SGD (several local steps, or an outer optimizer)."""
+        return self.sync_every > 1 or self.outer is not None
+
     def with_(self, **changes) -> RunConfig:
         return replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The options, those added after runs were stored (:data:`_LATER`) only where they
+        differ from their defaults: a stored run's configuration, and the study's file names
+        made from it, stay what they were."""
+        options = asdict(self)
+        for name, default in _LATER.items():
+            if options[name] == default:
+                del options[name]
+        return options
+
+
+#: Options newer than stored runs, and their defaults.
+_LATER = {f.name: f.default for f in fields(RunConfig) if f.name in ("sync_every", "outer", "outer_lr")}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["make_optimizer", "set_lr"]
+__all__ = ["make_optimizer", "make_outer", "set_lr"]
 
 MOMENTUM = 0.9
 
@@ -25,6 +25,15 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torc
 
         return Lamb(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def make_outer(name: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Local SGD's outer optimizer: ``sgd`` (plain) or ``nesterov`` (momentum 0.9, DiLoCo's)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, nesterov=True)
+    raise ValueError(f"unknown outer optimizer {name!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

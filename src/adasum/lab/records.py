@@ -74,6 +74,7 @@ def summarize(history: Sequence[dict], plan: Steps) -> dict:
         "epochs_to_target": None if reached is None else plan.epoch_of(reached),
         "noise_scale": final.get("noise_scale", math.nan),
         "noise_scale_at_target": at_target.get("noise_scale", math.nan),
+        **({"sync_every": cfg.sync_every, "outer": cfg.outer, "outer_lr": cfg.outer_lr} if cfg.local else {}),
     }
 
 

@@ -17,6 +17,11 @@ the update sequential SGD would make over the same examples: starting from the c
 weights, worker 0's examples, then worker 1's at the new weights, and so on, each a plain SGD
 step at the current learning rate. The distance is relative, ``|c - s| / |s|``, over all layers.
 
+With local SGD (``--sync-every``, ``--outer-optimizer``: :mod:`adasum.lab.replicas`) every
+worker's gradient is taken at its own weights, and the distances to sequential SGD and the
+noise scale, which need gradients at one point, are not measured; the evaluations score the
+shared weights of the last synchronisation.
+
 The simulator runs on any device (``device``: the model, the data and the reductions live
 there). Its memory is bounded by taking the per-worker gradients ``worker_chunk`` workers at a
 time: a chunk's forward and backward activations are what grows with the number of workers
@@ -122,15 +127,20 @@ class _Workers:
 
         self._loss = loss
         self._batched = vmap(grad_and_value(loss), in_dims=(None, 0, 0))
+        self._own = vmap(grad_and_value(loss), in_dims=(0, 0, 0))  # every worker its own weights
 
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
 
-    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``([workers, *shape] per layer, [workers] losses)`` at the current weights."""
+    def gradients(self, x: torch.Tensor, y: torch.Tensor,
+                  own: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``([workers, *shape] per layer, [workers] losses)`` at the current weights, or at
+        every worker's own (``own``: ``[workers, *shape]`` per layer)."""
         params, workers = self.params(), x.shape[0]
+        weights = params if own is None else dict(zip(self.names, own))
+        batched = self._batched if own is None else self._own
         if self.chunk >= workers:
-            grads, losses = self._batched(params, x, y)
+            grads, losses = batched(weights, x, y)
             return [grads[n] for n in self.names], losses
         # Each chunk's gradients are copied into place at once, so a chunk's activations and
         # gradients are freed before the next chunk runs.
@@ -138,7 +148,8 @@ class _Workers:
         losses = x.new_empty(workers, dtype=stacked[0].dtype)
         for start in range(0, workers, self.chunk):
             part = slice(start, start + self.chunk)
-            grads, losses[part] = self._batched(params, x[part], y[part])
+            mine = weights if own is None else {n: w[part] for n, w in weights.items()}
+            grads, losses[part] = batched(mine, x[part], y[part])
             for out, n in zip(stacked, self.names):
                 out[part] = grads[n]
         return stacked, losses
@@ -197,12 +208,12 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     ``history`` has one row per step (as ``adasum train`` writes it); rows at evaluation
     points add the test score and, with ``distances``, the distances to sequential SGD; with
     ``diagnostics``, how orthogonal the workers' reduced vectors (gradients, or deltas in delta
-    mode) are, per layer and per level of Adasum's tree (:meth:`adasum.Stats.summary` under the
-    prefix ``orth``: cosines, and the scaling 1/2 = averaged, 1 = summed), whatever the run's
-    reducer. The summary adds the device, the chunk and ``seconds_per_step``: the mean wall
-    time of the training steps alone (gradients, reduction, update; no evaluations, no
-    distances), the first step left out when there are others, since it pays the one-time
-    costs (allocations, kernel selection, CUDA's start).
+    mode, the last synchronisation's with local SGD) are, per layer and per level of Adasum's
+    tree (:meth:`adasum.Stats.summary` under the prefix ``orth``: cosines, and the scaling
+    1/2 = averaged, 1 = summed), whatever the run's reducer. The summary adds the device, the
+    chunk and ``seconds_per_step``: the mean wall time of the training steps alone (gradients,
+    reduction, update; no evaluations, no distances), the first step left out when there are
+    others, since it pays the one-time costs (allocations, kernel selection, CUDA's start).
 
     Elastic training: ``resize=(epoch, n)`` continues the run with ``n`` workers from the
     start of epoch ``epoch`` on, with the same weights, optimizer state and learning rate, and
@@ -249,13 +260,13 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
             for opt in replicas.optimizers:
                 set_lr(opt, lr)
             x, y = task.examples(examples.view(plan.workers, plan.per_worker))
-            grads, losses = sim.gradients(x, y)
-            if plan.workers > 1:
+            grads, losses = sim.gradients(x, y, replicas.stacked())
+            if plan.workers > 1 and not replicas.local:
                 noise.update(gradient_noise(grads, plan.per_worker))
             done += 1
             row = {"step": done, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
             evaluating = plan.evaluates_after(step + 1)
-            if evaluating and distances:
+            if evaluating and distances and not replicas.local:
                 paused = time.perf_counter()
                 row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
                 began += time.perf_counter() - paused
@@ -265,7 +276,7 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
             step_times.append(time.perf_counter() - began)
             if evaluating:
                 row.update(evaluate(task, replicas.model), noise_scale=noise.value)
-                if diagnostics:
+                if diagnostics and reduced is not None:
                     row.update(orthogonality(reduced, sim.names))
             history.append(row)
             bar.update()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["local_delta", "apply_delta"]
+__all__ = ["local_delta", "take_delta", "apply_delta"]
 
 
 def local_delta(
@@ -27,9 +27,14 @@ def local_delta(
     """Step ``optimizer`` (whose parameters ``params`` hold the values ``start``) and leave
     ``params`` holding their deltas, new - start, in place. Returns what the step returns."""
     loss = optimizer.step(closure) if closure is not None else optimizer.step()
+    take_delta(params, start)
+    return loss
+
+
+def take_delta(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> None:
+    """``params`` become new - start, in place: their deltas."""
     with torch.no_grad():
         torch._foreach_sub_([p.detach() for p in params], list(start))
-    return loss
 
 
 def apply_delta(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> None:

@@ -174,12 +174,10 @@ class DistributedOptimizer(Wrapper):
         """
         found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
         grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
-        if closure is not None and self.passes + 1 < self.backward_passes_per_step:
-            with torch.enable_grad():
-                return closure()
-        if closure is None and not self.ready and found_inf is None:
-            return None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        accumulating, value = self._between_updates(closure, found_inf)
+        if accumulating:
+            return value
+        params = self._params()
         agreement = self._check(params, found_inf)  # before anything changes
         if found_inf is not None:
             if self._overflow_anywhere(found_inf):
@@ -193,6 +191,17 @@ class DistributedOptimizer(Wrapper):
         self._reduce(params, start, moments, agreement)
         self._end_cycle()
         return loss
+
+    def _between_updates(self, closure: Callable[[], Any] | None, found_inf: torch.Tensor | None) -> tuple[bool, Any]:
+        """``(True, what step returns)`` when this call of :meth:`step` only accumulates a
+        backward pass (evaluating the closure, if any); ``(False, None)`` when it updates."""
+        if closure is not None and self.passes + 1 < self.backward_passes_per_step:
+            with torch.enable_grad():
+                return True, closure()
+        return closure is None and not self.ready and found_inf is None, None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _gradient_moments(self, params: list[torch.Tensor]) -> Moments | None:
         """The noise scale's moments of this step's gradients (the deltas the reduction sees are
@@ -208,29 +217,44 @@ class DistributedOptimizer(Wrapper):
         """:meth:`adasum.Reducer.check` of the parameters, in the same round as the options that
         change what a step sends: a rank that all-reduces an overflow flag, or steps at another
         pass, while the others reduce would leave them waiting."""
-        options = {
+        return self.reducer.check(
+            self._sent(params), stats=self.stats, options=self._options(found_inf),
+            error=self._local_error(params, found_inf),
+        )
+
+    def _sent(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors the reduction sends, whose layout the ranks agree on: the parameters
+        themselves, holding their deltas."""
+        return params
+
+    def _options(self, found_inf: torch.Tensor | None) -> dict[str, object]:
+        """The settings every rank must step with alike."""
+        return {
             "backward_passes_per_step": self.backward_passes_per_step,
             "grad_scaler": self.grad_scaler is not None,
             "stepped_by_grad_scaler": found_inf is not None,
         }
-        return self.reducer.check(params, stats=self.stats, options=options, error=self._scaler_error(found_inf))
 
-    def _scaler_error(self, found_inf: torch.Tensor | None) -> Exception | None:
-        if found_inf is None:
-            return None
-        if self.grad_scaler is None:
+    def _local_error(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Exception | None:
+        """A problem this rank sees in its own use of the wrapper; every rank raises it."""
+        if found_inf is not None and self.grad_scaler is None:
             return RuntimeError(
                 "DistributedOptimizer is stepped by a GradScaler it does not know: pass "
                 "grad_scaler=scaler to DistributedOptimizer, so that an overflow on one rank "
                 "makes every rank's scaler back off and the scalers stay identical",
             )
-        if not self.ready:
-            return RuntimeError(
-                f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
-                "backward passes; with accumulation, call scaler.unscale_/step/update only when "
-                "DistributedOptimizer.ready is True",
-            )
-        return None
+        return self._early_scaler_step(found_inf)
+
+    def _early_scaler_step(self, found_inf: torch.Tensor | None) -> Exception | None:
+        """The error of a step through ``GradScaler.step`` before the last backward pass of an
+        accumulation cycle (which would update too early), else None."""
+        if found_inf is None or self.ready:
+            return None
+        return RuntimeError(
+            f"GradScaler.step was called after {self.passes} of {self.backward_passes_per_step} "
+            "backward passes; with accumulation, call scaler.unscale_/step/update only when "
+            f"{type(self).__name__}.ready is True",
+        )
 
     def _snapshot(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         # The copies of the parameters are kept between steps: allocating 1x the model every
@@ -249,16 +273,24 @@ class DistributedOptimizer(Wrapper):
         # mode needs no memory beyond the snapshot.
         try:
             # Checked before the local step: no second agreement round.
-            stats = self.reducer.all_reduce(params, stats=self.stats, agreement=agreement)
+            stats = self._all_reduce(params, agreement)
         except BaseException:
             # Leave usable parameters behind (the values before this step), not deltas.
             with torch.no_grad():
                 torch._foreach_copy_([p.detach() for p in params], start)
             raise
-        apply_delta(params, start)
+        self._apply(params, start)
         if stats is not None:
             names = tuple(self._names.get(id(p), str(i)) for i, p in enumerate(params))
             self.last_stats = Stats(stats.stages, names, moments)
+
+    def _all_reduce(self, params: list[torch.Tensor], agreement: Agreement) -> Stats | None:
+        """Reduce the deltas the parameters hold, in place."""
+        return self.reducer.all_reduce(params, stats=self.stats, agreement=agreement)
+
+    def _apply(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+        """``params`` (holding the reduced delta) become start + delta."""
+        apply_delta(params, start)
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
         flag = found_inf.detach().float().reshape(1).clone()
