@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: set up .venv (with the JAX, Lightning, Accelerate, TensorFlow/Keras and
-# Triton extras, so their tests run too), then run the whole test suite. Extra arguments go to pytest.
+# Triton extras, so their tests run too), then the linter and the type checker (configured in
+# pyproject.toml), then the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADASUM_EXTRAS="lab,jax,lightning,accelerate,tensorflow,triton,test" . scripts/setup.sh
 python -c "import importlib.util as u; print('adasum C kernels:', 'built' if u.find_spec('adasum._kernels') else 'NOT built, using the PyTorch fallback')"
+ruff check src tests benchmarks examples scripts
+mypy
 python -m pytest -q "$@"

@@ -75,7 +75,7 @@ class _Summing(Reducer):
         small = _squared_norms(flats) if stats else None
         for buffer in flats.buffers:
             sum_over(buffer, self.group, divisor)
-        if not stats:
+        if small is None:
             return None
         dist.all_reduce(small, group=self.group)
         # The result is the sum over the ranks divided by the divisor; its mean is over all ranks.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ class Problem(NamedTuple):
     message: str
 
 
-def local_problem(tensors: Sequence[object], device_type: str | None) -> Problem | None:
+def local_problem(tensors: Sequence[Any], device_type: str | None) -> Problem | None:
     """The first thing wrong with ``tensors`` that this rank sees alone, or None.
 
     ``device_type`` is the device the process group carries ("cpu" for Gloo, "cuda" for NCCL),
@@ -61,7 +61,7 @@ def local_problem(tensors: Sequence[object], device_type: str | None) -> Problem
     return None
 
 
-def flat_problem(buffer: object, numels: Sequence[int], device_type: str | None) -> Problem | None:
+def flat_problem(buffer: Any, numels: Sequence[int], device_type: str | None) -> Problem | None:
     """:func:`local_problem` for one flat buffer of layers of ``numels`` elements."""
     problem = local_problem([buffer], device_type)
     if problem is not None:
@@ -121,6 +121,7 @@ def describe_mismatch(described: Sequence[tuple[object, list[str] | None, Settin
     """The first difference between rank 0's layers and setting and another rank's."""
     _, layers0, setting0 = described[0]
     for r, (_, layers, setting) in enumerate(described[1:], start=1):
+        layers, layers0 = layers or [], layers0 or []
         if len(layers) != len(layers0):
             return f"rank {r} passed {len(layers)} tensors, rank 0 passed {len(layers0)}"
         for i, (x, y) in enumerate(zip(layers, layers0)):

@@ -25,6 +25,7 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 def _backend(group: dist.ProcessGroup | None):
     pg = group if group is not None else dist.group.WORLD
+    assert pg is not None, "torch.distributed is not initialised"
     device = torch.device("cuda") if dist.get_backend(pg) == "nccl" else torch.device("cpu")
     return pg._get_backend(device)
 

@@ -188,7 +188,7 @@ class Hierarchical(Reducer):
             if b > a:
                 share = DtypeGroup(g.dtype, tuple(range(b - a)), offsets_of([offsets[i + 1] - offsets[i] for i in range(a, b)]))
                 part = across._reduce(Flats([buffer[offsets[a] : offsets[b]]], [share], b - a), stats)
-                if stages is not None:
+                if stages is not None and part is not None:
                     for s, stage in enumerate(part.stages):
                         stages[s][:, :, list(g.layers[a:b])] = stage
             if intra is not None:

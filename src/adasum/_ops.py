@@ -30,13 +30,15 @@ so the combined layer is non-finite and a loss scaler sees the overflow.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from adasum import _chunked, _triton
 
+_kernels: Any
 try:
-    from adasum import _kernels
+    from adasum import _kernels  # type: ignore[no-redef]  # a C extension, no stubs
 except ImportError:  # built without a C compiler: PyTorch ops do the same arithmetic
     _kernels = None
 

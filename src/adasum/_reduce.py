@@ -65,7 +65,7 @@ def reduce(per_rank: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]], 
         reduce_rows(rows, group, stages)
         layout.unpack(rows[0], result, group)
     out = result[0] if single else result
-    return (out, Stats(tuple(stages))) if stats else out
+    return (out, Stats(tuple(stages or ()))) if stats else out
 
 
 def reduce_rows(rows: torch.Tensor, group: DtypeGroup, stages: list[torch.Tensor] | None = None) -> None:

@@ -223,6 +223,7 @@ class Reducer(abc.ABC):
     ) -> Agreement:
         setting = self.setting() + (("stats", bool(stats)),) + tuple((options or {}).items())
         self._agree(problem, layout, setting)
+        assert layout is not None  # a problem raised in the agreement
         return Agreement(layout, _device(tensors), self.setting(), bool(stats))
 
     def _agree(self, problem: Problem | None, layout: Layout | None, setting: Setting) -> None:

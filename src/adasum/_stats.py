@@ -122,10 +122,10 @@ class Stats:
         stages = tuple(torch.cat(stage, dim=2) for stage in zip(*(p.stages for p in parts)))
         names = None
         if all(p.names is not None for p in parts):
-            names = tuple(n for p in parts for n in p.names)
+            names = tuple(n for p in parts for n in p.names or ())
         moments = None
         if all(p.moments is not None for p in parts):
-            moments = functools.reduce(Moments.concat, (p.moments for p in parts))
+            moments = functools.reduce(Moments.concat, (p.moments for p in parts if p.moments is not None))
         return Stats(stages, names, moments)
 
     def summary(self, prefix: str = "adasum", *, batch: float | None = None) -> dict[str, float]:

@@ -90,7 +90,7 @@ class AdasumState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         logger.warning("AdasumState unpickled without its process group: it reduces over the default group")
-        self.__init__(state["reducer"], stats=state["stats"], overlap=state["overlap"])
+        AdasumState.__init__(self, state["reducer"], stats=state["stats"], overlap=state["overlap"])
 
     def __enter__(self) -> "AdasumState":
         return self
@@ -128,6 +128,7 @@ class AdasumState:
             # One thread: buckets are reduced in the order DDP hands them over, the same on
             # every rank, which is what keeps the ranks' messages paired.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adasum-ddp")
+        assert self._worker is not None
         return self._executor, self._worker
 
     @contextlib.contextmanager
@@ -229,7 +230,7 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
             with state._ordered(job):
                 future.set_result(state._reduce(job, worker))
         except BaseException as e:  # reaches the backward pass through the future
-            future.set_exception(e)
+            future.set_exception(e)  # type: ignore[arg-type]  # torch's stub says Tensor
 
     executor.submit(run)
     return future

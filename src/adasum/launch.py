@@ -81,7 +81,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> Any:  # a multiprocessing context (its Process class is per context)
     """Fresh processes that need not import torch again: where the platform offers it, children
     of a server process (started once, on the first call) that has imported torch, which starts
     a worker in a tenth of a second instead of seconds; else plain "spawn". Nothing else is
