@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from adasum._torch import backend_timeout
+
 __all__ = [
     "all_gather_single", "timeout_of", "new_group_like", "bounded", "message_device", "global_ranks",
     "device_type_of",
@@ -23,18 +25,13 @@ __all__ = [
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _backend(group: dist.ProcessGroup | None):
-    pg = group if group is not None else dist.group.WORLD
-    assert pg is not None, "torch.distributed is not initialised"
-    device = torch.device("cuda") if dist.get_backend(pg) == "nccl" else torch.device("cpu")
-    return pg._get_backend(device)
-
-
 def timeout_of(group: dist.ProcessGroup | None) -> timedelta | None:
     """The timeout ``group`` was created with, or None where the backend does not tell."""
     try:
-        return _backend(group).options._timeout
-    except (AttributeError, RuntimeError):  # a backend without options: let torch decide
+        pg = group if group is not None else dist.group.WORLD
+        assert pg is not None, "torch.distributed is not initialised"
+        return backend_timeout(pg)
+    except RuntimeError:  # a backend without options, or a torch without them: let torch decide
         return None
 
 

@@ -57,10 +57,6 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
-from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 from adasum import _sharded, _vhdd
 from adasum._buffers import Buffers
@@ -70,6 +66,17 @@ from adasum._layout import DtypeGroup, Flats, Layout
 from adasum._ops import SUPPORTED_DTYPES, offsets_of
 from adasum._p2p import Link
 from adasum._plan import plan_of
+from adasum._torch import (
+    fsdp_all_reduce_hook,
+    fsdp_api,
+    fsdp_param_groups,
+    fsdp_reduce_scatter_comm,
+    fsdp_reduce_scatter_group,
+)
+
+_FSDP = fsdp_api()
+ReduceScatter, DefaultReduceScatter = _FSDP.ReduceScatter, _FSDP.DefaultReduceScatter
+FSDPMeshInfo, HSDPMeshInfo, FSDPParamGroup = _FSDP.FSDPMeshInfo, _FSDP.HSDPMeshInfo, _FSDP.FSDPParamGroup
 
 __all__ = ["use_adasum", "AdasumReduceScatter", "AdasumAcrossReplicas"]
 
@@ -185,7 +192,7 @@ class _Parameters(Layout):
 
 
 def _param_groups(module: FSDPModule) -> list[FSDPParamGroup]:
-    return list(module._get_fsdp_state()._fsdp_param_groups)
+    return fsdp_param_groups(module)
 
 
 def _problem(modules: list[FSDPModule], groups: list[tuple[str, FSDPParamGroup]]) -> Problem | None:
@@ -196,8 +203,8 @@ def _problem(modules: list[FSDPModule], groups: list[tuple[str, FSDPParamGroup]]
         return Problem(ValueError, "adasum.fsdp: a module with several FSDP parameter groups (per-parameter meshes) "
                                    "is not supported")
     for _, group in groups:
-        if isinstance(group._reduce_scatter_comm, AdasumReduceScatter) or isinstance(
-            group._all_reduce_hook, AdasumAcrossReplicas
+        if isinstance(fsdp_reduce_scatter_comm(group), AdasumReduceScatter) or isinstance(
+            fsdp_all_reduce_hook(group), AdasumAcrossReplicas
         ):
             return Problem(ValueError, "adasum.fsdp.use_adasum was already called on this model")
         reduce_dtype = group.mp_policy.reduce_dtype
@@ -232,7 +239,7 @@ def _members(group: FSDPParamGroup | None) -> dist.ProcessGroup | None:
         return None
     mesh = group.mesh_info
     if not isinstance(mesh, HSDPMeshInfo):
-        return group._reduce_scatter_process_group
+        return fsdp_reduce_scatter_group(group)
     ranks = sorted(mesh.mesh.mesh.flatten().tolist())
     return None if ranks == list(range(dist.get_world_size())) else new_group_like(None, ranks, local=True)
 

@@ -29,6 +29,7 @@ from adasum._broadcast import broadcast
 from adasum._noise import Moments
 from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
+from adasum._torch import scaler_found_inf_per_device
 from adasum.optim._delta import apply_delta, local_delta
 from adasum.optim._wrapper import Wrapper
 
@@ -298,7 +299,7 @@ class DistributedOptimizer(Wrapper):
         # GradScaler.update() reads the per-device flags it recorded for this optimizer, not the
         # summed copy handed to step(); they must hold the agreed value or the scalers diverge.
         # GradScaler offers no public way to set them.
-        per_device = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        per_device = scaler_found_inf_per_device(self.grad_scaler, self)
         for t in per_device.values():
             t.copy_(flag.to(t.device).reshape(t.shape))
         return bool(flag.item() > 0)
