@@ -16,9 +16,8 @@ function calls, minus making a reducer each time), as a training loop keeps one:
 reference. A repetition's time is the slowest rank's; the ratio is adasum.horovod's time over
 the engine's in the same repetition, reported as the median and the range over repetitions.
 Beside it, the CPU time the call cost all ranks together (each process's, all its threads):
-on a shared, loaded machine the wall-clock time mostly measures the other programs, while the
-CPU time is the work the call did, which is where a wrapper's overhead would show. Each rank
-runs one thread.
+on a shared, loaded machine the wall-clock time mostly measures the other programs' share of
+the cores, which CPU time leaves out. Each rank runs one thread.
 
     python benchmarks/bench_horovod.py            # docs/horovod.md's table
     python benchmarks/bench_horovod.py --quick    # a smoke run
