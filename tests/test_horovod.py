@@ -291,6 +291,19 @@ def _autograd(rank: int) -> dict:
     x = torch.ones(3, requires_grad=True)
     (hvd.broadcast(x, root_rank=1) * w).sum().backward()
     out["broadcast"] = x.grad
+    for name, op in (("reducescatter_sum", hvd.Sum), ("reducescatter_average", hvd.Average)):
+        x = torch.ones(2 * WORLD + 1, 2, requires_grad=True)  # blocks of 3, 2, 2 rows
+        (hvd.reducescatter(x, op=op, prescale_factor=0.5, postscale_factor=3.0) * (rank + 1)).sum().backward()
+        out[name] = x.grad
+    # alltoall only moves rows: with loss = |y|^2 / 2 the output gradient is y itself, and sent
+    # back the way each row came it must land on the row that was sent: x.grad == x.
+    x = (torch.arange(sum(s + 1 for s in range(WORLD)), dtype=torch.float64) + 100 * rank).requires_grad_()
+    y, _ = hvd.alltoall(x, splits=[s + 1 for s in range(WORLD)])
+    (y.square() / 2).sum().backward()
+    out["alltoall"] = (x.detach(), x.grad)
+    x = (torch.arange(2.0 * WORLD) + 10 * rank).reshape(WORLD, 2).requires_grad_()
+    (hvd.alltoall(x).square() / 2).sum().backward()
+    out["alltoall_equal"] = (x.detach(), x.grad)
     return out
 
 
@@ -447,7 +460,7 @@ def test_sparse_gradients_as_dense_compressed_to_fp16(three):
     assert not same_bits(runs[0]["after"][0], runs[0]["start"][0])
 
 
-def test_autograd_of_allreduce_allgather_broadcast(three):
+def test_autograd_of_allreduce_allgather_broadcast_reducescatter_alltoall(three):
     w = [torch.arange(3.0) + r for r in range(WORLD)]
     total = torch.stack(w).sum(0)
     for r, out in enumerate(three):
@@ -459,6 +472,15 @@ def test_autograd_of_allreduce_allgather_broadcast(three):
         # allgather: this rank's rows of the average of the output gradients (Horovod's rule).
         torch.testing.assert_close(g["allgather"], torch.full((r + 1, 3), sum(range(1, WORLD + 1)) / WORLD))
         torch.testing.assert_close(g["broadcast"], total / WORLD if r == 1 else torch.zeros(3))
+        # reducescatter, Horovod's gradient: block b of the input gets (b + 1), the output
+        # gradient of rank b, times prescale * postscale, times WORLD for Sum (WORLD times
+        # the derivative of the summed losses, for Sum and Average alike).
+        blocks = torch.cat([torch.full((3 if b == 0 else 2, 2), float(b + 1)) for b in range(WORLD)])
+        torch.testing.assert_close(g["reducescatter_sum"], blocks * 1.5 * WORLD)
+        torch.testing.assert_close(g["reducescatter_average"], blocks * 1.5)
+        for key in ("alltoall", "alltoall_equal"):
+            sent, grad = g[key]
+            assert same_bits(grad, sent), key
 
 
 def test_bad_input_raises_on_every_rank(three):

@@ -17,7 +17,7 @@ from adasum._groups import all_gather_single, device_type_of, message_device
 from adasum.horovod._agree import MismatchError, agree, describe
 from adasum.horovod._allreduce import allreduce, grouped_allreduce_async
 from adasum.horovod._handles import Handle
-from adasum.horovod._reduce_ops import Average, Compression
+from adasum.horovod._reduce_ops import Average, Compression, Sum, resolve_op
 from adasum.horovod._runtime import group_of
 
 __all__ = [
@@ -225,13 +225,10 @@ def _splits_problem(tensor: torch.Tensor, splits: object, world: int) -> str | N
     return None
 
 
-def alltoall(
-    tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None, name: str | None = None,
-    process_set: dist.ProcessGroup | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Send rows ``splits[r]`` of ``tensor`` (dimension 0, in order; default: equal parts) to
-    rank r and return the rows received, in rank order; with ``splits``, also how many rows
-    came from each rank (int32). Not differentiable."""
+def _alltoall(
+    tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None, name: str | None, process_set,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows received, in rank order, and how many came from each rank (int32, CPU)."""
     group = group_of(process_set)
     world = dist.get_world_size(group)
     problem = _tensor_problem([tensor], group, min_dim=1)
@@ -246,7 +243,71 @@ def alltoall(
     got = received.tolist()
     out = tensor.new_empty((sum(got), *tensor.shape[1:]))
     dist.all_to_all_single(carried(out), carried(tensor.detach().contiguous()), got, sent, group=group)
-    return out if splits is None else (out, received.to(torch.int32).cpu())
+    return out, received.to(torch.int32).cpu()
+
+
+class _Alltoall(torch.autograd.Function):
+    """alltoall moves rows without arithmetic: output row j of rank r is one input row of one
+    rank. The derivative of the sum of the ranks' losses with respect to that input row is
+    therefore the gradient of output row j on rank r, sent back the way the row came: an
+    alltoall of the output gradients with the received counts as splits (Horovod's gradient)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, splits, name: str | None, process_set) -> tuple[torch.Tensor, torch.Tensor]:
+        out, received = _alltoall(tensor, splits, name, process_set)
+        ctx.received, ctx.process_set = received, process_set
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _counts: torch.Tensor | None) -> tuple:
+        back, _ = _alltoall(grad.contiguous(), ctx.received, None, ctx.process_set)
+        return back, None, None, None
+
+
+def alltoall(
+    tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None, name: str | None = None,
+    process_set: dist.ProcessGroup | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Send rows ``splits[r]`` of ``tensor`` (dimension 0, in order; default: equal parts) to
+    rank r and return the rows received, in rank order; with ``splits``, also how many rows
+    came from each rank (int32). Differentiable: the gradient goes back the way the rows came."""
+    out, received = _Alltoall.apply(tensor, splits, name, process_set)
+    return out if splits is None else (out, received)
+
+
+class _Reducescatter(torch.autograd.Function):
+    """Rank r's block of rows of post * op_s(pre * x_s). With Sum, the derivative of the sum of
+    the ranks' losses with respect to block r of x_s is pre * post * g_r (g_r: rank r's output
+    gradient; Average: divided by N). The gradient here is Horovod's: the allgather of the
+    g_r (every rank's block in place) times pre * post, and times N for Sum, which is N times
+    that derivative, for Sum and Average alike; kept so that migrated code gets Horovod's
+    numbers. Other operations have no gradient here."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, name: str | None, compression, op: object, process_set,
+                prescale_factor: float, postscale_factor: float) -> torch.Tensor:
+        group = group_of(process_set)
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        reduced = allreduce(tensor, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
+                            postscale_factor=postscale_factor, process_set=process_set)
+        if reduced.dim() == 0:  # the same shape on every rank (agreed), so every rank raises
+            raise MismatchError("hvd.reducescatter: needs a tensor with at least one dimension")
+        ctx.op, _ = resolve_op(op, None)
+        ctx.process_set = process_set
+        ctx.factor = prescale_factor * postscale_factor * (world if ctx.op is Sum else 1)
+        q, m = divmod(reduced.shape[0], world)
+        return reduced[me * q + min(me, m): (me + 1) * q + min(me + 1, m)].clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        if ctx.op not in (Sum, Average):
+            raise NotImplementedError(
+                f"adasum.horovod: the gradient of reducescatter with op={ctx.op.name} is not "
+                "implemented; use op=Sum or op=Average inside a differentiated graph"
+            )
+        handle, _ = _start_allgather([grad.contiguous()], ctx.process_set, "allgather", None)
+        return (handle.wait()[0] * ctx.factor, None, None, None, None, None, None)
 
 
 def reducescatter(
@@ -256,16 +317,9 @@ def reducescatter(
     """This rank's block of dimension 0 of the reduction of every rank's ``tensor``: rank r
     gets rows [r*q + min(r, m), ...) with q, m = divmod(rows, ranks), the first m ranks one
     row more. Computed as an allreduce of the whole tensor (any ``op``, Adasum included) and a
-    slice: the result of a reduce-scatter at twice its traffic. Not differentiable."""
-    group = group_of(process_set)
-    world, me = dist.get_world_size(group), dist.get_rank(group)
-    with torch.no_grad():
-        reduced = allreduce(tensor, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
-                            postscale_factor=postscale_factor, process_set=process_set)
-    if reduced.dim() == 0:  # the same shape on every rank (agreed), so every rank raises
-        raise MismatchError("hvd.reducescatter: needs a tensor with at least one dimension")
-    q, m = divmod(reduced.shape[0], world)
-    return reduced[me * q + min(me, m): (me + 1) * q + min(me + 1, m)].clone()
+    slice: the result of a reduce-scatter at twice its traffic. Differentiable for Sum and
+    Average, with Horovod's gradient (:class:`_Reducescatter`)."""
+    return _Reducescatter.apply(tensor, name, compression, op, process_set, prescale_factor, postscale_factor)
 
 
 # -- synchronisation -----------------------------------------------------------------------
