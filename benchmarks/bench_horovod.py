@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import adasum
 import adasum.horovod as hvd
-from adasum.lab.launch import spawn
+from adasum.launch import spawn
 
 PARTS = 8  # tensors in the grouped call and the optimizer's model
 SMALL = 1 << 20  # bytes: buffers up to this size get 4x the repetitions
