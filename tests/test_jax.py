@@ -330,7 +330,7 @@ def test_x64_accumulates_in_float64_and_matches_the_reference_bitwise() -> None:
 
 
 def test_public_names() -> None:
-    public = {"all_reduce", "adasum", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"}
+    public = {"all_reduce", "adasum_deltas", "adasum_gradients", "accumulation_dtype", "SUPPORTED_DTYPES"}
     assert set(adasum_jax.__all__) == public
     assert {name for name in vars(adasum_jax) if not name.startswith("_")} == public
 

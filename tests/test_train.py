@@ -238,9 +238,11 @@ def _wait_for_checkpoint(proc: subprocess.Popen, path: Path) -> None:
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The spawned worker processes of process ``pid`` in the order they started, which is
-    rank order (read from /proc: ppid is field 4 of /proc/PID/stat, the start time field 22)."""
-    found = []
+    """The worker processes of process ``pid`` in the order they started, which is rank order
+    (read from /proc: ppid is field 4 of /proc/PID/stat, the start time field 22). Spawned
+    workers are its children; forked from a forkserver (adasum.launch's default on Linux),
+    they are the children of its forkserver child."""
+    procs = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
@@ -248,8 +250,10 @@ def _workers_of(pid: int) -> list[int]:
         except OSError:  # ended meanwhile
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append((int(fields[19]), int(entry)))
+        procs.append((int(entry), int(fields[1]), int(fields[19]), cmdline))
+    servers = {p for p, ppid, _, cmd in procs if ppid == pid and b"forkserver" in cmd}
+    found = [(start, p) for p, ppid, start, cmd in procs
+             if (ppid == pid and b"spawn_main" in cmd) or ppid in servers]
     return [p for _, p in sorted(found)]
 
 
