@@ -291,3 +291,35 @@ def test_fit_equals_the_replay_on_every_worker(backend, world, mode, steps, refu
     if refusals:
         refusals_changed_nothing(results, backend)
 
+
+
+def _unbuilt(rank: int, world: int) -> dict:
+    """The first-hour mistake: a Sequential without keras.Input is broadcast before fit has
+    built it (zero variables), then trained."""
+    import keras
+
+    from adasum.keras import DistributedOptimizer, broadcast_variables
+
+    keras.utils.set_random_seed(rank)  # a different start on every worker
+    model = keras.Sequential([keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+    model.compile(optimizer=DistributedOptimizer(make_inner("delta")), loss=loss_fn())
+    refused = caught(lambda: broadcast_variables(model.variables))
+    x, y = data(world, 1)
+    model.fit(x[rank::world], y[rank::world], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    return {"refused": refused, "end": [np.array(w) for w in model.get_weights()]}
+
+
+def test_an_unbuilt_model_ends_equal_on_every_worker():
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("needs tensorflow")
+    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    results = spawn(_unbuilt, 2, timeout=TIMEOUT * 2, env=env)
+    # broadcast_variables of nothing is refused, in the same words on every worker
+    assert results[0]["refused"] == results[1]["refused"]
+    assert results[0]["refused"].startswith(
+        "ValueError: adasum: broadcast_variables got no variables: the model is not built yet"
+    )
+    # and the optimizer's first update still gave both workers rank 0's start (compiled fit)
+    assert len(results[0]["end"]) == 4
+    for a, b in zip(results[0]["end"], results[1]["end"]):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))

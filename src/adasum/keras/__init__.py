@@ -6,7 +6,8 @@ r"""Adasum for Keras 3's ``model.fit`` across worker processes (TensorFlow and t
                                                   own gradients; the weight changes are combined
     DistributedOptimizer(inner, mode="gradient")  gradient mode: the gradients are combined, then
                                                   ``inner`` steps (SGD, momentum)
-    broadcast_variables(model.variables)          every worker starts from rank 0's weights
+    broadcast_variables(model.variables)          every worker starts from rank 0's weights (a
+                                                  built model: zero variables is refused)
 
 Each worker is one process of a torch.distributed group (``torchrun``, or
 :func:`adasum.launch.spawn`), feeds ``model.fit`` its own share of the data, and ends every

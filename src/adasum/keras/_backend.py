@@ -20,7 +20,7 @@ import torch.distributed as dist
 from adasum._broadcast import broadcast
 from adasum._reducer import Reducer
 
-__all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "after", "broadcast_variables"]
+__all__ = ["BACKENDS", "check_backend", "all_reduce", "check", "after", "broadcast_variables", "assign_from"]
 
 BACKENDS = ("tensorflow", "torch")
 
@@ -79,12 +79,34 @@ def broadcast_variables(
 ) -> None:
     """Assign rank ``src``'s values to ``variables`` on every worker. The workers first agree
     on the shapes, dtypes and ``src``: on a difference every worker raises the same ValueError
-    with its variables unchanged."""
+    with its variables unchanged.
+
+    Zero variables is refused with a ValueError on every worker: it is what
+    ``model.variables`` holds before the model is built (a ``keras.Sequential`` without a
+    ``keras.Input``), and a broadcast of nothing would leave every worker with its own start.
+    """
+    variables = list(variables)
+    # The workers agree even on an empty list, so that one that passes nothing while the others
+    # pass variables raises the agreement's error with them instead of leaving them waiting.
+    assign_from(variables, src, group)
+    if not variables:
+        raise ValueError(
+            "adasum: broadcast_variables got no variables: the model is not built yet. Build it "
+            "first (keras.Input as its first layer, or model.build(input_shape)), then broadcast "
+            "model.variables"
+        )
+
+
+def assign_from(variables: Sequence[keras.Variable], src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """:func:`broadcast_variables` without the refusal of an empty list, also inside a graph;
+    returns what :func:`after` orders later operations after (None on the torch backend)."""
     variables = list(variables)
     if check_backend() == "tensorflow":
         from adasum.tensorflow import broadcast as tf_broadcast
 
-        for v, value in zip(variables, tf_broadcast([v.value for v in variables], src, group)):
+        values = tf_broadcast([v.value for v in variables], src, group)
+        for v, value in zip(variables, values):
             v.assign(value)
-        return
+        return values
     broadcast([v.value.data for v in variables], src, group)
+    return None

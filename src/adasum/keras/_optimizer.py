@@ -54,6 +54,13 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         mode: ``"delta"`` (default) or ``"gradient"``.
         gradient_accumulation_steps: batches per update (averaged gradients).
 
+    At its first update it also gives every worker rank 0's trainable variables (once the
+    workers have agreed on the update, before any state changes), so that a model that was not
+    built yet when ``broadcast_variables`` ran (a ``Sequential`` without ``keras.Input``, whose
+    broadcast is refused) still trains the same weights on every worker; that first update's
+    gradients were computed at each worker's own start, which broadcasting a built model before
+    ``fit`` avoids.
+
     The trainable variables stay bit-identical on every worker. If the workers' variables or
     reducers differ, every worker raises the same error before any weight or optimizer variable
     changes, also in Keras's compiled train step; so do they if the workers' ``mode`` or
@@ -104,6 +111,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     def build(self, variables: Sequence[keras.Variable]) -> None:
         self.inner_optimizer.build(variables)
+        # 1 once the first update has given every worker rank 0's trainable variables. A
+        # variable, not a Python flag: the compiled train step is traced once and must decide
+        # at run time; and saved with the optimizer, so a resumed run does not broadcast again.
+        self._started_equal = self.add_variable((), initializer="zeros", dtype="int32", name="started_equal")
         if self.accumulation_steps > 1:
             self._pass = self.add_variable((), initializer="zeros", dtype="int32", name="pass")
             self._sums = self.add_optimizer_variables(variables, "accumulated_gradient")
@@ -198,8 +209,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         for i, g in zip(present, reduced):
             combined[i] = g
         # The step reads the reduced gradients, but its iteration counter does not: it too
-        # must wait for the reduction, which refuses a mismatch before any data moves.
-        with _backend.after(reduced):
+        # must wait for the reduction, which refuses a mismatch before any data moves. The
+        # first update's broadcast is built inside that wait, so a refusal leaves it undone too.
+        with _backend.after(reduced), _backend.after(self._start_equal(variables)):
             self.inner_optimizer.apply(combined, variables)
         return reduced
 
@@ -208,13 +220,35 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         # same tensors whichever gradients they happened to get. They are checked before the
         # local step, so that on a mismatch every worker raises with its state unchanged.
         agreed = [_backend.check([v.value for v in variables], self.reducer, self._options())]
-        with _backend.after(agreed):
+        # The local step starts from rank 0's weights at the first update (after the check).
+        with _backend.after(agreed), _backend.after(self._start_equal(variables)):
             start = [ops.copy(v.value) for v in variables]
             self.inner_optimizer.apply(grads, variables)
             deltas = [ops.subtract(v.value, s) for v, s in zip(variables, start)]
             for v, s, d in zip(variables, start, _backend.all_reduce(deltas, self.reducer, self._options())):
                 v.assign(ops.add(s, d))
         return agreed
+
+    def _start_equal(self, variables: list) -> list:
+        """At the first update only, give every worker rank 0's ``variables``; returns what the
+        update's state changes wait for.
+
+        Called once the workers have agreed on the update, so that a refused first update
+        leaves each worker's own weights too. Without it, a model that was not built when
+        :func:`adasum.keras.broadcast_variables` ran (a ``Sequential`` without ``keras.Input``
+        has no variables until ``fit`` traces it) trains a different model on every worker:
+        every worker applies the same combined update, each to its own start.
+        """
+        if not variables:
+            return []
+
+        def broadcast() -> Any:
+            with _backend.after(_backend.assign_from(variables) or []):
+                self._started_equal.assign(1)
+            return ops.convert_to_tensor(True)
+
+        first = ops.equal(self._started_equal, 0)
+        return [ops.cond(first, broadcast, lambda: ops.convert_to_tensor(False))]
 
     def _options(self) -> dict[str, object]:
         # What changes when a worker reduces: a worker in another mode, or one that reduces at
