@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.metadata
 import os
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 
 import adasum.lab
-from adasum.lab.cli import main
+from adasum.lab.cli import build_parser, main
+from adasum.lab.config import RunConfig
+from adasum.lab.options import config_from
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -101,6 +104,15 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
     (["simulate", "--lrs", "0.1,-1"], "learning rate"),
     (["simulate", "--lrs", "fast"], "--lrs"),
     (["simulate", "--workers", "0,4"], "--workers"),
+    (["simulate", "--workers", "1,x"], "argument --workers: 'x' is not an integer"),
+    (["simulate", "--lrs", "0.1,,fast"], "argument --lrs: 'fast' is not a number"),
+    (["simulate", "--lrs", ","], "--lrs needs at least one value"),
+    (["simulate", "--batches", "16,0"], "--batch must be at least 1, got 0"),
+    (["simulate", "--reducers", "adasum,max"], "unknown reducer 'max' (choose from adasum, average, sum)"),
+    (["train", "--schedule", "step"], "argument --schedule: invalid choice: unknown schedule 'step'"),
+    (["simulate", "--outer-optimizer", "adam"], "unknown outer optimizer 'adam'"),
+    (["study", "bert"], "unknown study section 'bert'"),
+    (["study", "convex", "--scale", "tpu"], "unknown scale 'tpu' (choose from cpu, gpu)"),
     (["simulate", "--workers", ","], "--workers must be positive, got []"),
     (["simulate", "--workers", "0"], "--workers must be positive, got [0]"),
     (["simulate", "--geometry", "--workers", ","], "--workers"),
@@ -152,6 +164,25 @@ def test_console_script_reports_without_traceback(module):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "adasum: error: the learning rate must be a positive number, got -1.0"]
+
+
+def test_version(capsys):
+    assert run_cli(["--version"], capsys)[:2] == (0, f"adasum {adasum.__version__}\n")
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """The options of a run take their help and default from RunConfig's field, written once."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+    for name, default in [("train", "(default: 0.05)"), ("simulate", "(default: 1,2,4,8,16,32,64)"),
+                          ("noise", "(default: 1024)")]:
+        assert default in " ".join(sub.choices[name].format_help().split()), name
+    train = sub.choices["train"].parse_args([])
+    assert config_from(train) == RunConfig()
 
 
 def test_the_console_script_is_the_light_entry():

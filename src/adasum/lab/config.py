@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -46,30 +46,44 @@ class ConfigError(ValueError):
     """An option value no run can use."""
 
 
+def _option(default, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None):
+    """A field of :class:`RunConfig` that is also a command-line option: its help text, its
+    choices, and its flag where that is not ``--`` and the name (read by
+    :mod:`adasum.lab.options`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run. ``batch`` is per worker and per micro-batch; a worker accumulates ``accum``
     micro-batches before the workers reduce, so a step consumes workers x batch x accum
     examples (the paper's "examples before communication")."""
 
-    task: str = "digits-mlp"
-    data: str | None = None
-    samples: int | None = None
-    reducer: str = "adasum"
-    optimizer: str = "momentum"
+    task: str = _option("digits-mlp", "the task: model and data (see adasum.lab.tasks)")
+    data: str | None = _option(None, "a .npz (arrays x, y, optionally x_test, y_test) or .csv (last column = "
+                                     "label) for --task file; a directory of text for the stdlib-transformer "
+                                     "tasks (default: the standard library's .py files)")
+    samples: int | None = _option(None, "training examples of a synthetic task (default 16384), of "
+                                        "augdigits-resnet (default 65536), of gauss-logistic and teacher-mlp "
+                                        "(default 4194304), windows of a text task (default all)")
+    reducer: str = _option("adasum", "how the workers' gradients (or updates) are combined", choices=tuple(REDUCERS))
+    optimizer: str = _option("momentum", "the optimizer each worker steps", choices=OPTIMIZERS)
     #: ``gradient`` or ``delta`` (see :data:`MODES`); None: the optimizer's default
     #: (:data:`DELTA_MODE`). Kept None rather than filled in, so that a stored run or a
     #: checkpoint of an earlier version still names the same configuration.
-    mode: str | None = None
-    lr: float = 0.05
-    schedule: str = "constant"
-    warmup: int = 0
-    batch: int = 32
-    accum: int = 1
-    epochs: int = 5
-    seed: int = 0
-    target: float | None = None
-    evals_per_epoch: int = 8
+    mode: str | None = _option(None, "reduce the gradients (one optimizer step on the reduced gradient) or each "
+                                     "worker's optimizer update (delta); default: gradient for sgd and momentum, "
+                                     "delta for adam and lamb", choices=MODES)
+    lr: float = _option(0.05, "learning rate (after warm-up, before the schedule's decay)")
+    schedule: str = _option("constant", "learning-rate decay after the warm-up", choices=SCHEDULES)
+    warmup: int = _option(0, "steps of linear learning-rate warm-up")
+    batch: int = _option(32, "examples per worker per micro-batch")
+    accum: int = _option(1, "micro-batches per worker before the workers reduce")
+    epochs: int = _option(5, "passes over the training set")
+    seed: int = _option(0, f"seed of the model's initial weights and the data order (0 to {MAX_SEED})")
+    target: float | None = _option(None, "test score (accuracy, or R^2 for regression) to report steps and epochs "
+                                         "to (default: none, and none reported)")
+    evals_per_epoch: int = _option(8, "test evaluations per epoch")
     #: Further evaluations, this many per doubling of the step count (the first step at or
     #: after each 2^(j/8) for 8: every step up to 16, then 18, 20, 21, 23, ...): steps to the
     #: target are then measured to about the same relative precision early and late, where
@@ -77,11 +91,12 @@ class RunConfig:
     evals_per_doubling: int = 0
     #: Local SGD (delta mode): every worker steps this many times on its own weights between
     #: reductions of the deltas. 1 with no outer optimizer: delta mode as it always was.
-    sync_every: int = 1
+    sync_every: int = _option(1, "local SGD (delta mode): steps between reductions")
     #: DiLoCo: an optimizer of :data:`OUTER_OPTIMIZERS` steps on the negated reduced delta
     #: (None: the reduced delta is added), at learning rate ``outer_lr``.
-    outer: str | None = None
-    outer_lr: float = 0.7
+    outer: str | None = _option(None, "DiLoCo (delta mode): an outer step on the reduced delta (default: none, "
+                                      "the reduced delta is added)", choices=OUTER_OPTIMIZERS, flag="--outer-optimizer")
+    outer_lr: float = _option(0.7, "the outer optimizer's learning rate")
 
     def validated(self) -> RunConfig:
         """Self, or ConfigError naming the first bad option."""

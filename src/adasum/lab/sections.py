@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 from adasum.lab.config import ConfigError
 
-__all__ = ["Batching", "Combiner", "Scale", "Section", "SECTIONS", "critical_grid", "recipe_lr", "MIN_STEPS"]
+__all__ = ["Batching", "Combiner", "Scale", "Section", "SECTIONS", "critical_grid", "recipe_lr", "MIN_STEPS",
+           "SCALES"]
 
 #: Optimizer steps the largest E gets at least: fewer, and a setting's steps to the target
 #: are decided by the schedule's warm-up and decay rather than by the combiner.
 MIN_STEPS = 128
+#: The scales every section has: its fields ``cpu`` and ``gpu``.
+SCALES = ("cpu", "gpu")
 #: The least number of seeds at the best learning rate and its two neighbours.
 MIN_SEEDS = 5
 
@@ -195,8 +198,8 @@ class Section:
         return scale.task or self.task
 
     def scale(self, name: str) -> Scale:
-        if name not in ("cpu", "gpu"):
-            raise ConfigError(f"unknown scale {name!r} (choose from cpu, gpu)")
+        if name not in SCALES:
+            raise ConfigError(f"unknown scale {name!r} (choose from {', '.join(SCALES)})")
         return (self.cpu if name == "cpu" else self.gpu).check()
 
 
