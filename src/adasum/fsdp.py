@@ -191,15 +191,11 @@ class _Parameters(Layout):
         return f"{self.names[i]} {super().describe(i)}" + (" frozen" if self.frozen[i] else "")
 
 
-def _param_groups(module: FSDPModule) -> list[FSDPParamGroup]:
-    return fsdp_param_groups(module)
-
-
 def _problem(modules: list[FSDPModule], groups: list[tuple[str, FSDPParamGroup]]) -> Problem | None:
     """What this rank sees wrong with its model alone."""
     if not modules:
         return Problem(ValueError, "adasum.fsdp.use_adasum needs a model with fully_shard applied to it")
-    if any(len(_param_groups(m)) > 1 for m in modules):
+    if any(len(fsdp_param_groups(m)) > 1 for m in modules):
         return Problem(ValueError, "adasum.fsdp: a module with several FSDP parameter groups (per-parameter meshes) "
                                    "is not supported")
     for _, group in groups:
@@ -306,7 +302,7 @@ def use_adasum(model: torch.nn.Module) -> list[AdasumReduceScatter | AdasumAcros
     wait longer than the default group.
     """
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    groups = [(name, g) for name, m in model.named_modules() if isinstance(m, FSDPModule) for g in _param_groups(m)]
+    groups = [(name, g) for name, m in model.named_modules() if isinstance(m, FSDPModule) for g in fsdp_param_groups(m)]
     problem = _problem(modules, groups)
     members = _members(groups[0][1] if groups else None)
     _agree_to_install(members, problem, None if problem else _description(model, groups))
@@ -319,6 +315,6 @@ def use_adasum(model: torch.nn.Module) -> list[AdasumReduceScatter | AdasumAcros
         hsdp = bounded(mesh.replicate_process_group), bounded(mesh.shard_process_group)
     installed = []
     for module in modules:
-        installed += [_install(module, group, members, hsdp) for group in _param_groups(module)]
+        installed += [_install(module, group, members, hsdp) for group in fsdp_param_groups(module)]
         module.set_reduce_scatter_unused_params(True, recurse=False)
     return installed
