@@ -16,7 +16,7 @@ import pytest
 from adasum.lab.bootstrap import paired_difference_ci
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig, Steps
-from adasum.lab.protocol import best_per_setting, steps_of
+from adasum.lab.protocol import best_per_setting, protocol_table, steps_of
 from adasum.lab.readings import compare, e_star, recipe_rows, tuned_rows, verdict
 from adasum.lab.sections import MIN_STEPS, SECTIONS, Batching, Scale, Section, critical_grid
 from adasum.lab.simulate import simulate_run
@@ -38,7 +38,7 @@ def record(lr: float, seed: int, steps: int | None, combiner: str = "adasum", *,
            setting: Batching = Batching(8, 16), score: float | None = None) -> dict:
     """What a finished run's record holds, for a run with the given result."""
     return {"optimizer": "momentum", "combiner": combiner, "reading": reading, "setting": setting.label,
-            "lr": lr, "seed": seed, "steps_to_target": steps, "steps": 100,
+            "lr": lr, "seed": seed, "steps_to_target": steps, "steps": 100, "budget": 100, "warmup": 10,
             "epochs_to_target": None if steps is None else steps / 10, "diverged": False,
             "score": score if score is not None else 0.9 if steps else 0.4,
             "examples_per_step": setting.examples, "first_workers": setting.workers, "resize_to": None}
@@ -77,6 +77,16 @@ def test_the_best_rate_is_judged_on_the_sweep_seeds_and_reported_on_all():
 def test_a_late_crossing_is_flagged():
     [best] = best_per_setting([record(0.2, 0, 95), record(0.2, 1, 50), record(0.2, 2, 40)])
     assert best["late"] == 1  # 95 of 100 steps: the budget may have cut it short
+
+
+def test_late_is_judged_against_the_budget_not_the_steps_run():
+    # A run that stops at the target has run only a little past its crossing.
+    stopped = [{**record(0.2, seed, 40), "steps": 44, "budget": 400} for seed in range(3)]
+    [best] = best_per_setting(stopped)
+    assert best["late"] == 0 and best["in_warmup"] == 0
+    [best] = best_per_setting([{**r, "warmup": 40} for r in stopped])
+    assert best["in_warmup"] == 3
+    assert "(3 in warm-up)" in protocol_table([best])
 
 
 def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():

@@ -33,9 +33,10 @@ __all__ = ["steps_of", "best_lr", "group_by_lr", "best_per_setting", "protocol_t
 
 #: What makes runs the same point of the study, apart from the learning rate and the seed.
 GROUP = ("optimizer", "combiner", "setting")
-#: A crossing after this fraction of the run's steps is flagged: the budget may have cut the
+#: A crossing after this fraction of the run's budget is flagged: the budget may have cut the
 #: run short (with the learning rate decayed to zero at the end, a late crossing is the
-#: schedule's as much as the combiner's).
+#: schedule's as much as the combiner's). A crossing within the warm-up is flagged too: the
+#: rate there is a fraction of the one the axis names.
 LATE = 0.9
 
 
@@ -50,12 +51,16 @@ def _at_lr(runs: Sequence[dict]) -> dict:
     steps = sorted(steps_of(r) for r in runs)
     reached = [s for s in steps if math.isfinite(s)]
     epochs = [r["epochs_to_target"] for r in runs if math.isfinite(steps_of(r))]
+    crossings = [(steps_of(r), r) for r in runs if math.isfinite(steps_of(r))]
     return {
         "lr": runs[0]["lr"], "seeds": len(runs), "reached": len(reached),
         "median_steps": statistics.median(steps), "min_steps": steps[0], "max_steps": steps[-1],
         "median_epochs": statistics.median(epochs) if len(reached) * 2 > len(runs) else math.inf,
         "median_score": statistics.median(r["score"] for r in runs),
-        "late": sum(steps_of(r) > LATE * r["steps"] for r in runs if math.isfinite(steps_of(r))),
+        # Records from before the budget was stored know only the steps run (which end soon
+        # after a crossing when runs stop at the target): their ``late`` is then an overcount.
+        "late": sum(s > LATE * r.get("budget", r["steps"]) for s, r in crossings),
+        "in_warmup": sum(s <= r.get("warmup", 0) for s, r in crossings),
     }
 
 
@@ -99,6 +104,11 @@ def best_per_setting(records: Sequence[dict], seeds: Collection[int] | None = No
     return sorted(rows, key=lambda r: (r["optimizer"], r["combiner"], r["examples"], r["setting"]))
 
 
+def _flags(row: dict) -> str:
+    flags = [f"{row[key]} {name}" for key, name in (("late", "late"), ("in_warmup", "in warm-up")) if row.get(key)]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
 def _steps_cell(value: float) -> str:
     return "-" if math.isinf(value) else f"{value:.4g}"
 
@@ -113,7 +123,7 @@ def protocol_table(rows: Sequence[dict]) -> str:
     cells = [{
         "optimizer": r["optimizer"], "combiner": r["combiner"], "setting": r["setting"],
         "E": r["examples"], "best lr": f"{r['lr']:g}" + (" (edge)" if r["grid_edge"] else ""),
-        "reached": f"{r['reached']}/{r['seeds']}" + (f" ({r['late']} late)" if r["late"] else ""),
+        "reached": f"{r['reached']}/{r['seeds']}" + _flags(r),
         "median steps": _steps_cell(r["median_steps"]),
         "spread (min-max)": f"{_steps_cell(r['min_steps'])}-{_steps_cell(r['max_steps'])}",
         "median epochs": _steps_cell(r["median_epochs"]), "median score": r["median_score"],
@@ -122,7 +132,8 @@ def protocol_table(rows: Sequence[dict]) -> str:
             "steps over the sweep's seeds; where no rate reaches the target, the best median final "
             "score), over every seed run there; `reached`: seeds that reached the target within the "
             f"budget, `late`: of those, how many only in the last {1 - LATE:.0%} of it (the budget may "
-            "have cut the others short); `-`: not reached (for the median: not by most seeds); "
+            "have cut the others short), `in warm-up`: how many before the warm-up ended (at a "
+            "fraction of the named rate); `-`: not reached (for the median: not by most seeds); "
             "`(edge)`: the best rate is the axis's smallest or largest even after widening.\n")
     return markdown_table(cells, _PROTOCOL_COLUMNS) + note
 

@@ -60,11 +60,15 @@ def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> R
     return RunSpec(config.with_(warmup=scale.warmup_for(steps)).validated(), s, point)
 
 
-def _record(spec: RunSpec, summary: dict) -> dict:
-    """The summary with the fields the protocol and the readings group by."""
+def _record(spec: RunSpec, summary: dict, train_size: int) -> dict:
+    """The summary with the fields the protocol and the readings group by, and the run's
+    planned length and warm-up (a run that reaches the target stops there, so its ``steps``
+    say nothing of the budget)."""
     return {**summary, "combiner": spec.point.combiner, "reading": spec.point.reading,
             "setting": spec.setting.label, "examples_per_step": spec.setting.examples,
-            "first_workers": spec.setting.workers, "resize_to": spec.setting.resize_to}
+            "first_workers": spec.setting.workers, "resize_to": spec.setting.resize_to,
+            "budget": Steps(spec.config, spec.setting.workers, train_size).total_steps,
+            "warmup": spec.config.warmup}
 
 
 def _load(path: Path, spec: RunSpec) -> dict | None:
@@ -124,7 +128,7 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
                 write_json(result, path.with_suffix(".tmp"))
                 os.replace(path.with_suffix(".tmp"), path)
                 ran += 1
-            records.append(_record(spec, result["summary"]))
+            records.append(_record(spec, result["summary"], task.train_size))
             curves.extend({"run": len(records) - 1, **row} for row in result["history"] if "score" in row)
             bar.update()
             if new and on_run is not None:
