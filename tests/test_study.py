@@ -32,6 +32,8 @@ TINY_SCALE = Scale((Batching(4, 16), Batching(8, 16)), b_crit=32, lrs=(0.2, 0.4)
                    min_warmup=2, evals_per_epoch=4)
 TINY = Section("tiny", "tiny convex", "logistic", "momentum", SECTIONS["convex"].combiners,
                cpu=TINY_SCALE, gpu=TINY_SCALE)
+#: The same with Adasum in gradient mode only, for the planning tests' hand-made records.
+PAIR = replace(TINY, combiners={c: TINY.combiners[c] for c in ("adasum", "average")})
 
 
 def record(lr: float, seed: int, steps: int | None, combiner: str = "adasum", *, reading: str = "tuned",
@@ -95,7 +97,7 @@ def test_a_best_rate_at_an_edge_widens_the_axis_for_every_combiner():
     assert widen([0.1, 0.2, 0.4], {0.2}, [0.1, 0.2, 0.4], max_widen=2) == []
     assert widen([0.025, 0.05, 0.1, 0.2, 0.4], {0.025}, [0.1, 0.2, 0.4], max_widen=2) == []  # at the cap
     scale = replace(TINY_SCALE, settings=(Batching(8, 16),), lrs=(0.1, 0.2, 0.4), max_widen=2, seeds=(0, 1, 2))
-    section = replace(TINY, cpu=scale, readings=("tuned",))
+    section = replace(PAIR, cpu=scale, readings=("tuned",))
     # Adasum is best at the top (0.4); averaging at 0.2: both get 0.8, with the sweep's seed.
     runs = [record(lr, 0, n) for lr, n in ((0.1, 30), (0.2, 20), (0.4, 10))]
     runs += [record(lr, 0, n, "average") for lr, n in ((0.1, 30), (0.2, 10), (0.4, 20))]
@@ -124,7 +126,7 @@ def test_the_recipe_tests_adasum_at_multiples_of_e_star():
     settings = tuple(Batching(n, 16) for n in (1, 2, 4, 8, 16, 32))
     scale = replace(TINY_SCALE, settings=settings, lrs=(0.1,), sweep_seeds=(0,), seeds=(0,), max_widen=0)
     done = [record(0.1, 0, 10, c, setting=s) for s in settings for c in ("adasum", "average")]
-    points = next_points(TINY, scale, done)
+    points = next_points(PAIR, scale, done)
     # Averaging first, at the linear-scaling rule's rate for every E ...
     assert {(p.combiner, p.setting.workers, p.lr) for p in points} == {("average", n, 0.2 * n) for n in (1, 2, 4, 8, 16, 32)}
     # ... it reaches the target up to E = 64 (4 workers): E* = 64, and Adasum runs at the one-worker
@@ -132,7 +134,7 @@ def test_the_recipe_tests_adasum_at_multiples_of_e_star():
     done += [record(p.lr, 0, 10 if p.setting.workers <= 4 else None, "average", reading="recipe",
                     setting=p.setting) for p in points]
     assert e_star(done) == 64
-    points = next_points(TINY, scale, done)
+    points = next_points(PAIR, scale, done)
     assert {(p.combiner, p.setting.examples, p.lr) for p in points} == {("adasum", e, 0.2) for e in (64, 128, 256, 512)}
     reached = {128: 12, 256: 20}  # Adasum holds at 2x and 4x E*, not at 8x
     done += [record(p.lr, 0, reached.get(p.setting.examples), "adasum", reading="recipe", setting=p.setting)
@@ -241,10 +243,15 @@ def test_the_tiny_study_completes_its_plan(whole):
     tuned = [r for r in records if r["reading"] == "tuned"]
     for best in best_per_setting(tuned, TINY_SCALE.sweep_seeds):
         assert best["seeds"] == len(TINY_SCALE.seeds)
-    # The same axis for both combiners at each setting.
+    # The same axis for every combiner at each setting.
     for setting in {r["setting"] for r in tuned}:
-        axes = [{r["lr"] for r in tuned if (r["setting"], r["combiner"]) == (setting, c)} for c in ("adasum", "average")]
-        assert axes[0] == axes[1]
+        axes = [{r["lr"] for r in tuned if (r["setting"], r["combiner"]) == (setting, c)} for c in TINY.combiners]
+        assert axes[0] == axes[1] == axes[2]
+    # Adasum of each worker's momentum step runs in delta mode and has rows of its own.
+    delta = [r for r in records if r["combiner"] == "adasum-delta"]
+    assert delta and {r["reducer"] for r in delta} == {"adasum"}
+    for name in ("tuned.md", "recipe.md"):
+        assert "Adasum (adasum-delta)" in (out / name).read_text()
     config = json.loads(next((out / "runs").glob("*.json")).read_text())["config"]
     assert config["schedule"] == "cosine" and config["warmup"] >= TINY_SCALE.min_warmup
     for name in ("protocol.md", "tuned.md", "recipe.md", "orthogonality.md", "steps_to_target.png"):

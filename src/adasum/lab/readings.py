@@ -21,13 +21,25 @@ from adasum.lab.bootstrap import median_ci, paired_difference_ci
 from adasum.lab.protocol import best_lr, group_by_lr, steps_of
 from adasum.lab.report import markdown_table
 
-__all__ = ["verdict", "compare", "e_star", "tuned_rows", "recipe_rows", "reading_table",
+__all__ = ["verdict", "compare", "e_star", "tuned_rows", "recipe_rows", "reading_table", "candidates",
            "CANDIDATE", "BASELINE", "RECIPE_MULTIPLES"]
 
+#: The combiner the claims are about, and the paper's baseline. A section may compare more
+#: than one way of running Adasum (e.g. ``adasum-delta``): each gets its own rows.
 CANDIDATE, BASELINE = "adasum", "average"
 #: The multiples of E* where the recipe reading tests Adasum.
 RECIPE_MULTIPLES = (2, 4, 8)
 UNTESTABLE = "untestable at this scale"
+
+
+def candidates(combiners: Sequence[str]) -> list[str]:
+    """The combiners compared against the baseline, the main candidate first."""
+    return sorted(set(combiners) - {BASELINE}, key=lambda c: (c != CANDIDATE, c))
+
+
+def _claim(claim: str, candidate: str) -> str:
+    """A claim about Adasum, naming the way it runs where that is not the main candidate."""
+    return claim if candidate == CANDIDATE else claim.replace("Adasum", f"Adasum ({candidate})", 1)
 
 
 def verdict(outcomes: Sequence[str]) -> str:
@@ -63,7 +75,7 @@ def _median_cell(name: str, runs: Sequence[dict], key: str) -> str:
     return f"{name} {med:.4g} [{low:.4g}, {high:.4g}]"
 
 
-def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0) -> dict:
+def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0, name: str = CANDIDATE) -> dict:
     """Adasum's runs against the baseline's, paired by seed: ``outcome`` (``better``,
     ``same``, ``worse``, ``untestable``), ``metric`` and the ``evidence`` text (medians and
     the paired difference, each with its 95% bootstrap interval)."""
@@ -79,7 +91,7 @@ def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0) 
     gain = sorted(-x if metric == "steps" else x for x in (low, high))
     outcome = "better" if gain[0] > 0 else "worse" if gain[1] < 0 else "same"
     counts = f"reached {sum(map(_reached, a))}/{len(a)} and {sum(map(_reached, b))}/{len(b)}"
-    evidence = (f"{metric}: {_median_cell(CANDIDATE, a, metric)}, {_median_cell(BASELINE, b, metric)}; "
+    evidence = (f"{metric}: {_median_cell(name, a, metric)}, {_median_cell(BASELINE, b, metric)}; "
                 f"paired difference {diff:.4g} [{low:.4g}, {high:.4g}]; {counts}")
     return {"outcome": outcome, "metric": metric, "evidence": evidence}
 
@@ -103,26 +115,28 @@ RECIPE_CLAIM = ("at fixed hyperparameters (averaging: its scaling rule with warm
                 "rate), Adasum reaches the target beyond averaging's largest E (E*)")
 
 
-def tuned_rows(records: Sequence[dict], b_crit: float, sweep_seeds: Sequence[int]) -> list[dict]:
+def tuned_rows(records: Sequence[dict], b_crit: float, sweep_seeds: Sequence[int],
+               candidate: str = CANDIDATE) -> list[dict]:
     """One row per E (setting) at each combiner's best learning rate (judged on the sweep's
     seeds), then the claim's row over the settings at or above ``b_crit`` (below it, both
     combiners should scale perfectly and tie)."""
     groups = group_by_lr([r for r in records if r["reading"] == "tuned" and r["resize_to"] is None])
     best = {key: by_lr[best_lr(by_lr, sweep_seeds)] for key, by_lr in groups.items()}
     rows, large = [], []
-    mine = sorted((runs[0]["examples_per_step"], key) for key, runs in best.items() if key[1] == CANDIDATE)
+    mine = sorted((runs[0]["examples_per_step"], key) for key, runs in best.items() if key[1] == candidate)
+    claim = _claim(TUNED_CLAIM, candidate)
     for examples, (optimizer, _, setting) in mine:
-        a, b = best[(optimizer, CANDIDATE, setting)], best.get((optimizer, BASELINE, setting))
+        a, b = best[(optimizer, candidate, setting)], best.get((optimizer, BASELINE, setting))
         if b is None:
             continue
-        result = compare(a, b)
+        result = compare(a, b, name=candidate)
         lrs = f"lr {a[0]['lr']:g} vs {b[0]['lr']:g}; "
         below = ", below b_crit" if examples < b_crit else ""
-        rows.append(_row(TUNED_CLAIM, f"E={examples} ({setting}{below})", "tuned", [result["outcome"]],
+        rows.append(_row(claim, f"E={examples} ({setting}{below})", "tuned", [result["outcome"]],
                          lrs + result["evidence"]))
         if examples >= b_crit:
             large.append(result["outcome"])
-    rows.append(_row(TUNED_CLAIM, f"every E >= b_crit = {b_crit:g}", "tuned", large,
+    rows.append(_row(claim, f"every E >= b_crit = {b_crit:g}", "tuned", large,
                      f"outcomes over {len(large)} settings: {', '.join(large) or 'none'}"))
     return rows
 
@@ -154,18 +168,19 @@ def _reach_cell(name: str, runs: Sequence[dict]) -> str:
     return cell
 
 
-def recipe_rows(records: Sequence[dict]) -> list[dict]:
+def recipe_rows(records: Sequence[dict], candidate: str = CANDIDATE) -> list[dict]:
     """E* (with averaging's runs at every E and Adasum's at E*), then one row per setting at a
     multiple of E* (:data:`RECIPE_MULTIPLES`), then the claim's row."""
     star = e_star(records)
     recipe = [r for r in records if r["reading"] == "recipe"]
-    averaged, adasum = _by_setting(recipe, BASELINE), _by_setting(recipe, CANDIDATE)
+    averaged, adasum = _by_setting(recipe, BASELINE), _by_setting(recipe, candidate)
+    claim = _claim(RECIPE_CLAIM, candidate)
     by_e = sorted(averaged.values(), key=lambda g: (g[0]["examples_per_step"], g[0]["setting"]))
     context = "; ".join(_reach_cell(BASELINE, g) for g in by_e) or "averaging not run"
     if star is None:
-        return [_row(RECIPE_CLAIM, "E*", "recipe", ["untestable"], f"averaging reached the target at no E: {context}")]
-    at_star = [_reach_cell(CANDIDATE, g) for g in adasum.values() if g[0]["examples_per_step"] == star]
-    rows = [_row(RECIPE_CLAIM, f"E* = {star}", "recipe", None, "; ".join([context, *at_star]))]
+        return [_row(claim, "E*", "recipe", ["untestable"], f"averaging reached the target at no E: {context}")]
+    at_star = [_reach_cell(candidate, g) for g in adasum.values() if g[0]["examples_per_step"] == star]
+    rows = [_row(claim, f"E* = {star}", "recipe", None, "; ".join([context, *at_star]))]
     outcomes = []
     for m in RECIPE_MULTIPLES:
         examples = star * m
@@ -173,14 +188,14 @@ def recipe_rows(records: Sequence[dict]) -> list[dict]:
         there = [r for r in records if r["examples_per_step"] == examples and r["resize_to"] is None]
         if not there:
             outcomes.append("untestable")
-            rows.append(_row(RECIPE_CLAIM, f"E = {m} x E* = {examples}", "recipe", ["untestable"],
+            rows.append(_row(claim, f"E = {m} x E* = {examples}", "recipe", ["untestable"],
                              f"E = {examples} is beyond the grid"))
         for group in mine:
             outcome = _recipe_outcome(group, there)
             outcomes.append(outcome)
-            rows.append(_row(RECIPE_CLAIM, f"E = {m} x E* = {examples} ({group[0]['setting']})", "recipe",
-                             [outcome], _reach_cell(CANDIDATE, group)))
-    rows.append(_row(RECIPE_CLAIM, f"{', '.join(map(str, RECIPE_MULTIPLES))} x E*", "recipe", outcomes,
+            rows.append(_row(claim, f"E = {m} x E* = {examples} ({group[0]['setting']})", "recipe",
+                             [outcome], _reach_cell(candidate, group)))
+    rows.append(_row(claim, f"{', '.join(map(str, RECIPE_MULTIPLES))} x E*", "recipe", outcomes,
                      f"outcomes: {', '.join(outcomes)}"))
     return rows
 

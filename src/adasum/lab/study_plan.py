@@ -23,7 +23,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from adasum.lab.protocol import best_lr
-from adasum.lab.readings import BASELINE, CANDIDATE, RECIPE_MULTIPLES, e_star
+from adasum.lab.readings import BASELINE, RECIPE_MULTIPLES, candidates, e_star
 from adasum.lab.sections import Batching, Scale, Section, recipe_lr
 
 __all__ = ["Point", "next_points", "widen", "neighbourhood", "rounded"]
@@ -114,7 +114,7 @@ def _recipe(section: Section, scale: Scale, records: Sequence[dict], done: set[t
     if star is None:
         return []
     wanted = {star * m for m in (1, *RECIPE_MULTIPLES)}
-    return points(CANDIDATE, [s for s in settings if s.examples in wanted])
+    return [p for c in candidates(section.combiners) for p in points(c, [s for s in settings if s.examples in wanted])]
 
 
 def next_points(section: Section, scale: Scale, records: Sequence[dict]) -> list[Point]:

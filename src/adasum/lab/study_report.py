@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adasum.lab.protocol import GROUP, best_per_setting, elastic_rows, elastic_table, protocol_table
-from adasum.lab.readings import reading_table, recipe_rows, tuned_rows
+from adasum.lab.readings import candidates, reading_table, recipe_rows, tuned_rows
 from adasum.lab.records import write_csv
 from adasum.lab.report import markdown_table
 from adasum.lab.sections import Scale
@@ -75,9 +75,12 @@ def write_study_report(records: list[dict], curves: list[dict], out: Path, title
     write_csv(best, out / "protocol.csv")
     (out / "protocol.md").write_text(f"# {title}\n\n" + protocol_table(best))
     written = [out / "runs.csv", out / "protocol.csv", out / "protocol.md"]
-    tables = {"tuned": lambda: tuned_rows(records, scale.b_crit, scale.sweep_seeds), "recipe": lambda: recipe_rows(records)}
+    ways = candidates({r["combiner"] for r in records})
+    tables = {"tuned": lambda c: tuned_rows(records, scale.b_crit, scale.sweep_seeds, c),
+              "recipe": lambda c: recipe_rows(records, c)}
     for name in readings:
-        (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(tables[name]()))
+        rows = [row for c in ways for row in tables[name](c)]
+        (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(rows))
         written.append(out / f"{name}.md")
     orth = orthogonality_rows(records, curves, best)
     if orth:
