@@ -235,12 +235,12 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     Section(
         "momentum", "momentum SGD, residual GroupNorm CNN on augmented digits", "augdigits-resnet",
         "momentum", _GRADIENT,
-        # ESTIMATES until `adasum noise` measures B_crit. CPU: B_simple along 8 workers at E = 128,
-        # averaging, lr 0.1, 8,192 examples, was 25-35 at scores 0.69-0.79. GPU (target 0.95,
-        # later in training, where B_simple keeps growing): a PLACEHOLDER, not measured.
+        # CPU: an ESTIMATE, B_simple along 8 workers at E = 128, averaging, lr 0.1, 8,192 examples,
+        # was 25-35 at scores 0.69-0.79. GPU, target 0.95: the fit of two tuned points, about 290
+        # (docs/results/critical_batch.md; a rough figure, to be refitted on the GPU's first sweep).
         cpu=Scale(critical_grid(32, 16, span=16), b_crit=32, lrs=_axis(0.0125, 5), base_lr=0.05,
                   reference=16, target=0.8, samples=8192),
-        gpu=Scale(critical_grid(256, 32, span=32, max_workers=256, accum=(4,)), b_crit=256, lrs=_axis(0.0125, 8),
+        gpu=Scale(critical_grid(290, 32, span=32, max_workers=256, accum=(4,)), b_crit=290, lrs=_axis(0.0125, 8),
                   base_lr=0.05, reference=32, target=0.95, samples=262144),
     ),
     *(Section(
