@@ -43,7 +43,7 @@ def nothing_runs(monkeypatch) -> None:
 
     monkeypatch.setattr("adasum.launch.spawn", never)
     monkeypatch.setattr("adasum.lab.simulate.sweep", never)
-    monkeypatch.setattr("adasum.lab.simulate.geometry", never)
+    monkeypatch.setattr("adasum.lab.geometry.geometry", never)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import torch
 
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig
+from adasum.lab.device import activation_bytes, resolve_device
 from adasum.lab.records import evaluate
-from adasum.lab.simulate import activation_bytes, resolve_device, simulate_run
+from adasum.lab.simulate import simulate_run
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import load_task
 

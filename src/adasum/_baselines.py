@@ -19,6 +19,7 @@ from adasum._ops import segment_partials
 from adasum._reduce import ranks_of
 from adasum._reducer import Reducer
 from adasum._stats import Stats
+from adasum._vhdd import totals
 
 __all__ = ["Average", "Sum", "sum_over"]
 
@@ -56,7 +57,7 @@ def _sum_ranks(per_rank, divisor: int, stats: bool):
 
 def _squared_norms(flats: Flats) -> torch.Tensor:
     """Per-layer float64 |x|^2 of the buffers, ``[layers]``."""
-    return flats.partials_row([segment_partials(f, f, g.offsets) for f, g in zip(flats.buffers, flats.groups)])[1]
+    return totals(flats, [segment_partials(f, f, g.offsets) for f, g in zip(flats.buffers, flats.groups)])[1]
 
 
 class _Summing(Reducer):

@@ -116,8 +116,9 @@ class Flats:
     """The buffers being reduced: one flat buffer per dtype and where its layers lie.
 
     With ``shards``, every rank's buffers are its shards of longer vectors, the other shards
-    being held by the ranks of that group (HSDP's shard group): per-layer partials are then
-    summed over it, so that the dot products span whole layers.
+    being held by the ranks of that group (HSDP's shard group): the algorithms then sum the
+    per-layer partials over it (:func:`adasum._vhdd.totals`), so that the dot products span
+    whole layers. This class only says where the layers lie; it sends nothing.
     """
 
     buffers: Sequence[torch.Tensor]
@@ -131,14 +132,13 @@ class Flats:
         self.layer_ids = [torch.tensor(g.layers, dtype=torch.int64, device=device) for g in self.groups]
 
     def partials_row(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-dtype ``[3, segments of the dtype]`` partials as one ``[3, num_layers]`` row.
-        A group's segments are usually its layers, one each; a layer cut into several segments
-        (a sharded parameter, one segment per shard) gets the sum of its segments' partials."""
+        """Per-dtype ``[3, segments of the dtype]`` partials as one ``[3, num_layers]`` row,
+        this rank's alone. A group's segments are usually its layers, one each; a layer cut
+        into several segments (a sharded parameter, one segment per shard) gets the sum of its
+        segments' partials."""
         row = torch.zeros(3, self.num_layers, dtype=torch.float64, device=self.buffers[0].device)
         for ids, part in zip(self.layer_ids, parts):
             row.index_add_(1, ids, part.to(row.device))
-        if self.shards is not None:
-            dist.all_reduce(row, group=self.shards)
         return row
 
 

@@ -12,6 +12,10 @@ The input is one flat buffer per dtype (:class:`~adasum._layout.Flats`), the sam
 3. :func:`all_gather`: the halves travel back in reverse order, so every leaf holds the result.
 4. :func:`unfold`: rank 2i hands the result to rank 2i+1.
 
+Where every rank's buffers are shards of longer vectors (HSDP: ``flats.shards``, the shard
+group), each stage's per-layer partials are also summed over the shard group (:func:`totals`),
+so that the coefficients are those of whole layers.
+
 Each rank sends 2 S (p-1)/p bytes for S bytes of buffers, as a ring all-reduce does. Every
 element of the result is computed by exactly one rank and copied to the others, so all ranks
 hold bit-identical results. Statistics go to a :class:`Recorder`, which only keeps the totals
@@ -20,7 +24,7 @@ the arithmetic computed anyway and sends them to everyone in one message at the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +36,7 @@ from adasum._p2p import Link, leaf_reduce
 from adasum._plan import Plan
 from adasum._stats import Stats
 
-__all__ = ["Recorder", "run", "fold", "reduce_scatter", "all_gather", "unfold", "middle"]
+__all__ = ["Recorder", "run", "fold", "reduce_scatter", "all_gather", "unfold", "middle", "totals"]
 
 #: A buffer of ``numel`` elements like the given tensor, reused across calls.
 Scratch = Callable[[torch.Tensor, int], torch.Tensor]
@@ -68,6 +72,17 @@ class Recorder:
         return Stats(tuple(stages))
 
 
+def totals(flats: Flats, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ``[3, num_layers]`` float64 partials (a.b, |a|^2, |b|^2) of whole layers from this
+    rank's per-segment ``parts``: summed over each layer's segments
+    (:meth:`~adasum._layout.Flats.partials_row`) and, where the buffers are shards
+    (``flats.shards``, HSDP's shard group), over the shard group."""
+    row = flats.partials_row(parts)
+    if flats.shards is not None:
+        dist.all_reduce(row, group=flats.shards)
+    return row
+
+
 def run(flats: Flats, plan: Plan, link: Link, scratch: Scratch, recorder: Recorder | None) -> None:
     """All four phases, in place on ``flats``."""
     fold(flats, plan, link, scratch, recorder)
@@ -84,10 +99,10 @@ def fold(flats: Flats, plan: Plan, link: Link, scratch: Scratch, recorder: Recor
         return
     theirs = [scratch(f, f.numel()) for f in flats.buffers]
     link.exchange(plan.fold_partner, [], theirs)
-    totals = flats.partials_row([segment_partials(f, t, g.offsets) for f, t, g in zip(flats.buffers, theirs, flats.groups)])
+    row = totals(flats, [segment_partials(f, t, g.offsets) for f, t, g in zip(flats.buffers, theirs, flats.groups)])
     if recorder is not None:
-        recorder.record(0, totals)
-    ca, cb = coefficients(totals)
+        recorder.record(0, row)
+    ca, cb = coefficients(row)
     for f, t, g, ids in zip(flats.buffers, theirs, flats.groups, flats.layer_ids):
         segment_combine(f, t, f, g.offsets, ca[ids], cb[ids])
 
@@ -124,10 +139,10 @@ def reduce_scatter(
         local = [g.offsets.clamp(lo, hi) - lo for g, (lo, hi) in zip(flats.groups, keeps)]
         lefts, rights = (mine, theirs) if level.lower else (theirs, mine)
         parts = [segment_partials(a, b, off) for a, b, off in zip(lefts, rights, local)]
-        totals = leaf_reduce(flats.partials_row(parts), plan.level_partners(k), link, torch.add)
+        row = leaf_reduce(totals(flats, parts), plan.level_partners(k), link, torch.add)
         if recorder is not None:
-            recorder.record(level.stage, totals)
-        ca, cb = coefficients(totals)
+            recorder.record(level.stage, row)
+        ca, cb = coefficients(row)
         for a, b, out, off, ids in zip(lefts, rights, mine, local, flats.layer_ids):
             segment_combine(a, b, out, off, ca[ids], cb[ids])
         history.append(ranges)

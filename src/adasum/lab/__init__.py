@@ -3,9 +3,11 @@
 * the ``adasum`` program (:mod:`adasum.lab.cli`): ``train`` (real data-parallel training on
   local Gloo workers or under torchrun), ``simulate``, ``study``, ``noise`` (the critical batch,
   :mod:`adasum.lab.critical`), ``bench`` and ``demo``;
-* the simulator (:mod:`adasum.lab.simulate`, its trained state in :mod:`~adasum.lab.replicas`):
-  N workers in one process, step for step what ``adasum train`` does, plus the distance of each
-  reducer's update to sequential SGD, the workers' orthogonality, and elastic worker counts;
+* the simulator (:mod:`adasum.lab.simulate`, its trained state in :mod:`~adasum.lab.replicas`,
+  its device and chunks of workers in :mod:`~adasum.lab.device`): N workers in one process, step
+  for step what ``adasum train`` does, plus the distance of each reducer's update to sequential
+  SGD, the workers' orthogonality, and elastic worker counts; ``simulate --geometry``
+  (:mod:`~adasum.lab.geometry`): Adasum of vectors at a known angle;
 * the study (:mod:`adasum.lab.study`): sections of the large-batch study as data
   (:mod:`~adasum.lab.sections`), run resumably until their plan (:mod:`~adasum.lab.study_plan`)
   is complete; the protocol that tunes them (:mod:`~adasum.lab.protocol`), the readings that

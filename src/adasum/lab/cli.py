@@ -163,20 +163,14 @@ def _print_summaries(summaries: Sequence[dict]) -> None:
 # -------------------------------------------------------------------------------- simulate
 
 def _simulate(args: argparse.Namespace) -> int:
-    from adasum.lab.records import write_csv
-    from adasum.lab.report import markdown_table, write_report
-    from adasum.lab.simulate import geometry, resolve_device, sweep
+    from adasum.lab.device import resolve_device
+    from adasum.lab.report import write_report
+    from adasum.lab.simulate import sweep
 
     if not args.workers or min(args.workers) < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.geometry:
-        out = _output_dir(args.out)
-        rows = geometry(args.workers, [0.0, 0.25, 0.5, 0.75, 1.0])
-        write_csv(rows, out / "geometry.csv")
-        table = markdown_table(rows, list(rows[0]))
-        (out / "geometry.md").write_text(table)
-        print(table, end="")
-        return 0
+        return _geometry(args.workers, _output_dir(args.out))
     lists = {"--lrs": args.lrs, "--batches": args.batches, "--accums": args.accums}
     for flag, values in lists.items():
         if not values:
@@ -214,11 +208,25 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _geometry(workers: Sequence[int], out: Path) -> int:
+    """``simulate --geometry``: the table of :func:`adasum.lab.geometry.geometry`, written and printed."""
+    from adasum.lab.geometry import geometry
+    from adasum.lab.records import write_csv
+    from adasum.lab.report import markdown_table
+
+    rows = geometry(workers, [0.0, 0.25, 0.5, 0.75, 1.0])
+    write_csv(rows, out / "geometry.csv")
+    table = markdown_table(rows, list(rows[0]))
+    (out / "geometry.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- study
 
 def _study(args: argparse.Namespace) -> int:
+    from adasum.lab.device import resolve_device
     from adasum.lab.sections import SECTIONS
-    from adasum.lab.simulate import resolve_device
     from adasum.lab.study import run_study
     from adasum.lab.study_report import write_study_report
 

@@ -45,7 +45,9 @@ def crossing(evaluated: Sequence[dict], target: float) -> int | None:
 def summarize(history: Sequence[dict], plan: Steps) -> dict:
     """One line per run: where it ended and when it first reached the target score.
 
-    ``steps_to_target`` is the :func:`crossing` of the evaluations. ``train_loss`` is the mean
+    ``steps_to_target`` is the :func:`crossing` of the evaluations; the epochs (at the end, at the
+    target) are those the rows carry, so a history of the new steps of a resumed run, or of
+    stretches at two worker counts (an elastic run), counts them right. ``train_loss`` is the mean
     training loss over the last epoch's steps (one step's loss is too noisy to compare runs
     by); a run whose loss stopped being finite is ``diverged``.
     ``noise_scale`` and ``noise_scale_at_target`` are the smoothed gradient noise scale of the
@@ -64,14 +66,14 @@ def summarize(history: Sequence[dict], plan: Steps) -> dict:
         "task": cfg.task, "reducer": cfg.reducer, "optimizer": cfg.optimizer,
         "workers": plan.workers, "batch": cfg.batch, "accum": cfg.accum,
         "examples_per_step": plan.per_step, "lr": cfg.lr, "seed": cfg.seed,
-        "steps": len(history), "epochs": plan.epoch_of(len(history)),
+        "steps": len(history), "epochs": history[-1]["epoch"] if history else 0.0,
         "diverged": not all(math.isfinite(r["loss"]) for r in history),
         "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
         "test_loss": final.get("test_loss", math.nan), "score": final.get("score", math.nan),
         **({"bits_per_byte": final["bits_per_byte"]} if "bits_per_byte" in final else {}),
         "target": cfg.target,
         "steps_to_target": reached,
-        "epochs_to_target": None if reached is None else plan.epoch_of(reached),
+        "epochs_to_target": next((r["epoch"] for r in evaluated if r["step"] == reached), None),
         "noise_scale": final.get("noise_scale", math.nan),
         "noise_scale_at_target": at_target.get("noise_scale", math.nan),
         **({"sync_every": cfg.sync_every, "outer": cfg.outer, "outer_lr": cfg.outer_lr} if cfg.local else {}),

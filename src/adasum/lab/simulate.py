@@ -23,17 +23,17 @@ noise scale, which need gradients at one point, are not measured; the evaluation
 shared weights of the last synchronisation.
 
 The simulator runs on any device (``device``: the model, the data and the reductions live
-there). Its memory is bounded by taking the per-worker gradients ``worker_chunk`` workers at a
-time: a chunk's forward and backward activations are what grows with the number of workers
-(the model's parameters are shared), and only the per-worker gradients themselves, one
-model-sized tensor per worker, are kept for the reduction. By default the chunk holds as many
-workers as fit in :func:`chunk_budget` bytes of saved activations, measured on one worker's
-forward pass. Chunking changes the arithmetic at most in the last bits. On the CPU, models of
-matrix products (the MLP, the transformer) give the same bits in any chunking, because each
-worker's slice of a batched product is computed alone; convolutions do not (under ``vmap`` a
-chunk's weight gradient is one grouped convolution, blocked by the chunk size), and differ by
-about 1e-9 relative. On CUDA the libraries pick kernels by problem size, so equality there is to
-float tolerance. ``tests/test_tasks.py`` checks both.
+there; :mod:`adasum.lab.device`). Its memory is bounded by taking the per-worker gradients
+``worker_chunk`` workers at a time: a chunk's forward and backward activations are what grows
+with the number of workers (the model's parameters are shared), and only the per-worker
+gradients themselves, one model-sized tensor per worker, are kept for the reduction. By default
+the chunk holds as many workers as fit in :func:`~adasum.lab.device.chunk_budget` bytes of
+saved activations, measured on one worker's forward pass. Chunking changes the arithmetic at
+most in the last bits. On the CPU, models of matrix products (the MLP, the transformer) give the
+same bits in any chunking, because each worker's slice of a batched product is computed alone;
+convolutions do not (under ``vmap`` a chunk's weight gradient is one grouped convolution,
+blocked by the chunk size), and differ by about 1e-9 relative. On CUDA the libraries pick
+kernels by problem size, so equality there is to float tolerance. ``tests/test_tasks.py`` checks both.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ from tqdm import tqdm
 
 import adasum
 from adasum.lab.config import REDUCERS, ConfigError, RunConfig, Steps, make_reducer
+from adasum.lab.device import StepClock, resolve_device, workers_per_chunk
 from adasum.lab.optimizers import set_lr
 from adasum.lab.records import crossing, evaluate, summarize
 from adasum.lab.replicas import Replicas, per_rank
 from adasum.lab.task import Task
 
-__all__ = ["reduce_stacked", "simulate_run", "sweep", "geometry", "resolve_device",
-           "activation_bytes", "chunk_budget", "orthogonality", "gradient_noise"]
+__all__ = ["reduce_stacked", "SimulatedRun", "simulate_run", "sweep", "orthogonality", "gradient_noise"]
 
 
 def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> list[torch.Tensor]:
@@ -66,53 +66,6 @@ def reduce_stacked(stacked: Sequence[torch.Tensor], reducer: adasum.Reducer) -> 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
     return math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has, or ConfigError saying why not."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: the simulator runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name!r}: this machine has no CUDA device "
-                              "(torch.cuda.is_available() is False)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} "
-                              "CUDA device(s)")
-        # Numbered, as tensors report it, so that a task already there is not copied again.
-        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-    return device
-
-
-def activation_bytes(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes one worker's forward pass on ``(x, y)`` keeps for its backward pass: what each
-    further worker of a chunk adds to the peak memory."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        task.loss(model(x), y)
-    return total
-
-
-def chunk_budget(device: torch.device) -> int:
-    """Saved activations one chunk of workers may hold: 256 MiB on the CPU, an eighth of the
-    GPU's memory on CUDA. A fixed figure, not the free memory of the moment, so that the same
-    command chunks the same way every time. On the CPU small chunks are also the fast ones:
-    their memory is reused from step to step, where a large chunk's is returned to the system
-    and faulted in again (64 workers of the small transformer on 2 cores: 2.2 s per step in
-    chunks of 4, 3.9 s in one chunk)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 8
-    return 256 << 20
 
 
 class _Workers:
@@ -196,24 +149,140 @@ def _phases(config: RunConfig, workers: int, train_size: int, resize: tuple[int,
     return [(plan, first, epoch), (Steps(config, after, train_size), epoch, config.epochs)]
 
 
+class SimulatedRun:
+    """One simulated run, in named phases: the constructor sets it up (the stretches of fixed
+    worker count, the model and every worker's optimizer on the device, the chunk of workers
+    per gradient call), :meth:`train` runs the step loop (:meth:`_step`: the workers'
+    gradients, the reduction and the update, with the distances to sequential SGD and the
+    evaluation (:meth:`_evaluate`) at the evaluation points), and :meth:`summary` reads the
+    run's one line from what the loop measured. The arguments are :func:`simulate_run`'s."""
+
+    def __init__(self, task: Task, config: RunConfig, workers: int, *, distances: bool = True,
+                 device: str | torch.device = "cpu", worker_chunk: int | None = None,
+                 resize: tuple[int, int] | None = None, resume: dict | None = None,
+                 diagnostics: bool = False, stop_at_target: bool = False) -> None:
+        self.device = resolve_device(device)
+        self.config, self.workers, self.resize, self.resumed = config, workers, resize, resume is not None
+        self.distances, self.diagnostics, self.stop_at_target = distances, diagnostics, stop_at_target
+        first = resume["epoch"] if resume is not None else 0
+        self.phases = _phases(config.validated(), workers, task.train_size, resize, first)
+        self.task = task.to(self.device)
+        # Every reducer, for the distances; the run itself steps with its own.
+        self.reducers = {name: make_reducer(name) for name in REDUCERS}
+        self.replicas = Replicas(self.task.build_model(config.seed).to(self.device), config)
+        if resume is not None:
+            self.replicas.load(resume)
+        self.chunk = workers_per_chunk(worker_chunk, self.task, self.replicas.model, self.phases[0][0].per_worker,
+                                       self.device)
+        self.sim = _Workers(self.task, self.replicas.model, self.chunk)
+        self.history: list[dict] = []
+        self.noise = adasum.RunningNoiseScale()
+        self.done = resume["steps"] if resume is not None else 0
+        self.seconds = math.nan
+        self.clock = StepClock(self.device)
+
+    def train(self, *, progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> None:
+        """The step loop, timed: ``progress`` draws a bar; ``on_epoch`` gets a checkpoint after
+        every epoch."""
+        started = time.perf_counter()
+        total = sum((end - begin) * plan.steps_per_epoch for plan, begin, end in self.phases)
+        with tqdm(total=total, disable=not progress, leave=False, unit="step") as bar:
+            self._loop(bar, on_epoch)
+        self.seconds = time.perf_counter() - started
+
+    def _loop(self, bar: tqdm, on_epoch: Callable[[dict], None] | None) -> None:
+        """Every stretch's steps, at its worker count, until the last or until the run ends
+        early (:meth:`_ends`)."""
+        for plan, begin, end in self.phases:
+            self.replicas.resize(plan.workers)
+            spe = plan.steps_per_epoch
+            for step, examples in itertools.islice(plan.batches(begin * spe), (end - begin) * spe):
+                self.history.append(self._step(plan, step, examples))
+                bar.update()
+                if self._ends():
+                    return
+                if on_epoch is not None and (step + 1) % spe == 0:
+                    on_epoch(self.replicas.checkpoint((step + 1) // spe, self.done))
+
+    def _step(self, plan: Steps, step: int, examples: torch.Tensor) -> dict:
+        """Training step ``step`` of ``plan`` on ``examples``; returns its history row."""
+        self.clock.start()
+        lr = plan.lr_at(step)
+        for opt in self.replicas.optimizers:
+            set_lr(opt, lr)
+        x, y = self.task.examples(examples.view(plan.workers, plan.per_worker))
+        grads, losses = self.sim.gradients(x, y, self.replicas.stacked())
+        if plan.workers > 1 and not self.replicas.local:
+            self.noise.update(gradient_noise(grads, plan.per_worker))
+        self.done += 1
+        row = {"step": self.done, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
+        evaluating = plan.evaluates_after(step + 1)
+        if evaluating and self.distances and not self.replicas.local:
+            with self.clock.paused():  # at the weights before the update: not part of the step
+                row.update(_sequential_distances(self.sim, self.reducers, grads, x, y, lr))
+        reduced = self.replicas.step(grads, self.reducers[self.config.reducer])
+        self.clock.stop()
+        if evaluating:
+            row.update(self._evaluate(reduced))
+        return row
+
+    def _evaluate(self, reduced: list[list[torch.Tensor]] | None) -> dict:
+        """The test score, the smoothed noise scale and, with ``diagnostics``, the orthogonality
+        of the vectors the step reduced (``reduced``: None where it reduced none)."""
+        row = {**evaluate(self.task, self.replicas.model), "noise_scale": self.noise.value}
+        if self.diagnostics and reduced is not None:
+            row.update(orthogonality(reduced, self.sim.names))
+        return row
+
+    def _ends(self) -> bool:
+        """Whether the run stops after its last step: its loss is not finite, or it stops at the
+        target and has reached it."""
+        last = self.history[-1]
+        if not math.isfinite(last["loss"]):
+            return True
+        return self.stop_at_target and "score" in last and _reached(self.history, self.config.target)
+
+    def summary(self) -> dict:
+        """The run's one line: :func:`~adasum.lab.records.summarize` of the history; for an
+        elastic or resumed run the worker count it started with and the epoch of the change;
+        the mean distances to sequential SGD over the evaluations that measured them; the wall
+        time and :meth:`~adasum.lab.device.StepClock.seconds_per_step`; the device, the chunk
+        and, on CUDA, the peak memory."""
+        measured = [r for r in self.history if "dist_adasum" in r]
+        elastic = self.resize is not None or self.resumed
+        return {
+            **summarize(self.history, self.phases[-1][0]),
+            **({"workers_before": self.workers, "resize_epoch": self.resize[0] if self.resize else None}
+               if elastic else {}),
+            **{key: sum(r[key] for r in measured) / len(measured) if measured else math.nan
+               for key in ("dist_adasum", "dist_average", "dist_sum", "adasum_scale")},
+            "seconds": self.seconds,
+            "seconds_per_step": self.clock.seconds_per_step(),
+            "device": str(self.device),
+            "worker_chunk": min(self.chunk, self.workers),
+            **self.clock.peak(),
+        }
+
+
 def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool = True,
                  progress: bool = False, device: str | torch.device = "cpu",
                  worker_chunk: int | None = None, resize: tuple[int, int] | None = None,
                  resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
                  diagnostics: bool = False, stop_at_target: bool = False) -> tuple[list[dict], dict]:
     """Train ``config`` with ``workers`` simulated workers on ``device``, their gradients taken
-    ``worker_chunk`` workers at a time (None: as many as :func:`chunk_budget` allows); returns
-    ``(history, summary)``.
+    ``worker_chunk`` workers at a time (None: as many as :func:`~adasum.lab.device.chunk_budget`
+    allows); returns ``(history, summary)``: :class:`SimulatedRun`'s phases in one call.
 
     ``history`` has one row per step (as ``adasum train`` writes it); rows at evaluation
     points add the test score and, with ``distances``, the distances to sequential SGD; with
     ``diagnostics``, how orthogonal the workers' reduced vectors (gradients, or deltas in delta
     mode, the last synchronisation's with local SGD) are, per layer and per level of Adasum's
     tree (:meth:`adasum.Stats.summary` under the prefix ``orth``: cosines, and the scaling
-    1/2 = averaged, 1 = summed), whatever the run's reducer. The summary adds the device, the
-    chunk and ``seconds_per_step``: the mean wall time of the training steps alone (gradients,
-    reduction, update; no evaluations, no distances), the first step left out when there are
-    others, since it pays the one-time costs (allocations, kernel selection, CUDA's start).
+    1/2 = averaged, 1 = summed), whatever the run's reducer. The summary
+    (:meth:`SimulatedRun.summary`) adds the device, the chunk and ``seconds_per_step``: the mean
+    wall time of the training steps alone (gradients, reduction, update; no evaluations, no
+    distances), the first step left out when there are others, since it pays the one-time costs
+    (allocations, kernel selection, CUDA's start).
 
     Elastic training: ``resize=(epoch, n)`` continues the run with ``n`` workers from the
     start of epoch ``epoch`` on, with the same weights, optimizer state and learning rate, and
@@ -227,87 +296,10 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
     then pays for them alone, not for the rest of a budget sized for its largest E; the summary's
     final score is then the score at the crossing.
     """
-    device = resolve_device(device)
-    first = resume["epoch"] if resume is not None else 0
-    phases = _phases(config.validated(), workers, task.train_size, resize, first)
-    task = task.to(device)
-    # Every reducer, for the distances; the run itself steps with its own.
-    reducers = {name: make_reducer(name) for name in REDUCERS}
-    reducer = reducers[config.reducer]
-    replicas = Replicas(task.build_model(config.seed).to(device), config)
-    if resume is not None:
-        replicas.load(resume)
-    if worker_chunk is not None and worker_chunk < 1:
-        raise ConfigError(f"--worker-chunk must be at least 1, got {worker_chunk}")
-    if worker_chunk is None:
-        x, y = task.examples(torch.arange(phases[0][0].per_worker))
-        worker_chunk = max(1, chunk_budget(device) // max(1, activation_bytes(task, replicas.model, x, y)))
-    sim = _Workers(task, replicas.model, worker_chunk)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    history: list[dict] = []
-    noise = adasum.RunningNoiseScale()
-    started, step_times = time.perf_counter(), []
-    done = resume["steps"] if resume is not None else 0
-    total = sum((end - begin) * plan.steps_per_epoch for plan, begin, end in phases)
-    bar = tqdm(total=total, disable=not progress, leave=False, unit="step")
-    for plan, begin, end in phases:
-        replicas.resize(plan.workers)
-        spe = plan.steps_per_epoch
-        for step, examples in itertools.islice(plan.batches(begin * spe), (end - begin) * spe):
-            began = time.perf_counter()
-            lr = plan.lr_at(step)
-            for opt in replicas.optimizers:
-                set_lr(opt, lr)
-            x, y = task.examples(examples.view(plan.workers, plan.per_worker))
-            grads, losses = sim.gradients(x, y, replicas.stacked())
-            if plan.workers > 1 and not replicas.local:
-                noise.update(gradient_noise(grads, plan.per_worker))
-            done += 1
-            row = {"step": done, "epoch": plan.epoch_of(step + 1), "lr": lr, "loss": losses.mean().item()}
-            evaluating = plan.evaluates_after(step + 1)
-            if evaluating and distances and not replicas.local:
-                paused = time.perf_counter()
-                row.update(_sequential_distances(sim, reducers, grads, x, y, lr))
-                began += time.perf_counter() - paused
-            reduced = replicas.step(grads, reducer)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the kernels queued by the step are part of it
-            step_times.append(time.perf_counter() - began)
-            if evaluating:
-                row.update(evaluate(task, replicas.model), noise_scale=noise.value)
-                if diagnostics and reduced is not None:
-                    row.update(orthogonality(reduced, sim.names))
-            history.append(row)
-            bar.update()
-            if not math.isfinite(row["loss"]):
-                break
-            if stop_at_target and evaluating and _reached(history, config.target):
-                break
-            if on_epoch is not None and (step + 1) % spe == 0:
-                on_epoch(replicas.checkpoint((step + 1) // spe, done))
-        if history and not math.isfinite(history[-1]["loss"]):
-            break  # a diverged run stops in whichever stretch it diverged
-        if stop_at_target and _reached(history, config.target):
-            break
-    bar.close()
-    summary = summarize(history, phases[-1][0])
-    if resize is not None or resume is not None:
-        # The step plan of one worker count does not count the steps of the other stretch.
-        reached = summary["steps_to_target"]
-        summary.update(steps=len(history), epochs=history[-1]["epoch"] if history else 0.0,
-                       workers_before=workers, resize_epoch=resize[0] if resize else None,
-                       epochs_to_target=next((r["epoch"] for r in history if r["step"] == reached), None))
-    measured = [r for r in history if "dist_adasum" in r]
-    for key in ("dist_adasum", "dist_average", "dist_sum", "adasum_scale"):
-        summary[key] = sum(r[key] for r in measured) / len(measured) if measured else math.nan
-    summary["seconds"] = time.perf_counter() - started
-    timed = step_times[1:] or step_times
-    summary["seconds_per_step"] = sum(timed) / len(timed)
-    summary["device"], summary["worker_chunk"] = str(device), min(worker_chunk, workers)
-    if device.type == "cuda":
-        summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return history, summary
+    run = SimulatedRun(task, config, workers, distances=distances, device=device, worker_chunk=worker_chunk,
+                       resize=resize, resume=resume, diagnostics=diagnostics, stop_at_target=stop_at_target)
+    run.train(progress=progress, on_epoch=on_epoch)
+    return run.history, run.summary()
 
 
 def _reached(history: Sequence[dict], target: float | None) -> bool:
@@ -358,29 +350,3 @@ def sweep(task: Task, base: RunConfig, *, workers: Sequence[int], reducers: Sequ
         if on_run is not None:
             on_run(summary)
     return summaries, curves
-
-
-def geometry(workers: Sequence[int], cosines: Sequence[float], dim: int = 4096,
-             seed: int = 0) -> list[dict]:
-    """Adasum of N unit vectors whose pairwise cosine is ``c``: its length relative to the sum
-    and to the average. Orthogonal vectors (c = 0) should give the sum, equal ones the average.
-
-    The vectors are ``sqrt(c) u + sqrt(1 - c) e_i`` with u a shared unit vector and e_i
-    orthonormal noise directions, so every pair has cosine exactly c.
-    """
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for n in workers:
-        basis, _ = torch.linalg.qr(torch.randn(dim, n + 1, generator=g, dtype=torch.float64))
-        shared, noise = basis[:, 0], basis[:, 1:].T
-        for c in cosines:
-            vectors = math.sqrt(c) * shared + math.sqrt(1 - c) * noise
-            a = adasum.Adasum().reduce(list(vectors))
-            total, mean = vectors.sum(0), vectors.mean(0)
-            rows.append({
-                "workers": n, "cosine": c,
-                "dist_to_sum": ((a - total).norm() / total.norm()).item(),
-                "dist_to_average": ((a - mean).norm() / mean.norm()).item(),
-                "norm_over_average": (a.norm() / mean.norm()).item(),
-            })
-    return rows

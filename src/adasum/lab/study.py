@@ -106,7 +106,7 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
     none; returns ``(records, curves, ran)``: one record per run (summary and grouping fields),
     the evaluation rows of every run's history tagged with its record's index, and how many
     runs this call made. ``on_run`` sees each new record as soon as its file is written."""
-    from adasum.lab.simulate import resolve_device
+    from adasum.lab.device import resolve_device
 
     task = (task or load_task(section.task_at(scale), None, scale.samples)).to(resolve_device(device))
     runs = out / "runs"
