@@ -291,7 +291,7 @@ def simulate_run(task: Task, config: RunConfig, workers: int, *, distances: bool
         if stop_at_target and _reached(history, config.target):
             break
     bar.close()
-    summary = summarize(history, phases[-1][0])
+    summary = summarize(history, phases[-1][0], task.metric)
     if resize is not None or resume is not None:
         # The step plan of one worker count does not count the steps of the other stretch.
         reached = summary["steps_to_target"]
