@@ -29,13 +29,15 @@ _DASHES = ("-", "--", "-.", ":")
 def write_plots(summaries: Sequence[dict], curves: Sequence[dict], out: Path, title: str, *,
                 distances: bool) -> list[Path]:
     """The learning curves, and the plots whose axis the runs vary along (``distances``: the
-    runs measured the distance to sequential SGD); returns the files written."""
+    runs measured the distance to sequential SGD, at two or more worker counts above one);
+    returns the files written."""
     written = [_plot_curves(summaries, curves, out / "curves.png", title)]
     if len({s["lr"] for s in summaries}) > 1:
         written.append(_plot_by(summaries, "lr", "score", out / "lr_range.png", title, logx=True))
     if len({s["examples_per_step"] for s in summaries}) > 1:
         written.append(_plot_scaling(summaries, out / "scaling.png", title))
-    if len({s["workers"] for s in summaries}) > 1 and distances:
+    # A line of distances needs two worker counts above one (with one worker every distance is 0).
+    if len({s["workers"] for s in summaries if s["workers"] > 1}) > 1 and distances:
         written.append(_plot_distances(summaries, out / "sequential_distance.png", title))
     return written
 
@@ -73,7 +75,7 @@ def _plot_curves(summaries: Sequence[dict], curves: Sequence[dict], path: Path, 
     settings = sorted({(s["workers"], s["examples_per_step"]) for s in summaries})
     groups = _series(summaries)
     colors = {key: f"C{i % 10}" for i, key in enumerate(sorted(groups))}
-    fig, axes = plt.subplots(2, len(settings), figsize=(1.0 + 3.0 * len(settings), 6.0), sharey="row",
+    fig, axes = plt.subplots(2, len(settings), figsize=(max(6.0, 1.0 + 3.0 * len(settings)), 6.0), sharey="row",
                              squeeze=False)
     for (loss_ax, score_ax), (n, e) in zip(axes.T, settings):
         for key in colors:
@@ -187,8 +189,10 @@ def _best_per(runs: Sequence[dict], key: str) -> dict:
 
 def _plot_distances(summaries: Sequence[dict], path: Path, title: str) -> Path:
     """Mean relative distance of each reduced update to sequential SGD, against workers; one
-    line per reducer and learning rate (the sequential update depends on the learning rate).
-    One worker is left out: every reducer is sequential SGD there (distance 0 up to rounding)."""
+    line per reducer and learning rate (the sequential update depends on the learning rate),
+    each point the mean over the runs of that N and learning rate, whichever reducer they
+    trained with. One worker is left out: every reducer is sequential SGD there (distance 0 up
+    to rounding)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs = sorted({s["lr"] for s in summaries})
     styles = ["o-", "s--", "^:", "d-."]
@@ -204,6 +208,7 @@ def _plot_distances(summaries: Sequence[dict], path: Path, title: str) -> Path:
                     label=name if len(lrs) == 1 else f"{name}, lr {lr:g}")
     ax.set(xlabel="workers", ylabel="|update - sequential SGD| / |sequential|", yscale="log",
            title=title)
+    ax.title.set_fontsize(9)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
     return save_figure(fig, path)

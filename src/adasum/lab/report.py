@@ -157,10 +157,12 @@ def write_report(summaries: list[dict], curves: list[dict], out: Path, title: st
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summaries, out / "summary.csv")
     write_csv(curves, out / "curves.csv")
-    (out / "table.md").write_text(f"# {title}\n\n" + runs_table(summaries, _TABLE_COLUMNS))
+    distances = has_distances(summaries)
+    # Distance columns only where the runs measured them: a column of "-" would say nothing.
+    columns = [c for c in _TABLE_COLUMNS if distances or not c.startswith("dist_")]
+    (out / "table.md").write_text(f"# {title}\n\n" + runs_table(summaries, columns))
     (out / "by_lr.md").write_text(f"# {title}\n\n" + lr_grid_table(summaries))
     written = [out / "summary.csv", out / "curves.csv", out / "table.md", out / "by_lr.md"]
-    distances = has_distances(summaries)
     if distances:
         (out / "distances.md").write_text(f"# {title}\n\n" + distance_table(summaries))
         written.append(out / "distances.md")
