@@ -74,19 +74,19 @@ def _plot_curves(summaries: Sequence[dict], curves: Sequence[dict], path: Path, 
     (highest final score) when several were tried; each line keeps its colour in every column."""
     settings = sorted({(s["workers"], s["examples_per_step"]) for s in summaries})
     groups = _series(summaries)
-    colors = {key: f"C{i % 10}" for i, key in enumerate(sorted(groups))}
+    several_lrs = len({s["lr"] for s in summaries}) > 1
     fig, axes = plt.subplots(2, len(settings), figsize=(max(6.0, 1.0 + 3.0 * len(settings)), 6.0), sharey="row",
                              squeeze=False)
     for (loss_ax, score_ax), (n, e) in zip(axes.T, settings):
-        for key in colors:
+        for i, key in enumerate(sorted(groups)):
             runs = [s for s in groups[key] if (s["workers"], s["examples_per_step"]) == (n, e)]
             if not runs:
                 continue
             best = _best(runs)
             rows = [r for r in curves if r["run"] == best["run"]]
             scored = [r for r in rows if "score" in r]
-            label = "/".join(key) + (f" lr={best['lr']:g}" if len({s["lr"] for s in summaries}) > 1 else "")
-            style = {"color": colors[key], "ls": _DASHES[list(colors).index(key) % len(_DASHES)]}
+            label = "/".join(key) + (f" lr={best['lr']:g}" if several_lrs else "")
+            style = {"color": f"C{i % 10}", "ls": _DASHES[i % len(_DASHES)]}
             loss_ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], lw=0.8, **style)
             score_ax.plot([r["epoch"] for r in scored], [r["score"] for r in scored], label=label, **style)
         _target_lines(score_ax, summaries)
