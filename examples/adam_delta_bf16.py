@@ -59,7 +59,7 @@ for epoch in range(epochs):
     if rank == 0:
         scale = optimizer.last_stats.summary().get("adasum/scale", float("nan"))
         print(f"epoch {epoch}: loss {accumulation * loss.item():.4f}  test acc {acc:.3f}  "
-              f"adasum scale {scale:.3f} (0.5 = averaged, 1 = summed)")
+              f"adasum scale {scale:.3f} (0.5 = averaged, 1 = summed, >1 = partly opposed)")
 
 if rank == 0:
     print(f"{world} ranks, {epochs * steps_per_epoch // accumulation} updates in {time.time() - t0:.1f} s")

@@ -66,7 +66,7 @@ for steps, (xb, yb) in enumerate(stream(), start=1):
         with torch.no_grad():
             acc = (model(x_test).argmax(1) == y_test).float().mean().item()
         scale = optimizer.last_stats.summary().get("adasum/scale")  # absent when averaging
-        shown = "" if scale is None else f"  adasum scale {scale:.3f} (0.5 = averaged, 1 = summed)"
+        shown = "" if scale is None else f"  adasum scale {scale:.3f} (0.5 = averaged, 1 = summed, >1 = partly opposed)"
         print(f"sync {steps // sync_every}: loss {loss.item():.4f}  test acc {acc:.3f}{shown}")
 
 if rank == 0:

@@ -95,6 +95,7 @@ def main() -> None:
         print(f"fitting digits on {args.workers} Keras workers ({args.backend}) with {reducer} ...")
         rows.append(spawn(train, args.workers, reducer, args.epochs, timeout=900, env=env)[0])
     print(markdown_table(rows, COLUMNS), end="")
+    print(f"score: test accuracy; steps_to_target: the first epoch end at test accuracy >= {TARGET} (- = not reached)")
 
 
 if __name__ == "__main__":

@@ -263,8 +263,10 @@ def test_simulate_tiny_sweep(tmp_path, capsys):
     summary = list(csv.DictReader(open(out_dir / "summary.csv")))
     # 2048 workers x 16 examples do not fit digits' 1,438 training examples: skipped, said so.
     assert len(summary) == 2 * 3 * 2 and "12 runs (6 skipped" in out
-    for name in ("curves.csv", "table.md", "curves.png", "lr_range.png", "sequential_distance.png"):
+    for name in ("curves.csv", "table.md", "curves.png", "lr_range.png", "distances.md"):
         assert (out_dir / name).stat().st_size > 0, name
+    # One worker count above one: no line of distances to draw (distances.md has the numbers).
+    assert not (out_dir / "sequential_distance.png").exists()
     one_worker = [r for r in summary if r["workers"] == "1" and r["lr"] == "0.05"]
     # With one worker every reducer is the identity: the runs are the same run.
     assert len({r["train_loss"] for r in one_worker}) == 1

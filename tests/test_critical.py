@@ -9,7 +9,7 @@ import torch
 
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig
-from adasum.lab.critical import fit_critical_batch, measure_noise, one_worker_config
+from adasum.lab.critical import fit_critical_batch, measure_noise, noise_report, one_worker_config
 from adasum.lab.simulate import simulate_run
 from adasum.lab.tasks import load_task
 
@@ -83,6 +83,17 @@ def test_noise_command_prints_a_finite_noise_scale_at_the_target(tmp_path, capsy
     assert math.isfinite(float(reached.rsplit("B_simple ", 1)[1])) and float(reached.rsplit(" ", 1)[1]) > 0
     assert out[-1].startswith("steps to target: ") and "at E = 256" in out[-1]
     assert (tmp_path / "history.csv").is_file() and (tmp_path / "summary.json").is_file()
+
+
+def test_noise_report_without_a_target_says_none_was_set():
+    history = [{"step": 4, "loss": 0.5, "score": 0.8, "noise_scale": 100.0}]
+    summary = {"task": "digits-mlp", "optimizer": "sgd", "lr": 0.1, "examples_per_step": 64, "workers": 4,
+               "batch": 16, "accum": 1, "target": None, "steps_to_target": None, "steps": 4,
+               "seconds": 1.0, "seconds_per_step": 0.25}
+    lines = noise_report(history, summary)
+    assert "no --target given: B_simple at the target not measured" in lines
+    assert lines[-1].startswith("steps to target: no target set at E = 64;")
+    assert noise_report(history, {**summary, "target": 0.9})[-1].startswith("steps to target: not reached")
 
 
 def test_noise_command_refuses_delta_mode(capsys):

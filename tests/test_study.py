@@ -278,6 +278,16 @@ def test_an_interrupted_study_resumes_with_the_same_tables(whole, tmp_path):
     assert run_study(TINY, TINY_SCALE, whole[0], progress=False)[2] == 0
 
 
+def test_ctrl_c_in_a_study_says_where_its_runs_are_and_how_to_continue(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adasum.lab.study.run_study", interrupted)
+    assert main(["study", "convex", "--out", str(tmp_path), "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"adasum: interrupted; the finished runs are kept in {tmp_path / 'runs'}; "
+                                       "the same command continues from them\n")
+
+
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 def test_elastic_run_is_a_checkpoint_resumed_with_another_worker_count(optimizer):
     task = load_task("logistic", samples=512)

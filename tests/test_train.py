@@ -113,9 +113,11 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     capsys.readouterr()
     # A checkpoint only continues the run it came from.
     assert main(["train", *args, "--epochs", "2", "--lr", "0.01", "--resume", str(checkpoint)]) == 2
+    assert main(["train", *args, "--epochs", "1", "--resume", str(checkpoint)]) == 2
     assert main(["train", "--nproc", "4", *args[2:], "--epochs", "2", "--resume", str(checkpoint)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["adasum: error: checkpoint was written with other options; only --epochs may grow",
+    assert err == ["adasum: error: checkpoint was written with --lr 0.003 (this run: 0.01); only --epochs may grow",
+                   "adasum: error: checkpoint was written with --epochs 2 (this run: 1); --epochs may grow, not shrink",
                    "adasum: error: checkpoint was written by 2 workers, not 4"]
 
 
@@ -210,6 +212,12 @@ def test_ctrl_c_names_the_checkpoint_it_resumed_from_or_none(checkpointed, tmp_p
 ENDLESS = ["--task", "linear", "--samples", "256", "--batch", "8", "--epochs", "100000", "--lr", "0.005",
            "--no-progress"]
 SECONDS = 90  # the longest any wait below may take
+
+
+@pytest.mark.timeout(120)
+def test_a_timeout_under_a_second_is_named_as_given(tmp_path, capsys):
+    assert main(["train", "--nproc", "1", "--timeout", "0.5", "--out", str(tmp_path), *ENDLESS]) == 1
+    assert capsys.readouterr().err == "adasum: error: workers [0] did not finish within 0.5 s\n"
 
 
 #: ``python -m adasum.lab`` with SIGINT handled as Python handles it when started from a terminal.

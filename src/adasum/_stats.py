@@ -11,12 +11,16 @@ For every pair (a, b) that the reduction combines, per layer, the float64 partia
 
   with the coefficients :math:`c_a, c_b` of the operator. Parallel vectors give s = 0.5 (Adasum
   averaged them), orthogonal ones s = 1 (Adasum summed them); for two vectors of equal norm
-  s = 1 - c/2 exactly.
+  s = 1 - c/2 exactly. Only vectors that point partly against each other (c < 0) give s > 1
+  (every such pair of equal norms does, up to 1.5): Adasum subtracts half of each one's
+  projection on the other, which is negative there, so it keeps more than their sum, in which
+  they partly cancel.
 
 Reading them for the learning rate: scalings near 0.5 at every level mean the ranks agree and
 Adasum behaves like averaging, so the learning rate tuned for one rank's batch is already right;
 scalings near 1 mean Adasum adds the ranks' contributions up, so one step does the work of up to
-N single-rank steps and that rate should not be scaled up further.
+N single-rank steps and that rate should not be scaled up further. Scalings above 1 mean the
+ranks' contributions partly point against each other.
 
 The same numbers give the gradient noise scale (:mod:`adasum._noise`): the first stage's pairs
 hold squared norms of single ranks' gradients and of pairs' means, the two batch sizes its

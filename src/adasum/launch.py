@@ -177,7 +177,7 @@ def spawn(
                     raise WorkerError(_death(dead[0], procs[dead[0]].exitcode)) from None
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(nprocs)) - set(outputs))
-                    raise TimeoutError(f"workers {missing} did not finish within {timeout:.0f} s") from None
+                    raise TimeoutError(f"workers {missing} did not finish within {timeout:g} s") from None
                 continue
             if not ok:
                 raise WorkerError(_killed(procs, rank, may_exit) or f"worker {rank} failed:\n{payload}")

@@ -150,21 +150,21 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
 
 
 _SUMMARY_COLUMNS = ("reducer", "optimizer", "workers", "examples_per_step", "lr", "steps",
-                    "train_loss", "test_loss", "score", "steps_to_target", "epochs_to_target",
+                    "train_loss", "test_loss", "score", "target", "steps_to_target", "epochs_to_target",
                     "noise_scale")
 
 
 def _print_summaries(summaries: Sequence[dict]) -> None:
-    from adasum.lab.report import markdown_table
+    from adasum.lab.report import runs_table
 
-    print(markdown_table(summaries, _SUMMARY_COLUMNS), end="")
+    print(runs_table(summaries, _SUMMARY_COLUMNS), end="")
 
 
 # -------------------------------------------------------------------------------- simulate
 
 def _simulate(args: argparse.Namespace) -> int:
     from adasum.lab.device import resolve_device
-    from adasum.lab.report import write_report
+    from adasum.lab.report import reached, write_report
     from adasum.lab.simulate import sweep
 
     if not args.workers or min(args.workers) < 1:
@@ -188,8 +188,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     def report(summary: dict) -> None:
         print(f"  {summary['optimizer']}/{summary['reducer']} N={summary['workers']} "
-              f"E={summary['examples_per_step']} lr={summary['lr']:g}: score {summary['score']:.4f}, "
-              f"epochs to target {summary['epochs_to_target']}, noise scale {summary['noise_scale']:.4g}, "
+              f"E={summary['examples_per_step']} lr={summary['lr']:g}: {summary['metric']} {summary['score']:.4f}, "
+              f"{reached(summary)}, noise scale {summary['noise_scale']:.4g}, "
               f"{summary['seconds_per_step']:.3g} s/step "
               f"({summary['device']}, {summary['worker_chunk']} workers per chunk"
               + (f", peak {summary['peak_gib']:.2f} GiB)" if "peak_gib" in summary else ")"), file=sys.stderr)
@@ -236,8 +236,12 @@ def _study(args: argparse.Namespace) -> int:
     if args.worker_chunk is not None and args.worker_chunk < 1:
         raise ConfigError(f"--worker-chunk must be at least 1, got {args.worker_chunk}")
     out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
-    records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
-                                     progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
+                                         progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        raise _Interrupted(f"the finished runs are kept in {out / 'runs'}; the same command continues "
+                           "from them") from None
     title = f"{section.title} ({args.scale} scale, b_crit {scale.b_crit:g})"
     written = write_study_report(records, curves, out, title, scale, section.readings)
     for name in ("protocol", *section.readings):
@@ -296,7 +300,8 @@ def _demo(args: argparse.Namespace) -> int:
         result = spawn(train_worker, args.nproc, config, str(out / reducer), None, False, timeout=600)[0]
         summaries.append({**result["summary"], "run": len(summaries)})
         curves.extend({"run": len(summaries) - 1, **r} for r in result["history"])
-    write_report(summaries, curves, out, f"digits MLP, {args.nproc} workers, momentum lr {DEMO.lr}")
+    write_report(summaries, curves, out,
+                 f"digits MLP, {args.nproc} workers, momentum lr {DEMO.lr}, target test accuracy {DEMO.target:g}")
     _print_summaries(summaries)
     print(f"plot: {out / 'curves.png'}")
     return 0

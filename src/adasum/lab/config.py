@@ -145,6 +145,22 @@ class RunConfig:
     def with_(self, **changes) -> RunConfig:
         return replace(self, **changes)
 
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag of field ``name``: ``--`` and the name with dashes, unless
+        the field declares another."""
+        declared = next(f for f in fields(RunConfig) if f.name == name).metadata.get("flag")
+        return declared or f"--{name.replace('_', '-')}"
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """The options ``other`` sets otherwise, as ``--flag VALUE (this run: VALUE)`` with
+        self's value first (``not set`` for None)."""
+        def shown(value: object) -> str:
+            return "not set" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+        return [f"{self.flag(f.name)} {shown(getattr(self, f.name))} (this run: {shown(getattr(other, f.name))})"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
     def as_dict(self) -> dict:
         """The options, those added after runs were stored (:data:`_LATER`) only where they
         differ from their defaults: a stored run's configuration, and the study's file names

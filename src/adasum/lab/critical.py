@@ -95,7 +95,8 @@ def noise_report(history: Sequence[dict], summary: dict, levels: Sequence[float]
         last = rows[-1]
         lines.append(f"end, step {last['step']} ({last['examples']:,} examples): score {last['score']:.4f}, "
                      f"B_simple {last['noise_scale']:.4g}")
-    lines.append(f"steps to target: {reached if reached is not None else 'not reached'} at E = {per_step}; "
+    steps = reached if reached is not None else "not reached" if target is not None else "no target set"
+    lines.append(f"steps to target: {steps} at E = {per_step}; "
                  f"{summary['seconds']:.0f} s ({summary['seconds_per_step']:.3g} s/step)")
     return lines
 

@@ -87,7 +87,7 @@ def add_config_options(parser: argparse.ArgumentParser, *names: str, **defaults:
     by_name = {f.name: f for f in fields(RunConfig)}
     for name in names:
         meta = by_name[name].metadata
-        flag = meta["flag"] or f"--{name.replace('_', '-')}"
+        flag = RunConfig.flag(name)
         # ``int | None`` and the like: the option's type is the one that is not None.
         kind = next(t for t in typing.get_args(types[name]) or (types[name],) if t is not type(None))
         choices = meta["choices"] or _FIELD_CHOICES.get(name)

@@ -15,7 +15,7 @@ from torch import nn
 from adasum.lab.config import Steps
 from adasum.lab.task import Task
 
-__all__ = ["evaluate", "crossing", "summarize", "write_csv", "write_json"]
+__all__ = ["evaluate", "crossing", "summarize", "metric_of", "targets_of", "write_csv", "write_json"]
 
 
 @torch.no_grad()
@@ -42,8 +42,9 @@ def crossing(evaluated: Sequence[dict], target: float) -> int | None:
     return None
 
 
-def summarize(history: Sequence[dict], plan: Steps) -> dict:
-    """One line per run: where it ended and when it first reached the target score.
+def summarize(history: Sequence[dict], plan: Steps, metric: str) -> dict:
+    """One line per run: where it ended and when it first reached the target score; ``metric``
+    names what the score is (:attr:`Task.metric`), for the reports.
 
     ``steps_to_target`` is the :func:`crossing` of the evaluations; the epochs (at the end, at the
     target) are those the rows carry, so a history of the new steps of a resumed run, or of
@@ -70,6 +71,7 @@ def summarize(history: Sequence[dict], plan: Steps) -> dict:
         "diverged": not all(math.isfinite(r["loss"]) for r in history),
         "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
         "test_loss": final.get("test_loss", math.nan), "score": final.get("score", math.nan),
+        "metric": metric,
         **({"bits_per_byte": final["bits_per_byte"]} if "bits_per_byte" in final else {}),
         "target": cfg.target,
         "steps_to_target": reached,
@@ -78,6 +80,16 @@ def summarize(history: Sequence[dict], plan: Steps) -> dict:
         "noise_scale_at_target": at_target.get("noise_scale", math.nan),
         **({"sync_every": cfg.sync_every, "outer": cfg.outer, "outer_lr": cfg.outer_lr} if cfg.local else {}),
     }
+
+
+def metric_of(summaries: Sequence[dict]) -> str:
+    """What the runs' score is ("test accuracy", ...; "score" for records from before it was named)."""
+    return next((s["metric"] for s in summaries if s.get("metric")), "score")
+
+
+def targets_of(summaries: Sequence[dict]) -> list[float]:
+    """The targets the runs were given, smallest first (none: no target was set)."""
+    return sorted({s["target"] for s in summaries if s.get("target") is not None})
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:

@@ -251,7 +251,7 @@ class SimulatedRun:
         measured = [r for r in self.history if "dist_adasum" in r]
         elastic = self.resize is not None or self.resumed
         return {
-            **summarize(self.history, self.phases[-1][0]),
+            **summarize(self.history, self.phases[-1][0], self.task.metric),
             **({"workers_before": self.workers, "resize_epoch": self.resize[0] if self.resize else None}
                if elastic else {}),
             **{key: sum(r[key] for r in measured) / len(measured) if measured else math.nan

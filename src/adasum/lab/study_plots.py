@@ -62,9 +62,9 @@ def plot_steps(best: Sequence[dict], path: Path, title: str) -> Path:
 
 def plot_diagnostics(records: Sequence[dict], curves: Sequence[dict], best_runs: dict[tuple, list[int]],
                      path: Path, title: str) -> Path:
-    """Adasum's scaling of the workers' vectors (0.5 = averaged, 1 = summed) over training, at
-    each setting's best learning rate (first seed): thin lines per layer, a thick line over all
-    layers; one panel per combiner, one colour per setting."""
+    """Adasum's scaling of the workers' vectors (0.5 = averaged, 1 = summed, above 1 = partly
+    opposed) over training, at each setting's best learning rate (first seed): thin lines per
+    layer, a thick line over all layers; one panel per combiner, one colour per setting."""
     combiners = sorted({key[1] for key in best_runs})
     fig, axes = plt.subplots(1, len(combiners), figsize=(5 * len(combiners), 3.8), squeeze=False, sharey=True)
     for ax, combiner in zip(axes[0], combiners):
@@ -82,8 +82,9 @@ def plot_diagnostics(records: Sequence[dict], curves: Sequence[dict], best_runs:
             ax.plot(epochs, [r["orth/scale"] for r in rows], color=color, lw=2, label=f"{key[0]} {key[2]}")
         ax.axhline(0.5, color="grey", ls=":", lw=0.8)
         ax.axhline(1.0, color="grey", ls=":", lw=0.8)
-        ax.set(xlabel="epoch", title=f"runs with {combiner}", ylim=(0.4, 1.05))
+        ax.set(xlabel="epoch", title=f"runs with {combiner}")
+        ax.set_ylim(bottom=0.4)  # no upper limit: a scaling above 1 (opposed vectors) stays in view
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("Adasum scaling (0.5 averaged, 1 summed)")
+    axes[0][0].set_ylabel("Adasum scaling (0.5 averaged, 1 summed, >1 opposed)")
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

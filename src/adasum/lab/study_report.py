@@ -86,7 +86,8 @@ def write_study_report(records: list[dict], curves: list[dict], out: Path, title
     if orth:
         note = ("\nMedians over the seeds at the best learning rate, from Adasum's statistics of the "
                 "workers' reduced vectors (whatever the combiner): cosine between combined pairs, "
-                "and Adasum's scaling of their sum (0.5 = averaged, 1 = summed).\n")
+                "and Adasum's scaling of their sum (0.5 = averaged, 1 = summed, above 1 = the vectors pointed "
+                "partly against each other: negative cosines).\n")
         (out / "orthogonality.md").write_text(f"# {title}\n\n" + markdown_table(orth, list(orth[0])) + note)
         written.append(out / "orthogonality.md")
     elastic = elastic_rows(tuned, scale.sweep_seeds)

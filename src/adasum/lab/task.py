@@ -18,11 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Task", "TaskError", "DATA_SEED"]
+__all__ = ["Task", "TaskError", "DATA_SEED", "METRICS"]
 
 #: The split and the synthetic teachers use this seed, not the run's: the data stay fixed
 #: while the seed varies the model's initialisation and the data order.
 DATA_SEED = 12345
+
+
+#: What the score of each kind of task is, as the program's output names it.
+METRICS = {"classification": "test accuracy", "regression": "test R^2", "language": "next-byte accuracy"}
 
 
 class TaskError(ValueError):
@@ -59,6 +63,11 @@ class Task(ABC):
     @abstractmethod
     def to(self, device: torch.device) -> Task:
         """The same task with its data on ``device`` (self if they are there already)."""
+
+    @property
+    def metric(self) -> str:
+        """What :meth:`score` measures, in words: "test accuracy", "test R^2" or "next-byte accuracy"."""
+        return METRICS[self.kind]
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over a batch: cross-entropy or mean squared error."""

@@ -92,8 +92,12 @@ def check_resume(path: str | os.PathLike, config: RunConfig, workers: int,
         raise ConfigError(f"checkpoint {name} holds options this version does not know") from None
     if state["workers"] != workers:
         raise ConfigError(f"checkpoint was written by {state['workers']} workers, not {workers}")
-    if saved.with_(epochs=config.epochs) != config or config.epochs < saved.epochs:
-        raise ConfigError("checkpoint was written with other options; only --epochs may grow")
+    changed = saved.with_(epochs=config.epochs).differences(config)
+    if changed:
+        raise ConfigError(f"checkpoint was written with {', '.join(changed)}; only --epochs may grow")
+    if config.epochs < saved.epochs:
+        raise ConfigError(f"checkpoint was written with {', '.join(saved.differences(config))}; "
+                          "--epochs may grow, not shrink")
     if len(state["optimizers"]) != workers or len(state["history"]) != state["step"]:
         raise ConfigError(f"checkpoint {name} is inconsistent: {len(state['optimizers'])} optimizer "
                           f"states, {len(state['history'])} history rows for step {state['step']}")
@@ -194,7 +198,7 @@ def train_worker(
     bar.close()
     if rank != 0:
         return None
-    summary = summarize(history, plan)
+    summary = summarize(history, plan, task.metric)
     if out is not None:
         write_csv(history, Path(out) / "history.csv")
         write_json({"summary": summary, "config": config.as_dict(), "history": history},
