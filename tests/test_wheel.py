@@ -1,8 +1,8 @@
 """The package a user builds from a clone: ``python -m build`` makes an sdist and, from it, a
 wheel that installs into a fresh virtual environment, imports from there (not from the
 checkout), carries its package data and compiled kernels, runs its ``adasum`` command, and
-declares exactly the dependencies and extras pyproject.toml declares; the extras the test set-up
-installs resolve in this environment."""
+declares exactly the dependencies and extras pyproject.toml declares; pip resolves it with the
+extras the test set-up installs."""
 
 from __future__ import annotations
 
@@ -102,19 +102,11 @@ def test_wheel_declares_pyproject_extras(built: tuple[Path, Path]) -> None:
     assert _declared(built[0]) == expected
 
 
-def test_set_up_extras_resolve() -> None:
-    """Every requirement of the extras scripts/test.sh installs is met here (the one environment
-    CI builds), and every extra it names exists."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = re.search(r'ADASUM_EXTRAS="([^"]+)"', (ROOT / "scripts/test.sh").read_text()).group(1).split(",")
-    extras = PYPROJECT["project"]["optional-dependencies"]
-    assert set(names) <= set(extras), set(names) - set(extras)
-    for name in names:
-        for text in extras[name]:
-            requirement = Requirement(text)
-            try:
-                found = version(requirement.name)
-            except PackageNotFoundError:
-                pytest.fail(f"extra {name!r}: {requirement.name} is not installed")
-            assert requirement.specifier.contains(found, prereleases=True), (name, text, found)
+def test_set_up_extras_resolve(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """pip resolves the wheel with the extras scripts/test.sh installs from what this
+    environment (the one CI sets up) holds, offline: every requirement of theirs is met here."""
+    names = re.search(r'ADASUM_EXTRAS="([^"]+)"', (ROOT / "scripts/test.sh").read_text()).group(1)
+    assert set(names.split(",")) <= set(PYPROJECT["project"]["optional-dependencies"]), names
+    out = _run(sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--disable-pip-version-check",
+               f"{built[0]}[{names}]", cwd=tmp_path)
+    assert f"Would install adasum-{VERSION}" in out, out
