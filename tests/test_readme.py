@@ -1,8 +1,9 @@
 """The README, followed literally, cannot drift from the code.
 
 Its ``sh`` blocks: every command names a script, example, benchmark, module, console command,
-option and extra that exist, and its option values parse (the command runs up to argparse with
-``--help`` appended: a bad value exits 2 before the help); the quick ones, ``adasum --help`` and
+option and extra that exist, and its options parse (a script runs up to the end of its
+``parse_args`` and stops there; a tool's module, ``build`` or ``pytest``, runs with ``--help``
+appended, so a bad value exits 2 before the help); the quick ones, ``adasum --help`` and
 ``adasum --version``, run. Its ``python`` blocks run in a 2-process Gloo group, each on the
 names it leaves to the reader (``tensors``, ``model``, ...) made here, with their results
 checked where the block computes one.
@@ -19,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +27,8 @@ from torch import nn
 import adasum
 from adasum.launch import spawn
 from conftest import TIMEOUT, same_bits
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
