@@ -163,6 +163,12 @@ def test_readme_has_commands_and_snippets() -> None:
     assert len(blocks("python")) == len(SNIPPETS)
 
 
+def test_every_example_has_its_launch_line() -> None:
+    launched = {word for words in commands() for word in words if word.startswith("examples/")}
+    examples = {f"examples/{path.name}" for path in (ROOT / "examples").glob("*.py")}
+    assert launched == examples - {"examples/digits_data.py"}  # the helper the examples import
+
+
 def test_every_command_exists_and_parses() -> None:
     unknown = {words[0] for words in commands()} - set(CHECKS)
     assert not unknown, f"the README runs {unknown}: teach this test to check them"
