@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from _args import comma_list
 
 import adasum
 from adasum.launch import spawn
@@ -110,8 +111,10 @@ def _reduce_row(ranks: int, reps: int) -> tuple[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--exponents", type=int, nargs="+", default=[16, 20, 23])
+    parser.add_argument("--worlds", type=comma_list(int), default="2,3,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
+    parser.add_argument("--exponents", type=comma_list(int), default="16,20,23", metavar="E,...",
+                        help="buffers of 2^E float32 (default %(default)s)")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions")
     args = parser.parse_args(argv)

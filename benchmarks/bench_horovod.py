@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from _args import comma_list
 
 import adasum
 import adasum.horovod as hvd
@@ -139,9 +140,10 @@ def _bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--kib", type=int, nargs="+", default=[1, 64, 1024, 16384, 65536],
-                        help="float32 buffer sizes in KiB")
+    parser.add_argument("--worlds", type=comma_list(int), default="2,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
+    parser.add_argument("--kib", type=comma_list(int), default="1,64,1024,16384,65536", metavar="KIB,...",
+                        help="float32 buffer sizes in KiB (default %(default)s)")
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions")
     args = parser.parse_args(argv)

@@ -18,6 +18,8 @@ import os
 import statistics
 import time
 
+from _args import comma_list
+
 from adasum.launch import free_port, spawn
 
 
@@ -67,8 +69,10 @@ def _worker(rank: int, world: int, ports: list[int], sizes: list[int], tensors: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 20, 1 << 23], help="float32 elements in all")
+    parser.add_argument("--workers", type=comma_list(int), default="2,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
+    parser.add_argument("--sizes", type=comma_list(int), default=f"{1 << 20},{1 << 23}", metavar="ELEMENTS,...",
+                        help="float32 elements in all (default %(default)s)")
     parser.add_argument("--tensors", type=int, default=8, help="the elements split into this many tensors")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="2 workers, 2^16 elements, 3 repetitions")

@@ -28,6 +28,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from _args import comma_list
 from bench_collective import _timed
 
 import adasum
@@ -180,7 +181,8 @@ def table(world: int, n: int, ranks: list[dict[str, float]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--worlds", type=comma_list(int), default="2,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
     parser.add_argument("--exponent", type=int, default=23, help="the buffer holds 2^EXPONENT float32")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="2 and 3 ranks, 2^18 float32, 5 repetitions")

@@ -1,6 +1,6 @@
 """Run Horovod's own PyTorch tests against ``adasum.horovod``, with only the import lines changed.
 
-    python scripts/horovod_conformance.py HOROVOD [--sizes 2 3 4] [--files test_torch.py ...]
+    python scripts/horovod_conformance.py HOROVOD [--sizes 2,3,4] [--files test_torch.py,...]
 
 HOROVOD is a Horovod source checkout or sdist (a directory or a .tar.gz); nothing is
 downloaded. Horovod's test files are copied to a temporary directory (never into this
@@ -31,6 +31,10 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The checkout's command-line tools share one list syntax (benchmarks/_args.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _args import comma_list  # noqa: E402
 
 TEST_FILES = ("test_torch.py", "test_adasum_pytorch.py")
 
@@ -281,8 +285,10 @@ def print_table(runs: list[Run], label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("horovod", type=Path, help="a Horovod source checkout or sdist (.tar.gz)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--files", nargs="+", default=list(TEST_FILES), choices=TEST_FILES)
+    parser.add_argument("--sizes", type=comma_list(int), default="2,3,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
+    parser.add_argument("--files", type=comma_list(str, TEST_FILES), default=",".join(TEST_FILES), metavar="FILE,...",
+                        help="Horovod test files (default %(default)s)")
     parser.add_argument("-k", dest="select", help="only the tests pytest's -k expression selects")
     parser.add_argument("--no-alone", dest="alone", action="store_false",
                         help="do not run the failed tests once more alone (quicker)")

@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The checkout's command-line tools share one list syntax (benchmarks/_args.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _args import comma_list  # noqa: E402
+
 WARMUP = 5
 
 
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", nargs="?", choices=["compare", "worker"], default="compare")
     parser.add_argument("--horovod-python", default="/work/hvd-venv/venv/bin/python",
                         help="a Python with Horovod built with MPI (../shared/anchors/install_horovod.sh)")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--worlds", type=comma_list(int), default="2,4", metavar="N,...",
+                        help="world sizes (default %(default)s)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01)

@@ -40,3 +40,13 @@ def test_profile_accounts_for_the_call() -> None:
         assert rows["dist.all_reduce SUM"] > 0
     # Three ranks fold one pair: its exchange, arithmetic and the way back are timed.
     assert {"fold exchange", "fold combination", "unfold exchange"} <= set(tables[3]), done.stdout
+
+
+def test_lists_are_comma_separated() -> None:
+    """The benchmarks take lists as the ``adasum`` program does (``--worlds 2,4``), and a bad item
+    is named before any worker starts."""
+    bench = SCRIPT.parent / "bench_collective.py"
+    done = subprocess.run([sys.executable, str(bench), "--worlds", "2,x"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "argument --worlds: 'x' is not an integer" in done.stderr, done.stderr
+    shown = subprocess.run([sys.executable, str(bench), "--help"], capture_output=True, text=True, timeout=120, check=True)
+    assert "--worlds N,..." in shown.stdout and "(default 2,3,4)" in shown.stdout, shown.stdout
