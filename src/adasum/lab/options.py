@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = _subcommand(sub, "train", "real data-parallel training on N local workers or under torchrun")
-    add_config_options(train, *_RUN_FIELDS, "reducer", "optimizer", "mode", "lr", "batch", "accum")
+    add_config_options(train, *_RUN_FIELDS, "reducer", "optimizer", "mode", "lr", "batch", "accum", "sync_every",
+                       "outer", "outer_lr")
     train.add_argument("--nproc", type=int, help="start this many local Gloo workers (default: torchrun's, else 1)")
     train.add_argument("--out", default="runs/train", help="history.csv/json and checkpoint.pt go here")
     train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow)")
