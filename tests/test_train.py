@@ -121,6 +121,37 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
                    "adasum: error: checkpoint was written by 2 workers, not 4"]
 
 
+@pytest.mark.timeout(300)
+def test_local_sgd_workers_follow_the_simulator_and_resume_mid_cycle(tmp_path):
+    """DiLoCo through LocalSGD (Adam inside, Nesterov outside, a synchronisation every 5 steps,
+    which an epoch does not divide): the losses, the test losses of the synchronised weights and
+    the statistics of the reduced deltas are the simulator's; a run resumed from the checkpoint
+    of the first epoch, in the middle of a cycle, continues it."""
+    args = ["--nproc", "2", "--optimizer", "adam", "--lr", "0.003", "--batch", "16", "--sync-every", "5",
+            "--outer-optimizer", "nesterov", "--outer-lr", "0.7"]
+    straight = train([*args, "--epochs", "2"], tmp_path / "straight")
+    config = RunConfig(optimizer="adam", lr=0.003, batch=16, epochs=2, sync_every=5, outer="nesterov", outer_lr=0.7)
+    history, _ = simulate_run(load_task(config.task), config, 2, distances=False, diagnostics=True)
+    assert_same_curve(straight, [r["loss"] for r in history])
+    rows = list(csv.DictReader(open(tmp_path / "straight" / "history.csv")))
+    evaluated = [(float(r["test_loss"]), s["test_loss"]) for r, s in zip(rows, history) if r["test_loss"]]
+    assert len(evaluated) > 2 and all(abs(a - b) <= 1e-5 * b for a, b in evaluated)
+    # Every synchronisation's row, and only those, carries the deltas' statistics per layer;
+    # where the simulator evaluated after one, its statistics of the same deltas agree.
+    synced = [r for r in rows if r.get("orth/scale")]
+    assert [int(r["step"]) for r in synced] == list(range(5, len(rows) + 1, 5))
+    both = [(r, history[int(r["step"]) - 1]) for r in synced if "orth/scale" in history[int(r["step"]) - 1]]
+    assert both
+    for real, sim in both:
+        for key in ("orth/scale", "orth/cos", "orth/layer/0.weight/scale", "orth/layer/2.bias/cos"):
+            assert abs(float(real[key]) - sim[key]) <= 1e-5, (real["step"], key)
+    first = train([*args, "--epochs", "1"], tmp_path / "split")
+    assert len(first) % 5  # the checkpoint falls in the middle of a cycle
+    resumed = train([*args, "--epochs", "2", "--resume", str(tmp_path / "split" / "checkpoint.pt")], tmp_path / "split")
+    assert resumed[:len(first)] == first
+    assert_same_curve(resumed, straight)
+
+
 # ------------------------------------------------------------------------ damaged checkpoints
 
 @pytest.fixture(scope="module")

@@ -226,29 +226,58 @@ def _geometry(workers: Sequence[int], out: Path) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from adasum.lab.device import resolve_device
+    from adasum.lab.diloco import LOCAL_SECTIONS
+
+    resolve_device(args.device)
+    if args.worker_chunk is not None and args.worker_chunk < 1:
+        raise ConfigError(f"--worker-chunk must be at least 1, got {args.worker_chunk}")
+    out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        if args.name in LOCAL_SECTIONS:
+            return _local_study(args, out, progress)
+        return _section_study(args, out, progress)
+    except KeyboardInterrupt:
+        raise _Interrupted(f"the finished runs are kept in {out / 'runs'}; the same command continues "
+                           "from them") from None
+
+
+def _section_study(args: argparse.Namespace, out: Path, progress: bool) -> int:
+    """``adasum study NAME`` for a section of :mod:`adasum.lab.sections`."""
     from adasum.lab.sections import SECTIONS
     from adasum.lab.study import run_study
     from adasum.lab.study_report import write_study_report
 
     section = SECTIONS[args.name]
     scale = section.scale(args.scale)
-    resolve_device(args.device)
-    if args.worker_chunk is not None and args.worker_chunk < 1:
-        raise ConfigError(f"--worker-chunk must be at least 1, got {args.worker_chunk}")
-    out = _output_dir(args.out or f"runs/study/{args.name}-{args.scale}")
-    try:
-        records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
-                                         progress=not args.no_progress and sys.stderr.isatty())
-    except KeyboardInterrupt:
-        raise _Interrupted(f"the finished runs are kept in {out / 'runs'}; the same command continues "
-                           "from them") from None
+    records, curves, ran = run_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
+                                     progress=progress)
     title = f"{section.title} ({args.scale} scale, b_crit {scale.b_crit:g})"
     written = write_study_report(records, curves, out, title, scale, section.readings)
     for name in ("protocol", *section.readings):
         print((out / f"{name}.md").read_text())
+    _print_study_end(records, ran, out, written)
+    return 0
+
+
+def _local_study(args: argparse.Namespace, out: Path, progress: bool) -> int:
+    """``adasum study diloco``: a local SGD section (:mod:`adasum.lab.diloco`)."""
+    from adasum.lab.diloco import LOCAL_SECTIONS, run_local_study
+    from adasum.lab.diloco_report import write_local_report
+
+    section = LOCAL_SECTIONS[args.name]
+    scale = section.scale(args.scale)
+    records, curves, ran = run_local_study(section, scale, out, device=args.device, worker_chunk=args.worker_chunk,
+                                           progress=progress)
+    written = write_local_report(records, curves, out, f"{section.title} ({args.scale} scale)", scale)
+    print((out / "diloco.md").read_text())
+    _print_study_end(records, ran, out, written)
+    return 0
+
+
+def _print_study_end(records: Sequence[dict], ran: int, out: Path, written: Sequence[Path]) -> None:
     print(f"{len(records)} runs ({ran} new, {len(records) - ran} found in {out / 'runs'}); "
           f"wrote {', '.join(p.name for p in written)} to {out}/")
-    return 0
 
 
 # ----------------------------------------------------------------------------------- noise

@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from adasum._version import __version__
 from adasum.lab.config import OPTIMIZERS, REDUCERS, RunConfig
+from adasum.lab.diloco import LOCAL_SECTIONS
 from adasum.lab.sections import SCALES, SECTIONS
 from adasum.lab.tasks import TASKS
 
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = _subcommand(sub, "train", "real data-parallel training on N local workers or under torchrun")
-    add_config_options(train, *_RUN_FIELDS, "reducer", "optimizer", "mode", "lr", "batch", "accum")
+    add_config_options(train, *_RUN_FIELDS, "reducer", "optimizer", "mode", "lr", "batch", "accum", "sync_every",
+                       "outer", "outer_lr")
     train.add_argument("--nproc", type=int, help="start this many local Gloo workers (default: torchrun's, else 1)")
     train.add_argument("--out", default="runs/train", help="history.csv/json and checkpoint.pt go here")
     train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow)")
@@ -155,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "axis at every E (widened while a best rate sits at an end; more seeds at the best "
                         "rates), and the recipe reading at fixed hyperparameters. Writes protocol.md, tuned.md "
                         "and recipe.md (verdicts with 95%% bootstrap intervals), orthogonality.md, the plots, "
-                        "and runs/<id>.json per run; a rerun continues where an interrupted one stopped.")
-    study.add_argument("name", type=_one_of(tuple(SECTIONS), "study section"), choices=tuple(SECTIONS),
+                        "and runs/<id>.json per run; a rerun continues where an interrupted one stopped. "
+                        "The local SGD section (diloco, adasum.lab.diloco) tunes the outer rate instead and writes "
+                        "diloco.md (its three questions' verdicts), rates.md and orthogonality.md.")
+    names = (*SECTIONS, *LOCAL_SECTIONS)
+    study.add_argument("name", type=_one_of(names, "study section"), choices=names,
                        metavar="NAME", help="the section (see adasum.lab.sections): one of %(choices)s")
     study.add_argument("--scale", type=_one_of(SCALES, "scale"), choices=SCALES, default="cpu", metavar="SCALE",
                        help="cpu (a laptop's grid) or gpu (the study proper; use --device cuda)")

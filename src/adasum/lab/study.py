@@ -27,7 +27,7 @@ from adasum.lab.study_plan import Point, next_points
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
 
-__all__ = ["RunSpec", "run_spec", "run_study"]
+__all__ = ["RunSpec", "run_spec", "run_study", "run_plan"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class RunSpec:
         text = json.dumps({"config": self.config.as_dict(), "setting": asdict(self.setting)}, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         c = self.config
-        return f"{c.optimizer}-{c.reducer}-{self.setting.label.replace(' ', '-')}-lr{c.lr:g}-s{c.seed}-{digest}"
+        # The point's rate is the one the study tunes: the outer one in a local SGD section.
+        return f"{c.optimizer}-{c.reducer}-{self.setting.label.replace(' ', '-')}-lr{self.point.lr:g}-s{c.seed}-{digest}"
 
 
 def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> RunSpec:
@@ -63,8 +64,10 @@ def run_spec(section: Section, scale: Scale, point: Point, train_size: int) -> R
 def _record(spec: RunSpec, summary: dict, train_size: int) -> dict:
     """The summary with the fields the protocol and the readings group by, and the run's
     planned length and warm-up (a run that reaches the target stops there, so its ``steps``
-    say nothing of the budget)."""
-    return {**summary, "combiner": spec.point.combiner, "reading": spec.point.reading,
+    say nothing of the budget); ``lr`` is the rate the study tunes (the outer one in a local
+    SGD section, whose inner rate is ``inner_lr``)."""
+    inner = {"inner_lr": spec.config.lr} if spec.config.local else {}
+    return {**summary, "lr": spec.point.lr, **inner, "combiner": spec.point.combiner, "reading": spec.point.reading,
             "setting": spec.setting.label, "examples_per_step": spec.setting.examples,
             "first_workers": spec.setting.workers, "resize_to": spec.setting.resize_to,
             "budget": Steps(spec.config, spec.setting.workers, train_size).total_steps,
@@ -109,26 +112,40 @@ def run_study(section: Section, scale: Scale, out: Path, *, task: Task | None = 
     from adasum.lab.device import resolve_device
 
     task = (task or load_task(section.task_at(scale), None, scale.samples)).to(resolve_device(device))
+    train_size = task.train_size
+    return run_plan(lambda records: next_points(section, scale, records),
+                    lambda point: run_spec(section, scale, point, train_size), lambda config: task, out,
+                    name=section.name, device=device, worker_chunk=worker_chunk, progress=progress, on_run=on_run)
+
+
+def run_plan(plan: Callable[[list[dict]], list[Point]], spec_of: Callable[[Point], RunSpec],
+             task_of: Callable[[RunConfig], Task], out: Path, *, name: str, device: str = "cpu",
+             worker_chunk: int | None = None, progress: bool = True,
+             on_run: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict], int]:
+    """:func:`run_study` for any plan: ``plan`` gives the points still needed after the records
+    so far, ``spec_of`` a point's run, ``task_of`` the task (on ``device``) a run trains on."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    records, curves, ran = [], [], 0
+    records: list[dict] = []
+    curves: list[dict] = []
+    ran = 0
     # The total grows as the plan does: widened axes and added seeds are known only later.
-    bar = tqdm(total=0, disable=not progress, unit="run", desc=section.name)
-    while points := next_points(section, scale, records):
+    bar = tqdm(total=0, disable=not progress, unit="run", desc=name)
+    while points := plan(records):
         bar.total += len(points)
         bar.refresh()
         for point in points:
-            spec = run_spec(section, scale, point, task.train_size)
+            spec = spec_of(point)
             path = runs / f"{spec.key}.json"
             result = _load(path, spec)
             new = result is None
             if new:
-                result = _simulate(task, spec, device, worker_chunk)
+                result = _simulate(task_of(spec.config), spec, device, worker_chunk)
                 # Written whole, then renamed: an interruption leaves the old state or the new.
                 write_json(result, path.with_suffix(".tmp"))
                 os.replace(path.with_suffix(".tmp"), path)
                 ran += 1
-            records.append(_record(spec, result["summary"], task.train_size))
+            records.append(_record(spec, result["summary"], task_of(spec.config).train_size))
             curves.extend({"run": len(records) - 1, **row} for row in result["history"] if "score" in row)
             bar.update()
             if new and on_run is not None:

@@ -12,7 +12,14 @@ front doors only:
   step's last micro-batch (the others run under ``no_sync``). Each worker then runs the same
   optimizer step on the reduced gradient;
 * delta mode (``--mode delta``, the default of adam and lamb): :class:`adasum.optim.DistributedOptimizer` steps each worker's own
-  optimizer on its own gradient, reduces the parameter deltas and applies the result.
+  optimizer on its own gradient, reduces the parameter deltas and applies the result;
+* local SGD (``--sync-every H``, ``--outer-optimizer``, delta mode): :class:`adasum.optim.LocalSGD`
+  steps each worker's optimizer H times on its own weights between reductions of the deltas,
+  and the outer optimizer, if any, steps on the reduced delta (DiLoCo). Every synchronisation's
+  row of the history carries the statistics of the deltas it reduced, per layer
+  (``orth/...``, :meth:`adasum.Stats.summary`: cosines, and Adasum's scaling, 1/2 = averaged,
+  1 = summed), and the evaluations score the weights of the last synchronisation, as the
+  simulator's do; the noise scale, which needs the gradients of one point, is not measured.
 
 The baselines thus run the same code as Adasum: a difference between reducers in a study comes
 from the reduction alone. Both front doors keep statistics (``stats=True``), from which every
@@ -41,11 +48,11 @@ from tqdm import tqdm
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
 from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
-from adasum.lab.optimizers import make_optimizer, set_lr
+from adasum.lab.optimizers import make_optimizer, make_outer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
-from adasum.optim import DistributedOptimizer
+from adasum.optim import DistributedOptimizer, LocalSGD
 
 __all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "CHECKPOINT"]
 
@@ -65,6 +72,11 @@ def _data_parallel(
     step's statistics (for the gradient noise scale), and what to close when the run ends (the
     reducer's buffers; in gradient mode also the hook's thread and process group)."""
     reducer = make_reducer(config.reducer)
+    if config.local:
+        outer = make_outer(config.outer, model.parameters(), config.outer_lr) if config.outer else None
+        local = LocalSGD(optimizer, reducer, sync_every=config.sync_every, outer=outer, stats=True,
+                         named_parameters=model.named_parameters())
+        return model, local, local, reducer
     if config.reduces_deltas:
         # Each worker's optimizer steps on its own gradient; the wrapper reduces the deltas.
         wrapped = DistributedOptimizer(optimizer, reducer, stats=True)
@@ -171,7 +183,8 @@ def train_worker(
     start, history = 0, []
     if resume is not None:
         state = check_resume(resume, config, workers, model)
-        model.load_state_dict(state["model"])
+        # Local SGD: every rank's own weights between synchronisations.
+        model.load_state_dict(state["models"][rank] if "models" in state else state["model"])
         optimizer.load_state_dict(state["optimizers"][rank])
         start, history = state["step"], state["history"]
     # Only rank 0 draws a bar, so a thread lock is enough; tqdm's default adds a named
@@ -184,10 +197,14 @@ def train_worker(
             set_lr(optimizer, plan.lr_at(step))
             mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
             loss = _step(task, net, optimizer, mine, config)
-            noise.update(front.last_stats.noise_scale(plan.per_worker))
             row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": plan.lr_at(step), "loss": loss}
+            if isinstance(front, LocalSGD):
+                if front.inner_steps == 0 and front.last_stats is not None:  # this step synchronised
+                    row.update(front.last_stats.summary("orth"))
+            else:
+                noise.update(front.last_stats.noise_scale(plan.per_worker))
             if rank == 0 and plan.evaluates_after(step + 1):
-                row.update(evaluate(task, model), noise_scale=noise.value)
+                row.update(_evaluate(task, model, front), noise_scale=noise.value)
                 bar.set_postfix(loss=f"{loss:.4f}", score=f"{row['score']:.4f}", noise=f"{noise.value:.3g}")
             history.append(row)
             bar.update()
@@ -204,6 +221,23 @@ def train_worker(
         write_json({"summary": summary, "config": config.as_dict(), "history": history},
                    Path(out) / "history.json")
     return {"summary": summary, "history": history}
+
+
+def _evaluate(task: Task, model: torch.nn.Module, front: AdasumState | DistributedOptimizer) -> dict[str, float]:
+    """The test scores of the model; with local SGD in the middle of a cycle, of the weights of
+    the last synchronisation (this rank's own are not the model the workers share)."""
+    start = front.state_dict()["start"] if isinstance(front, LocalSGD) else None
+    if start is None:
+        return evaluate(task, model)
+    params = list(model.parameters())  # the optimizer's, in its order
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_(params, start)
+    try:
+        return evaluate(task, model)
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, own)
 
 
 def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -233,12 +267,18 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def _checkpoint(out: Path, rank: int, workers: int, config: RunConfig, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, step: int, history: list[dict]) -> None:
-    """Rank 0 writes model, every rank's optimizer state and the history."""
+    """Rank 0 writes model, every rank's optimizer state and the history; with local SGD also
+    every rank's weights (``models``), which differ between synchronisations."""
     states = [None] * workers if rank == 0 else None
     dist.gather_object(optimizer.state_dict(), states, dst=0)
+    models = [None] * workers if rank == 0 else None
+    if config.local:
+        dist.gather_object(model.state_dict(), models, dst=0)
     if rank != 0:
         return
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"config": config.as_dict(), "workers": workers, "step": step,
-                     "model": model.state_dict(), "optimizers": states, "history": history},
-                    out / CHECKPOINT)
+    state = {"config": config.as_dict(), "workers": workers, "step": step,
+             "model": model.state_dict(), "optimizers": states, "history": history}
+    if config.local:
+        state["models"] = models
+    save_checkpoint(state, out / CHECKPOINT)
