@@ -4,7 +4,7 @@ Without x64 JAX has no float64, yet a dot product of a long float32 vector, summ
 loses many digits to rounding. These helpers keep the rounding errors instead:
 
 - :func:`compensated_sums` sums a few 1-D float32 arrays as ``hi + lo`` pairs, with an error of
-  about one rounding of the result for any practical length, in passes that XLA vectorizes;
+  about one rounding of the result for any practical length, in passes over independent offsets;
 - :func:`rounded_product` forms the products to sum, each rounded once (no fused multiply-add);
 - :func:`compensated_sum` adds such pairs along an axis (the devices' partial sums);
 - :func:`times_pow2` and :func:`exponent` scale by powers of two, exactly, so that squares of
@@ -80,9 +80,9 @@ def _fold_streams(
     compensated sums of its pieces' elements at the same offset, followed by the L mod
     _STREAMS elements left over; ``los`` (None: zeros) are the error terms carried so far.
 
-    The sum runs over the major axis of the view, so the loop over the m offsets is the
-    innermost one: XLA vectorizes it, where a reduction along the minor axis with this
-    reducer runs as scalar code, one dependent addition after another.
+    The sum runs over the major axis of the view, so the innermost loop runs over the m
+    independent offsets, where a reduction along the minor axis with this reducer is one
+    chain of dependent additions per output (several times slower on CPU).
     """
     length = his[0].shape[0]
     m = length // _STREAMS
