@@ -30,8 +30,8 @@ with the same bits.
    holds and swaps the other half with the leaf device d away (``ppermute``). Each device computes
    the per-leaf partial ``a.b, |a|^2, |b|^2`` over its rows; these few scalars are exchanged with
    ``all_gather`` and summed, in one fixed order, over the 2d devices that hold pieces of the same
-   two vectors, so all of them derive the same coefficients. After log2(p) levels each leaf
-   device holds one row of the result.
+   two vectors, so all of them derive the same coefficients. After log2(p) levels leaf device j
+   holds row j of the result.
 3. *all-gather*: the rows are gathered on every device (the extra devices of the fold included).
 
 Bytes sent per device are about 2 S (p-1)/p for S bytes of leaves, as for a ring allreduce; the
@@ -44,10 +44,11 @@ invariant over ``axis_name``, like the result of ``psum``.
 - x64 enabled (``jax_enable_x64``): float64, as in the PyTorch reference. Products of float32,
   float16 and bfloat16 elements are exact in float64; the sums are plain float64 sums.
 - x64 disabled (JAX's default): float32 with a *compensated* sum. The products are added with
-  Knuth's TwoSum, whose exact rounding errors are summed alongside: first in 1024 running sums
-  per leaf (one pass of XLA's reduce), then by a pairwise cascade of the same kind, so that
-  ``|computed - sum| <= eps |sum| + O(n / 1024 * eps**2) sum |x_i|`` with eps = 2**-24: about
-  one rounding of the result for any practical length. Each product is itself rounded once to
+  Knuth's TwoSum, whose exact rounding errors are summed alongside: in passes that add 8
+  consecutive pieces of the vector element by element (independent offsets, not one chain;
+  each pass shrinks the data 8 times), then by a pairwise cascade of the same kind, so that
+  ``|computed - sum| <= eps |sum| + (D eps)**2 sum |x_i|`` with eps = 2**-24 and D about
+  8 log8(n) (60 for n = 2**22): about one rounding of the result for any practical length. Each product is itself rounded once to
   float32 (exact for float16 and bfloat16 elements). To keep squares of large or tiny float32
   values from overflowing or underflowing, each device scales a and b by powers of two (exact)
   that bring their largest element into [0.5, 1), and the scales are undone in the coefficients.

@@ -8,8 +8,8 @@ Three stages, in the order of :func:`adasum._order.schedule`:
 2. :func:`_reduce_scatter`: each array is viewed as p rows (:func:`_to_rows`); at leaf distance
    d = 1, 2, 4, ... a leaf device keeps half of its rows, swaps the other half with the leaf
    device d away, and combines the two halves with coefficients that the 2d devices holding
-   pieces of the same two vectors derive from the same numbers. Each leaf device ends with one
-   row of the result (:func:`_final_row`).
+   pieces of the same two vectors derive from the same numbers (:func:`_halves`). Leaf device
+   j ends with row j of the result.
 3. :func:`_all_gather_rows`: every device receives every row, so all hold the same bits.
 """
 
@@ -49,19 +49,18 @@ def _tree_distances(n: int) -> list[int]:
     return [order.leaf_index(right, n) - order.leaf_index(left, n) for left, right in firsts]
 
 
-def _final_row(leaf: int, distances: Sequence[int]) -> int:
-    """The row that leaf device ``leaf`` holds after the reduce-scatter. At distance d the rows
-    it holds halve, and it keeps the upper half when it is the upper partner (``leaf & d``), so
-    that stage adds half of the rows it held before: p / (2d) of the p rows."""
-    p = 2 * distances[-1]
-    return sum(p // (2 * d) for d in distances if leaf & d)
-
-
 def _combine_arrays(
-    sums: Sums, xs: Sequence[jax.Array], ys: Sequence[jax.Array], totals: jax.Array
+    sums: Sums,
+    xs: Sequence[jax.Array],
+    ys: Sequence[jax.Array],
+    totals: jax.Array,
+    swapped: jax.Array | bool = False,
 ) -> list[jax.Array]:
-    """``Adasum(x, y)`` for each pair of arrays, from their ``totals`` (one row per pair)."""
+    """``Adasum(x, y)`` for each pair of arrays, from their ``totals`` (one row per pair);
+    where ``swapped``, the totals are those of ``Adasum(y, x)`` (the same vector), so the
+    coefficients change places."""
     ca, cb = sums.coefficients(totals)
+    ca, cb = jnp.where(swapped, cb, ca), jnp.where(swapped, ca, cb)
     return [combine(x, y, ca[i], cb[i]) for i, (x, y) in enumerate(zip(xs, ys))]
 
 
@@ -83,42 +82,56 @@ def _fold(
     return [jnp.where(is_left, c, x) for c, x in zip(combined, xs)]
 
 
+def _halves(x: jax.Array, upper: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rows ``x`` keeps and the rows it sends: those at even and odd positions, the other
+    way round on the upper partner (``upper`` = 1). The rows left after each stage keep the
+    low bits of their index equal to the device's leaf position, so after the last stage leaf
+    device j holds row j."""
+    pairs = x.reshape(x.shape[0] // 2, 2, x.shape[1])
+    keep = jax.lax.dynamic_index_in_dim(pairs, upper, axis=1, keepdims=False)
+    send = jax.lax.dynamic_index_in_dim(pairs, 1 - upper, axis=1, keepdims=False)
+    return keep, send
+
+
 def _reduce_scatter(
     blocks: list[jax.Array], axis_name: Hashable, n: int, rank: jax.Array, sums: Sums
 ) -> list[jax.Array]:
-    """The tree stages by vector halving: returns each leaf device's one row of the result."""
+    """The tree stages by vector halving: returns each leaf device's one row of the result.
+
+    A device holds pieces of the left operand a (lower partner) or of the right one b (upper
+    partner) and receives the other's. It reduces its own pieces to the per-leaf partials
+    (a few numbers each) before any of them travel, and never builds a and b as arrays: the
+    partials of (kept, received) are put in (a, b) order by exchanging two entries, and the
+    coefficients in the other direction. ``ca * a + cb * b`` equals ``cb * b + ca * a`` to
+    the bit, so the combination is the same either way round.
+    """
     leaf_ranks = order.leaves(n)
     p = len(leaf_ranks)
     # Ranks folded away get position 0: they compute alongside, but nothing they hold is used.
     leaf = jnp.asarray([order.leaf_index(r, n) or 0 for r in range(n)], jnp.int32)[rank]
     for d in _tree_distances(n):
-        half = blocks[0].shape[0] // 2
         upper = (leaf // d) % 2  # 1: this device holds pieces of the right operand
         is_upper = upper == 1
-        keep = [jax.lax.dynamic_slice_in_dim(x, upper * half, half) for x in blocks]
-        send = [jax.lax.dynamic_slice_in_dim(x, (1 - upper) * half, half) for x in blocks]
+        keep, send = zip(*(_halves(x, upper) for x in blocks))
         perm = [(leaf_ranks[j], leaf_ranks[j ^ d]) for j in range(p)]
-        received = jax.lax.ppermute(send, axis_name, perm=perm)
-        a = [jnp.where(is_upper, r, k) for k, r in zip(keep, received)]
-        b = [jnp.where(is_upper, k, r) for k, r in zip(keep, received)]
-        parts = _partials(sums, a, b)
+        received = jax.lax.ppermute(list(send), axis_name, perm=perm)
+        parts = _partials(sums, keep, received)
+        parts = jnp.where(is_upper, parts[:, np.asarray(sums.swap)], parts)
         # Every device sums the same gathered numbers in the same order: equal coefficients.
         gathered = jax.lax.all_gather(parts, axis_name)[np.asarray(leaf_ranks)]
         group = 2 * d
         totals = sums.totals(gathered.reshape(p // group, group, *parts.shape), axis=1)
-        blocks = _combine_arrays(sums, a, b, totals[leaf // group])
+        blocks = _combine_arrays(sums, keep, received, totals[leaf // group], swapped=is_upper)
     return blocks
 
 
 def _all_gather_rows(blocks: list[jax.Array], axis_name: Hashable, n: int) -> list[jax.Array]:
     """Every device receives every row; the result is invariant over the axis (rule 5)."""
-    leaf_ranks = order.leaves(n)
-    distances = _tree_distances(n)
-    holder = [0] * len(leaf_ranks)
-    for j, r in enumerate(leaf_ranks):
-        holder[_final_row(j, distances)] = r
     gathered = jax.lax.all_gather(blocks, axis_name, to="invarying")
-    return [g[np.asarray(holder), 0] for g in gathered]
+    leaf_ranks = order.leaves(n)
+    if leaf_ranks == list(range(n)):  # leaf device j holds row j: the rows are in order
+        return [g[:, 0] for g in gathered]
+    return [g[np.asarray(leaf_ranks), 0] for g in gathered]
 
 
 def all_reduce(tree: Any, axis_name: Hashable) -> Any:

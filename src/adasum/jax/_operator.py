@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adasum._ops import ZERO_GUARD, unsupported_dtype
-from adasum.jax._sums import compensated_sum, compensated_sums, exponent, times_pow2
+from adasum.jax._sums import (
+    compensated_sum,
+    compensated_sums,
+    exponent,
+    rounded_product,
+    times_pow2,
+)
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -57,6 +63,8 @@ class Float64Sums:
     """Accumulation in float64 (x64 mode): the partials are ``[a.b, |a|^2, |b|^2]``."""
 
     guard = ZERO_GUARD
+    #: The partials' order with a and b exchanged.
+    swap = (0, 2, 1)
 
     @staticmethod
     def partials(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -89,6 +97,8 @@ class Float32Sums:
 
     # A nonzero scaled vector has a squared norm >= 1/4; a zero one has exactly 0.
     guard = float(np.finfo(np.float32).tiny)
+    #: The partials' order with a and b exchanged.
+    swap = (0, 2, 1, 3, 5, 4, 7, 6)
 
     @staticmethod
     def partials(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -97,7 +107,7 @@ class Float32Sums:
         b = b.reshape(-1).astype(jnp.float32)
         ea, eb = exponent(a), exponent(b)
         a, b = times_pow2(a, -ea), times_pow2(b, -eb)
-        hi, lo = compensated_sums([a * b, a * a, b * b])
+        hi, lo = compensated_sums([rounded_product(a, b), rounded_product(a, a), rounded_product(b, b)])
         return jnp.concatenate([hi, lo, jnp.stack([ea, eb]).astype(jnp.float32)])
 
     @staticmethod
@@ -124,7 +134,7 @@ class Float32Sums:
         return ca, cb
 
 
-#: Either accumulation; both have ``partials``, ``totals`` and ``coefficients``.
+#: Either accumulation; both have ``partials``, ``swap``, ``totals`` and ``coefficients``.
 Sums = type[Float64Sums] | type[Float32Sums]
 
 
@@ -140,10 +150,6 @@ def combine(a: jax.Array, b: jax.Array, ca: jax.Array, cb: jax.Array) -> jax.Arr
     dtype = a.dtype
     compute = jnp.float32 if dtype in (jnp.float16, jnp.bfloat16) else accumulation_dtype()
     a, b = a.astype(compute), b.astype(compute)
-    x, y = ca.astype(compute) * a, cb.astype(compute) * b
-    # XLA lets LLVM contract x + y into a fused multiply-add (one rounding fewer than the
-    # reference). Selecting between each product and its operand (they differ only where the
-    # operand is NaN, and then both are NaN) hides the multiplication from the contraction.
-    x = jnp.where(a == a, x, a)
-    y = jnp.where(b == b, y, b)
+    # Rounded products: no fused multiply-add, whose single rounding the reference lacks.
+    x, y = rounded_product(a, ca.astype(compute)), rounded_product(b, cb.astype(compute))
     return (x + y).astype(dtype)

@@ -4,7 +4,8 @@ Without x64 JAX has no float64, yet a dot product of a long float32 vector, summ
 loses many digits to rounding. These helpers keep the rounding errors instead:
 
 - :func:`compensated_sums` sums a few 1-D float32 arrays as ``hi + lo`` pairs, with an error of
-  about one rounding of the result for any practical length;
+  about one rounding of the result for any practical length, in passes over independent offsets;
+- :func:`rounded_product` forms the products to sum, each rounded once (no fused multiply-add);
 - :func:`compensated_sum` adds such pairs along an axis (the devices' partial sums);
 - :func:`times_pow2` and :func:`exponent` scale by powers of two, exactly, so that squares of
   very large or very small float32 values neither overflow nor underflow.
@@ -18,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["compensated_sum", "compensated_sums", "exponent", "times_pow2"]
+__all__ = ["compensated_sum", "compensated_sums", "exponent", "rounded_product", "times_pow2"]
 
-#: Independent running sums per array in the first pass of :func:`compensated_sums`.
-_RUNS = 1024
-
+#: Consecutive pieces that one pass of :func:`compensated_sums` adds element by element.
+_STREAMS = 8
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``s = fl(a + b)`` and its rounding error ``e``, with ``a + b = s + e`` exactly (Knuth).
@@ -72,32 +72,60 @@ def _two_sum_reducer(left: tuple, right: tuple) -> tuple:
     return (*his, *los)
 
 
-def compensated_sums(terms: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Compensated sums of k 1-D float32 arrays of one length: ``(hi[k], lo[k])``.
+def _fold_streams(
+    his: list[jax.Array], los: list[jax.Array] | None
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """One pass of :func:`compensated_sums`: each array of length L, cut into :data:`_STREAMS`
+    consecutive pieces of m = L // _STREAMS elements (a ``[_STREAMS, m]`` view), becomes the m
+    compensated sums of its pieces' elements at the same offset, followed by the L mod
+    _STREAMS elements left over; ``los`` (None: zeros) are the error terms carried so far.
 
-    One pass over memory: each array is cut into :data:`_RUNS` consecutive runs, which XLA's
-    reduce sums with :func:`_two_sum_reducer`; the run totals and the few elements left over
-    are then added by :func:`compensated_sum`. The error is about eps |sum| plus
-    (length / _RUNS) eps**2 sum |x_i| from the plain sums of the error terms.
+    The sum runs over the major axis of the view, so the innermost loop runs over the m
+    independent offsets, where a reduction along the minor axis with this reducer is one
+    chain of dependent additions per output (several times slower on CPU).
     """
-    length = terms[0].shape[0]
-    # Runs need two elements or more to save anything over the pairwise cascade alone.
-    runs = _RUNS if length >= 2 * _RUNS else 0
-    main = length - length % runs if runs else 0
-    his = [t[main:] for t in terms]
-    los = [jnp.zeros_like(h) for h in his]
-    if runs:
-        zero = np.float32(0)
-        blocks = [t[:main].reshape(runs, -1) for t in terms]
-        out = jax.lax.reduce(
-            (*blocks, *[jnp.zeros_like(b) for b in blocks]),
-            (zero,) * (2 * len(terms)),
-            _two_sum_reducer,
-            (1,),
-        )
-        his = [jnp.concatenate([o, h]) for o, h in zip(out[: len(terms)], his)]
-        los = [jnp.concatenate([o, lo]) for o, lo in zip(out[len(terms) :], los)]
-    return compensated_sum(jnp.stack(his), jnp.stack(los))
+    length = his[0].shape[0]
+    m = length // _STREAMS
+    main = m * _STREAMS
+    k = len(his)
+    carried = los if los is not None else [jnp.zeros_like(h) for h in his]
+    views = [x[:main].reshape(_STREAMS, m) for x in (*his, *carried)]
+    zero = np.float32(0)
+    out = jax.lax.reduce(tuple(views), (zero,) * (2 * k), _two_sum_reducer, (0,))
+    return (
+        [jnp.concatenate([o, h[main:]]) for o, h in zip(out[:k], his)],
+        [jnp.concatenate([o, lo[main:]]) for o, lo in zip(out[k:], carried)],
+    )
+
+
+def compensated_sums(terms: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Compensated sums of k 1-D float32 arrays of one length n: ``(hi[k], lo[k])``.
+
+    Passes of :func:`_fold_streams` shrink the arrays about :data:`_STREAMS` times each (the
+    first one reads the terms once; the later ones read 1/_STREAMS of that, and less), then
+    :func:`compensated_sum` adds what is left. Every addition of a term is a
+    :func:`_two_sum`, and every error term passes through about D = _STREAMS * log(n) /
+    log(_STREAMS) plain additions (about 60 for n = 2**22), so that, with eps = 2**-24,
+    ``|hi + lo - sum| <= eps |sum| + (D eps)**2 sum |x_i|``: about one rounding of the sum.
+    Terms that are products must be rounded ones (:func:`rounded_product`), not fused into
+    the first addition.
+    """
+    his, los = list(terms), None
+    while his[0].shape[0] >= 2 * _STREAMS:
+        his, los = _fold_streams(his, los)
+    hi = jnp.stack(his)
+    return compensated_sum(hi, jnp.stack(los) if los is not None else jnp.zeros_like(hi))
+
+
+def rounded_product(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x * y``, rounded to its dtype, as a value that no later addition absorbs.
+
+    XLA lets LLVM contract a product and the sum it feeds into one fused multiply-add, a
+    rounding fewer than written: TwoSum would then report a wrong error, and a combination
+    would differ from the reference's. Selecting between the product and x (they differ only
+    where x is NaN, and then both are NaN) hides the multiplication from the contraction.
+    """
+    return jnp.where(x == x, x * y, x)
 
 
 def _pow2(k: jax.Array) -> jax.Array:
