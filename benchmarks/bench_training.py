@@ -17,7 +17,9 @@ Seven setups train the same ~10M-parameter MLP on Gloo, each rank on its own bat
 
 They run interleaved (round r times every setup for --steps steps, then round r + 1), so slow
 phases of a shared machine hit all of them alike; the table gives medians over the rounds of the
-time per step and the ratios of each Adasum setup to its baseline.
+time per step and the ratios of each Adasum setup to its baseline, and the same for rank 0's
+CPU time per step (all its threads: autograd, background reductions, Gloo's), the work a step
+costs whatever else shares the machine.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ SETUPS: dict[str, Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]]] =
 }
 
 
-def _worker(rank: int, world: int, rounds: int, steps: int, names: list[str]) -> dict:
+def _worker(rank: int, world: int, rounds: int, steps: int, names: list[str]) -> dict[str, list[tuple[float, float]]]:
     x, y = batch(rank)
     setups = {name: SETUPS[name]() for name in names}
 
@@ -104,15 +106,16 @@ def _worker(rank: int, world: int, rounds: int, steps: int, names: list[str]) ->
     for model, opt in setups.values():  # warm-up: DDP rebuilds its buckets after iteration 1
         for _ in range(2):
             step(model, opt)
-    times: dict[str, list[float]] = {name: [] for name in setups}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}  # (wall, cpu) per step
     for _ in range(rounds):
         for name, (model, opt) in setups.items():
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 step(model, opt)
+            cpu = time.process_time() - cpu0
             dist.barrier()
-            times[name].append((time.perf_counter() - t0) / steps)
+            times[name].append(((time.perf_counter() - t0) / steps, cpu / steps))
     return times
 
 
@@ -128,11 +131,12 @@ def main() -> None:
         ap.error(f"unknown setups {', '.join(sorted(unknown))}; choose from {', '.join(SETUPS)}")
     params = sum(p.numel() for p in make_model().parameters())
     times = spawn(_worker, args.ranks, args.rounds, args.steps, names, timeout=900)[0]
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = {name: statistics.median(wall for wall, _ in ts) for name, ts in times.items()}
+    cpu = {name: statistics.median(c for _, c in ts) for name, ts in times.items()}
     print(f"{args.ranks} ranks (Gloo, CPU), {params / 1e6:.1f}M parameters, batch {BATCH} per rank, "
           f"median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print("| setup | ms / step | ratio | target |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| setup | ms / step | ratio | CPU ms / step | CPU ratio | target |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     rows = [("ddp-mean", None, None), ("ddp-adasum", "ddp-mean", 1.15),
             ("ddp-adam", None, None), ("delta-adam", "ddp-adam", 1.25), ("delta-adam-overlap", "ddp-adam", 1.10),
             ("fsdp-mean", None, None), ("fsdp-adasum", "fsdp-mean", 1.25)]
@@ -140,7 +144,9 @@ def main() -> None:
         if name not in med or (base is not None and base not in med):
             continue
         ratio = f"{med[name] / med[base]:.2f}x vs {base}" if base else ""
-        print(f"| {name} | {1e3 * med[name]:.1f} | {ratio} | {f'<= {target}x' if target else ''} |")
+        cpu_ratio = f"{cpu[name] / cpu[base]:.2f}x" if base else ""
+        print(f"| {name} | {1e3 * med[name]:.1f} | {ratio} | {1e3 * cpu[name]:.1f} | {cpu_ratio} | "
+              f"{f'<= {target}x' if target else ''} |")
 
 
 if __name__ == "__main__":
