@@ -149,11 +149,6 @@ class Overlap:
         self._launched = 0
         self._in_update = False
 
-    @property
-    def in_update(self) -> bool:
-        """Whether buckets of the current update have been stepped or are about to be."""
-        return self._in_update
-
     def hook(self, params: Sequence[torch.Tensor]) -> None:
         """Watch the gradients of ``params`` (parameters already watched are skipped). The hook
         holds this object weakly: a dropped optimizer leaves inert hooks behind."""
