@@ -10,6 +10,8 @@ every update; with VHDD, equal to the float64 rounding of the dot products.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -182,3 +184,15 @@ def test_overlap_refuses_what_it_cannot_do_exactly():
     ]:
         with pytest.raises(ValueError, match=message):
             DistributedOptimizer(opt, overlap=True, **kwargs)
+
+
+def test_a_dropped_optimizer_leaves_inert_hooks():
+    # A live hook would start an update at this backward pass, and fail: no process group here.
+    model = torch.nn.Linear(3, 2)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), overlap=True)
+    del opt
+    gc.collect()
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(4, 3)).sum().backward()
+    assert same_bits(before, [p.detach() for p in model.parameters()])
+    assert model.weight.grad is not None
