@@ -4,8 +4,9 @@ One spawn of 3 ranks (a world size that needs the fold) trains, for every scenar
 of the same model from the same start on the same data: one with today's whole-model delta step,
 one with ``overlap=True`` and buckets of one parameter each (so that every bucket boundary that
 can occur does). With a reduction whose result per layer does not depend on the rest of the
-buffer (Adasum's gather) the parameters and the optimizer state must be bit-identical after
-every update; with VHDD, equal to the float64 rounding of the dot products.
+buffer (Adasum's gather on 3 ranks, Sum and Average on 2) the parameters and the optimizer state
+must be bit-identical after every update; with VHDD, equal to the float64 rounding of the dot
+products.
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ def test_overlap_is_bit_identical_to_the_whole_model_step(runs, name, passes):
         assert whole["state"] and same_bits(whole["state"], overlapped["state"])
     for r in runs[1:]:
         assert same_bits(r["exact"][(name, passes)][1]["params"][-1], runs[0]["exact"][(name, passes)][1]["params"][-1])
+
+
+def _summed(rank: int, world: int) -> dict:
+    return {r.name: [train(rank, "adamw", 2, r, overlap) for overlap in (False, True)]
+            for r in (adasum.Average(), adasum.Sum())}
+
+
+@pytest.fixture(scope="module")
+def summed() -> list[dict]:
+    return spawn(_summed, 2, timeout=TIMEOUT, group_timeout=20)
+
+
+@pytest.mark.parametrize("name", ["average", "sum"])
+def test_overlap_is_bit_identical_with_the_baselines_on_two_ranks(summed, name):
+    # Each element is a + b on two ranks, whichever bucket carries it.
+    for r in summed:
+        whole, overlapped = r[name]
+        assert all(same_bits(a, b) for a, b in zip(whole["params"], overlapped["params"]))
+        assert same_bits(whole["state"], overlapped["state"])
 
 
 def test_overlap_with_vhdd_agrees_to_the_rounding_of_the_dot_products(runs):
