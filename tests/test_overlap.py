@@ -216,3 +216,16 @@ def test_a_dropped_optimizer_leaves_inert_hooks():
     model(torch.ones(4, 3)).sum().backward()
     assert same_bits(before, [p.detach() for p in model.parameters()])
     assert model.weight.grad is not None
+
+
+def test_an_undeclared_scaler_before_the_last_pass_changes_nothing():
+    # The first of two passes: no gradient is final, no bucket stepped, nothing sent.
+    model = torch.nn.Linear(3, 2)
+    scaler = torch.amp.GradScaler("cpu")
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), backward_passes_per_step=2,
+                               overlap=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.ones(4, 3)).sum()).backward()
+    with pytest.raises(RuntimeError, match="stepped by a GradScaler it does not know"):
+        scaler.step(opt)
+    assert same_bits(before, [p.detach() for p in model.parameters()]) and not opt.state

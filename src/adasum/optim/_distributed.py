@@ -144,9 +144,10 @@ class DistributedOptimizer(Wrapper):
         return f"DistributedOptimizer({self.optimizer!r})"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self._overlap is not None and (problem := overlap_problem(self.optimizer)) is not None:
-            raise ValueError(problem)
         self.optimizer.add_param_group(param_group)
+        if self._overlap is not None and (problem := overlap_problem(self.optimizer)) is not None:
+            self.optimizer.param_groups.pop()  # a group overlap cannot step (a CUDA one) is refused
+            raise ValueError(problem)
         self._watch(self.optimizer.param_groups[-1]["params"])
 
     def close(self) -> None:
@@ -250,6 +251,12 @@ class DistributedOptimizer(Wrapper):
         """The end of an overlapped update: the closure's backward pass (if any) steps buckets
         through the hooks; then the buckets left are stepped and every reduction awaited."""
         assert self._overlap is not None
+        unknown_scaler = RuntimeError(
+            "DistributedOptimizer(overlap=True) is stepped by a GradScaler it does not know, which cannot stop "
+            "the buckets stepped during backward; pass grad_scaler=scaler (then it takes whole-model steps)"
+        )
+        if found_inf is not None and not self.ready:
+            raise unknown_scaler  # before the last pass: no bucket has been stepped
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -257,9 +264,7 @@ class DistributedOptimizer(Wrapper):
         self._overlap.finish()
         self._end_cycle()
         if found_inf is not None:
-            # The buckets stepped before a GradScaler could say whether any rank overflowed.
-            raise RuntimeError("DistributedOptimizer(overlap=True) is stepped by a GradScaler it does not know: "
-                               "the update went ahead; pass grad_scaler=scaler, and it waits for the scaler")
+            raise unknown_scaler  # after the update, which went ahead
         return loss
 
     def _params(self) -> list[torch.Tensor]:
@@ -399,4 +404,3 @@ def broadcast_parameters(
         else list(params)
     )
     broadcast([t.detach() for t in tensors], src, group)
-
