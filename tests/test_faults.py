@@ -1,6 +1,6 @@
 """A rank that dies in the middle of a reduction: the survivors raise, within the process group's
 timeout, on every path (flat collective on both algorithms, DDP hook, hierarchical mode,
-delta-mode optimizer), instead of waiting forever.
+delta-mode optimizer, with and without overlap), instead of waiting forever.
 
 Each path runs in a group of 4 fresh processes whose process-group timeout is GROUP_TIMEOUT
 seconds; rank 3 kills itself (SIGKILL, as a crashed or preempted worker) at a point where its
@@ -70,12 +70,27 @@ def _optimizer_call(rank: int):
     return opt.step
 
 
+def _overlap_call(rank: int):
+    # The bucket is reduced on the background thread during backward; step() meets the error.
+    _kill_victim_at(rank, _vhdd, "all_gather")
+    model = torch.nn.Linear(50, 20)
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters()), adasum.Adasum(algorithm="vhdd"), overlap=True)
+
+    def update() -> None:
+        opt.zero_grad()
+        model(torch.randn(8, 50)).sum().backward()
+        opt.step()
+
+    return update
+
+
 PATHS = {
     "flat-vhdd": lambda rank: _flat_call(rank, "vhdd"),
     "flat-gather": lambda rank: _flat_call(rank, "gather"),
     "hook": _hook_call,
     "hierarchical": _hierarchical_call,
     "optimizer": _optimizer_call,
+    "optimizer-overlap": _overlap_call,
 }
 
 

@@ -203,15 +203,15 @@ def _lifecycle(rank: int, world: int) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
     model.register_comm_hook(state, adasum_hook)
     model(torch.randn(4, 3)).sum().backward()
-    hook_group_timeout = timeout_of(state._group)
-    thread_alive = state._executor is not None
+    hook_group_timeout = timeout_of(state._background._group)
+    thread_alive = state._background._executor is not None
     state.close()
     hierarchical = adasum.Hierarchical(2)
     hierarchical.all_reduce(torch.ones(3))
     intra, across = hierarchical._groups()
     return {
         "kept": kept, "emptied": emptied, "again": again, "thread_alive": thread_alive,
-        "closed": state._executor is None and state._worker is None,
+        "closed": state._background._executor is None and state._background._worker is None,
         "timeouts": [timeout_of(None), hook_group_timeout, timeout_of(intra), timeout_of(across.group)],
     }
 

@@ -22,14 +22,13 @@ as for averaging), and see :class:`adasum.Stats` for where between the two a mod
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from adasum._adasum import Adasum
-from adasum._groups import new_group_like
+from adasum._background import Background
 from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
 
@@ -60,8 +59,7 @@ class AdasumState:
     """
 
     __slots__ = (
-        "reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_group", "_worker", "_executor", "_streams",
-        "_agreed",
+        "reducer", "stats", "overlap", "last_stats", "_names", "_pending", "_background", "_streams", "_agreed",
     )
 
     def __init__(
@@ -78,9 +76,7 @@ class AdasumState:
         self.last_stats: Stats | None = None
         self._names: dict[int, str] = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
         self._pending: list[tuple[Stats, list[str]]] = []
-        self._group: dist.ProcessGroup | None = None
-        self._worker: Reducer | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._background = Background(self.reducer, "adasum-ddp")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         #: The bucket layouts (with the settings) every rank has agreed on; see _reduce.
         self._agreed: dict[tuple, Agreement] = {}
@@ -100,36 +96,10 @@ class AdasumState:
 
     def close(self) -> None:
         """Finish pending buckets, end the background thread and free the buffers; destroy the
-        thread's process group where that is safe (below). The state stays usable: a later hook
-        call starts the thread again."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
-        if self._group is not None and self._spans_world():
-            # A group over every rank was made collectively and has a name never used again. A
-            # subgroup's name is a hash that a new group of the same ranks could repeat after a
-            # destroy (and then meet the old group's addresses), so it is kept for reuse.
-            dist.destroy_process_group(self._group)
-            self._group = None
+        thread's process group where that is safe (:meth:`adasum._background.Background.close`).
+        The state stays usable: a later hook call starts the thread again."""
+        self._background.close()
         self.reducer.close()
-
-    def _spans_world(self) -> bool:
-        return dist.get_world_size(self.reducer.group) == dist.get_world_size()
-
-    def _background(self) -> tuple[ThreadPoolExecutor, Reducer]:
-        if self._executor is None:
-            if self._group is None:
-                # Every member calls the hook at this point; only they do for a subgroup.
-                self._group = new_group_like(self.reducer.group, local=not self._spans_world())
-            self._worker = self.reducer.with_group(self._group)
-            # One thread: buckets are reduced in the order DDP hands them over, the same on
-            # every rank, which is what keeps the ranks' messages paired.
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adasum-ddp")
-        assert self._worker is not None
-        return self._executor, self._worker
 
     @contextlib.contextmanager
     def _ordered(self, job: "_Bucket") -> Iterator[None]:
@@ -223,14 +193,14 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
         # On CUDA everything runs on the autograd thread's current stream, in order.
         future.set_result(state._reduce(job, state.reducer))
         return future
-    executor, worker = state._background()
 
-    def run() -> None:
+    def run(worker: Reducer) -> None:
         try:
             with state._ordered(job):
                 future.set_result(state._reduce(job, worker))
         except BaseException as e:  # reaches the backward pass through the future
             future.set_exception(e)  # type: ignore[arg-type]  # torch's stub says Tensor
 
-    executor.submit(run)
+    # Every member calls the hook at this point: the first call makes the thread's group.
+    state._background.submit(run)
     return future

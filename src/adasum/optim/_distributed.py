@@ -9,10 +9,12 @@ ranks), g_r rank r's gradient and opt_r rank r's optimizer (its own moments):
     x \leftarrow x + \mathrm{Adasum}(\delta_0, \ldots, \delta_{N-1})
 
 with Adasum per parameter tensor in the order of :func:`adasum.schedule` (or any other
-:class:`adasum.Reducer`: the averaging and summing baselines take the same path). The wrapped
-optimizer steps once over all its parameters (so optimizers that look across parameters, like
-LAMB's per-layer trust ratio or a global clip inside the optimizer, see everything), and the
-deltas of all parameters travel in one reducer call.
+:class:`adasum.Reducer`: the averaging and summing baselines take the same path). By default the
+wrapped optimizer steps once over all its parameters (so optimizers that look across
+parameters, like a global clip inside the optimizer, see everything) after the backward pass,
+and the deltas of all parameters travel in one reducer call. With ``overlap=True`` optimizers
+that update each parameter on its own step bucket by bucket as the gradients arrive, and the
+buckets' deltas are reduced while backward continues (:mod:`adasum.optim._overlap`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
 from adasum._torch import scaler_found_inf_per_device
 from adasum.optim._delta import apply_delta, local_delta
+from adasum.optim._overlap import Overlap, overlap_problem
 from adasum.optim._wrapper import Wrapper
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters"]
@@ -67,6 +70,18 @@ class DistributedOptimizer(Wrapper):
             they are averaged, on a copy, over the group, which costs one more all-reduce of the
             gradients' size on every step with ``stats``.
         named_parameters: ``model.named_parameters()`` to name the layers in the statistics.
+        overlap: step and reduce while backward runs, as the DDP hook does: when the gradients
+            of a bucket of parameters (about ``bucket_cap_mb`` megabytes, in reverse order) are
+            final, the wrapped optimizer steps those parameters alone and a background thread
+            reduces their deltas; :meth:`step` finishes the buckets left and waits. The result
+            is the whole-model step's (see :mod:`adasum.optim._overlap` for when it is
+            bit-identical). Only for SGD, Adam, AdamW and :class:`~adasum.optim.Lamb` (whose
+            steps are per parameter) on CPU, without ``stats``; with ``grad_scaler`` the steps
+            stay whole-model ones, since an overflow on any rank must skip the step before
+            anything changes. Call :meth:`step` after every update's last backward pass (until
+            then parameters may hold their local step's values), and :meth:`close` to end the
+            thread.
+        bucket_cap_mb: the most megabytes of parameters in one bucket with ``overlap``.
 
     Before the local step every rank checks, together with the others, that all pass the same
     parameters (as :meth:`adasum.Reducer.check` does) and the same options that change what a
@@ -88,6 +103,8 @@ class DistributedOptimizer(Wrapper):
         grad_scaler: torch.amp.GradScaler | None = None,
         stats: bool = False,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        overlap: bool = False,
+        bucket_cap_mb: float = 25.0,
     ) -> None:
         # torch.optim.Optimizer.__init__ is not called: the wrapped optimizer owns the parameter
         # groups and the state, which this class exposes through properties.
@@ -99,6 +116,8 @@ class DistributedOptimizer(Wrapper):
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         if reducer is not None and not isinstance(reducer, Reducer):
             raise TypeError(f"reducer must be an adasum.Reducer, got {type(reducer).__name__}")
+        if overlap and (problem := overlap_problem(optimizer, stats, bucket_cap_mb)) is not None:
+            raise ValueError(problem)
         self.optimizer = optimizer
         self.reducer = reducer if reducer is not None else Adasum()
         self.backward_passes_per_step = int(backward_passes_per_step)
@@ -110,8 +129,14 @@ class DistributedOptimizer(Wrapper):
         self._hooked: set[int] = set()
         self._start: list[torch.Tensor] = []
         self._start_for: list[torch.Tensor] = []
+        self._overlap: Overlap | None = None
+        if overlap and grad_scaler is None:
+            self._overlap = Overlap(
+                optimizer, self.reducer, int(bucket_cap_mb * 2**20), self._final,
+                lambda: self._check(self._params(), None),
+            )
         for group in optimizer.param_groups:
-            self._count_passes_of(group["params"])
+            self._watch(group["params"])
 
     # -- the wrapped optimizer's face -------------------------------------------------------
 
@@ -120,7 +145,22 @@ class DistributedOptimizer(Wrapper):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
-        self._count_passes_of(self.optimizer.param_groups[-1]["params"])
+        if self._overlap is not None and (problem := overlap_problem(self.optimizer)) is not None:
+            self.optimizer.param_groups.pop()  # a group overlap cannot step (a CUDA one) is refused
+            raise ValueError(problem)
+        self._watch(self.optimizer.param_groups[-1]["params"])
+
+    def close(self) -> None:
+        """End the background thread of ``overlap=True`` and free its group (a later update
+        starts it again); nothing to do otherwise."""
+        if self._overlap is not None:
+            self._overlap.close()
+
+    def _watch(self, params: Iterable[torch.Tensor]) -> None:
+        params = list(params)
+        self._count_passes_of(params)
+        if self._overlap is not None:  # after the counting hooks: they run in this order
+            self._overlap.hook(params)
 
     # -- accumulation -----------------------------------------------------------------------
 
@@ -135,6 +175,10 @@ class DistributedOptimizer(Wrapper):
 
     def _count_pass(self, param: torch.Tensor) -> None:
         self._passes[id(param)] += 1
+
+    def _final(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s gradient is final: its pass completes an update."""
+        return self.backward_passes_per_step == 1 or self._passes[id(param)] >= self.backward_passes_per_step
 
     @property
     def passes(self) -> int:
@@ -178,6 +222,8 @@ class DistributedOptimizer(Wrapper):
         accumulating, value = self._between_updates(closure, found_inf)
         if accumulating:
             return value
+        if self._overlap is not None:
+            return self._overlapped_step(closure, found_inf)
         params = self._params()
         agreement = self._check(params, found_inf)  # before anything changes
         if found_inf is not None:
@@ -200,6 +246,26 @@ class DistributedOptimizer(Wrapper):
             with torch.enable_grad():
                 return True, closure()
         return closure is None and not self.ready and found_inf is None, None
+
+    def _overlapped_step(self, closure: Callable[[], Any] | None, found_inf: torch.Tensor | None) -> Any:
+        """The end of an overlapped update: the closure's backward pass (if any) steps buckets
+        through the hooks; then the buckets left are stepped and every reduction awaited."""
+        assert self._overlap is not None
+        unknown_scaler = RuntimeError(
+            "DistributedOptimizer(overlap=True) is stepped by a GradScaler it does not know, which cannot stop "
+            "the buckets stepped during backward; pass grad_scaler=scaler (then it takes whole-model steps)"
+        )
+        if found_inf is not None and not self.ready:
+            raise unknown_scaler  # before the last pass: no bucket has been stepped
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._overlap.finish()
+        self._end_cycle()
+        if found_inf is not None:
+            raise unknown_scaler  # after the update, which went ahead
+        return loss
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -234,6 +300,7 @@ class DistributedOptimizer(Wrapper):
             "backward_passes_per_step": self.backward_passes_per_step,
             "grad_scaler": self.grad_scaler is not None,
             "stepped_by_grad_scaler": found_inf is not None,
+            "overlap": self._overlap is not None,
         }
 
     def _local_error(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Exception | None:
