@@ -12,28 +12,23 @@ Adasum).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import nodes_worker as worker
 import pytest
 import torch
+from agents import NPROC, agent_command, agent_env, agents_output, end_agents, start_agent
 
 import adasum
 from adasum.launch import free_port
 from conftest import rel_err, same_bits
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 #: Seconds one launch may take (rendezvous, 4-6 workers importing torch on 2 shared cores, the
 #: reductions) before every agent is ended and the test fails.
 LAUNCH_TIMEOUT = 180
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 100 * 2**-7}
-NPROC = 2
 
 
 def launch(tmp: Path, nnodes: str, agents: int) -> list[dict]:
@@ -41,45 +36,24 @@ def launch(tmp: Path, nnodes: str, agents: int) -> list[dict]:
     the ranks' results in rank order. A launch that fails or outlives LAUNCH_TIMEOUT fails the
     test with the agents' output; on timeout the agents are terminated (torchrun then ends
     their workers) and, failing that, killed."""
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     # Each agent waits for the others up to the launch's own limit: with elastic bounds the
     # rendezvous closes only when every agent has joined (the maximum) or after last_call_timeout.
     conf = f"join_timeout={LAUNCH_TIMEOUT},last_call_timeout={LAUNCH_TIMEOUT}"
-    cmd = [str(TORCHRUN), f"--nnodes={nnodes}", f"--nproc-per-node={NPROC}", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=adasum-nodes", f"--rdzv-conf={conf}",
-           "--max-restarts=0", str(Path(worker.__file__)), str(tmp)]
+    cmd = agent_command(nnodes, free_port(), "adasum-nodes", conf, 0, Path(worker.__file__), str(tmp))
     logs = [tmp / f"agent{a}.log" for a in range(agents)]
-    procs = []
-    for log in logs:
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp,
-                                          start_new_session=True))
+    procs = [start_agent(cmd, agent_env(), log, tmp) for log in logs]
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
         codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
-        _end(procs)
-    output = "\n".join(f"--- agent {a}\n{log.read_text()[-3000:]}" for a, log in enumerate(logs))
+        end_agents(procs)
+    output = agents_output(logs)
     assert codes is not None, f"the launch did not finish in {LAUNCH_TIMEOUT} s\n{output}"
     assert codes == [0] * agents, f"agents exited with {codes}\n{output}"
     world = agents * NPROC
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def _end(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)  # torchrun ends its workers on SIGTERM
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 import adasum
 from adasum.launch import spawn
-from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters
+from adasum.optim import DistributedOptimizer, Lamb, broadcast_parameters, rank_state
 from conftest import TIMEOUT, bits, caught, raised
 
 WORLD = 3
@@ -118,6 +118,23 @@ def _state_dict_round_trip(rank: int) -> dict:
     train(resumed, opt2, 2)
     return {"continued": params(model), "resumed": params(resumed),
             "steps": int(opt.state_dict()["state"][0]["step"])}
+
+
+def _states_across_worlds(rank: int) -> dict:
+    """One Adam step (each rank its own moments); rank 0 gathers every rank's state; then every
+    rank loads from a list of 2 old ranks' states, as on resuming a world of 2."""
+    model = new_model(0)
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01))
+    opt.zero_grad()
+    loss_of(model, rank, 0).backward()
+    opt.step()
+    own = copy.deepcopy(opt.state_dict())
+    gathered = opt.gather_state_dicts()
+    marked = [copy.deepcopy(own) for _ in range(2)]
+    for old, state in enumerate(marked):
+        state["state"][0]["exp_avg"].fill_(old)
+    opt.load_state_dicts(marked)
+    return {"own": own, "gathered": gathered, "loaded": opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]}
 
 
 def _grad_scaler(rank: int, overflow_step: int) -> dict:
@@ -247,6 +264,7 @@ def _all(rank: int, world: int) -> dict:
     return {
         "scenarios": {(n, k): _run_scenario(rank, n, k) for n, k in SCENARIOS},
         "round_trip": _state_dict_round_trip(rank),
+        "across_worlds": _states_across_worlds(rank),
         "scaler": _grad_scaler(rank, overflow_step=2),
         "baselines": _baselines(rank),
         "mismatch": _mismatch(rank),
@@ -389,6 +407,26 @@ def test_state_dict_round_trip(runs):
         rt = r["round_trip"]
         assert rt["steps"] == 4
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(rt["continued"], rt["resumed"]))
+
+
+def test_every_rank_state_is_gathered_and_mapped_by_rank_mod_n(runs):
+    gathered = runs[0]["across_worlds"]["gathered"]
+    assert all(r["across_worlds"]["gathered"] is None for r in runs[1:])
+    assert len(gathered) == WORLD
+    for rank, r in enumerate(runs):
+        own = r["across_worlds"]["own"]["state"][0]
+        assert torch.equal(gathered[rank]["state"][0]["exp_avg"], own["exp_avg"])
+        assert int(gathered[rank]["state"][0]["step"]) == 1
+        assert torch.all(r["across_worlds"]["loaded"] == rank % 2)
+    # The ranks' moments are their own: rank 1's differ from rank 0's.
+    assert not torch.equal(gathered[0]["state"][0]["exp_avg"], gathered[1]["state"][0]["exp_avg"])
+
+
+def test_rank_state_rule():
+    states = ["a", "b", "c"]
+    assert [rank_state(states, r) for r in range(5)] == ["a", "b", "c", "a", "b"]
+    assert caught(lambda: rank_state([], 0)) == "ValueError: no saved states to resume from"
+    assert caught(lambda: rank_state(states, -1)) == "ValueError: rank must be >= 0, got -1"
 
 
 def test_grad_scaler_overflow_on_one_rank_skips_everywhere(runs):

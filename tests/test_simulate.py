@@ -13,6 +13,7 @@ import torch
 import adasum
 from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
 from adasum.lab.records import crossing, evaluate
+from adasum.lab.replicas import Replicas
 from adasum.lab.simulate import reduce_stacked, simulate_run, sweep
 from adasum.lab.task import TaskError
 from adasum.lab.tasks import load_task
@@ -285,3 +286,16 @@ def test_local_sgd_options():
         RunConfig(optimizer="adam", outer="adam").validated()
     with pytest.raises(ConfigError, match="--sync-every must be at least 1"):
         RunConfig(optimizer="adam", sync_every=0).validated()
+
+
+def test_a_grown_delta_run_gives_every_worker_moments_of_its_own():
+    """Growing from 2 workers to 4, workers 2 and 3 start from copies of workers 0's and 1's
+    Adam state (r mod N): copies, not the same tensors, which both would update in place."""
+    model = torch.nn.Linear(3, 2)
+    replicas = Replicas(model, RunConfig(optimizer="adam", lr=0.01))
+    replicas.resize(2)
+    replicas.step([torch.randn(2, *p.shape) for p in model.parameters()], make_reducer("adasum"))
+    replicas.resize(4)
+    moments = [opt.state[opt.param_groups[0]["params"][0]]["exp_avg"] for opt in replicas.optimizers]
+    assert torch.equal(moments[2], moments[0]) and torch.equal(moments[3], moments[1])
+    assert len({m.data_ptr() for m in moments}) == 4

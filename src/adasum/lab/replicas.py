@@ -18,7 +18,7 @@ import torch
 import adasum
 from adasum.lab.config import RunConfig
 from adasum.lab.optimizers import make_optimizer, make_outer
-from adasum.optim import local_delta
+from adasum.optim import local_delta, rank_state
 
 __all__ = ["Replicas", "per_rank", "local_deltas"]
 
@@ -47,18 +47,19 @@ class Replicas:
 
     def resize(self, workers: int) -> None:
         """Delta mode: ``workers`` per-worker optimizers. Worker r of the new count takes the
-        state of old worker ``r mod old count`` (with local SGD, its weights too), as a
-        restarted rank that loads a rank's saved files would (a fresh run: fresh state)."""
+        state of old worker ``r mod old count`` (with local SGD, its weights too;
+        :func:`adasum.optim.rank_state`), as a restarted rank that loads a rank's saved files
+        would (a fresh run: fresh state)."""
         if not self.delta or len(self.optimizers) == workers:
             return
         old = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         sources = self.copies if self.local and self.copies else [self.params]
-        self.copies = [[torch.nn.Parameter(p.detach().clone()) for p in sources[r % len(sources)]]
+        self.copies = [[torch.nn.Parameter(p.detach().clone()) for p in rank_state(sources, r)]
                        for r in range(workers)]
         self.optimizers = [make_optimizer(self.config.optimizer, c, self.config.lr) for c in self.copies]
         if old:
             for r, opt in enumerate(self.optimizers):
-                opt.load_state_dict(old[r % len(old)])
+                opt.load_state_dict(copy.deepcopy(rank_state(old, r)))
 
     def checkpoint(self, epoch: int, steps: int) -> dict:
         """What ``resume`` continues from: copies, not views of the live state."""

@@ -33,6 +33,7 @@ from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
 from adasum._torch import scaler_found_inf_per_device
 from adasum.optim._delta import apply_delta, local_delta
+from adasum.optim._elastic import gather_states, rank_state
 from adasum.optim._overlap import Overlap, overlap_problem
 from adasum.optim._wrapper import Wrapper
 
@@ -359,6 +360,20 @@ class DistributedOptimizer(Wrapper):
     def _apply(self, params: list[torch.Tensor], start: list[torch.Tensor]) -> None:
         """``params`` (holding the reduced delta) become start + delta."""
         apply_delta(params, start)
+
+    # -- checkpoints across a change of world size -----------------------------------------
+
+    def gather_state_dicts(self, dst: int = 0) -> list[dict[str, Any]] | None:
+        """Every rank's :meth:`state_dict` (its own moments), in the order of the reducer's
+        group, on group rank ``dst``; None on the others. Every rank of the group calls it.
+        Save the list in the checkpoint and resume with :meth:`load_state_dicts`."""
+        return gather_states(self.state_dict(), self.reducer.group, dst)
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Load this rank's state from every old rank's (:meth:`gather_state_dicts`), on any
+        number of ranks: rank r of the group takes old rank ``r mod len(states)``'s
+        (:func:`adasum.optim.rank_state`; the same number of ranks gets its own back)."""
+        self.load_state_dict(rank_state(states, dist.get_rank(self.reducer.group)))
 
     def _overflow_anywhere(self, found_inf: torch.Tensor) -> bool:
         flag = found_inf.detach().float().reshape(1).clone()
