@@ -42,15 +42,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from adasum.ddp import AdasumState, adasum_hook
-from adasum.optim import DistributedOptimizer
+from adasum._stacks import attach, is_delta
+from adasum.ddp import AdasumState
 
 __all__ = ["AdasumStrategy"]
 
@@ -85,26 +83,12 @@ class AdasumStrategy(DDPStrategy):
     @property
     def delta_mode(self) -> bool:
         """Whether the optimizers are DistributedOptimizers (all of them; a mix is refused)."""
-        wrapped = [isinstance(_unwrap(o), DistributedOptimizer) for o in self.optimizers]
-        if any(wrapped) and not all(wrapped):
-            raise ValueError("AdasumStrategy: either every optimizer is a DistributedOptimizer (delta mode) or none "
-                             "is (gradient mode); DDP has one hook for all parameters")
-        return any(wrapped)
+        return is_delta(self.optimizers, "AdasumStrategy")
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # wraps the module in a new DDP when fitting, then makes the optimizers
         if trainer.state.fn == TrainerFn.FITTING and isinstance(self.model, DistributedDataParallel):
-            self._attach(self.model)
-
-    def _attach(self, ddp: DistributedDataParallel) -> None:
-        if self.delta_mode:
-            if self._given_state is not None:
-                raise ValueError("AdasumStrategy: adasum_state is for gradient mode; in delta mode the "
-                                 "DistributedOptimizer's reducer combines the updates")
-            ddp.register_comm_hook(None, noop_hook)
-        else:
-            self.adasum_state = self._given_state if self._given_state is not None else AdasumState()
-            ddp.register_comm_hook(self.adasum_state, adasum_hook)
+            self.adasum_state = attach(self.model, delta=self.delta_mode, state=self._given_state, who="AdasumStrategy")
 
     def teardown(self) -> None:
         super().teardown()
@@ -147,10 +131,6 @@ class AdasumStrategy(DDPStrategy):
                                    start_method="popen")
         strategy_registry.register("adasum_spawn", cls, description="DDP with Adasum, worker processes spawned",
                                    start_method="spawn")
-
-
-def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 AdasumStrategy.register_strategies(StrategyRegistry)
