@@ -10,7 +10,7 @@ launch --cpu --num_processes 2`` starts several processes only through MPI (``--
 and otherwise runs ONE process.
 
 With several processes ``accelerator.prepare`` returns the model wrapped in
-DistributedDataParallel, and ``adasum.accelerate.use_adasum`` puts Adasum on that, in the mode
+DistributedDataParallel, and ``adasum.ddp.use_adasum`` puts Adasum on that, in the mode
 the optimizer asks for: the gradients' Adasum for SGD, the Adasum of the ranks' updates for a
 ``DistributedOptimizer``. The rest is an ordinary Accelerate loop; Accelerate gives every process
 its part of each epoch.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from digits_data import N_TEST, digits
 
-from adasum.accelerate import use_adasum
+from adasum.ddp import use_adasum
 from adasum.optim import DistributedOptimizer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,4 +1,4 @@
-"""Adasum under Hugging Face Accelerate (adasum.accelerate.use_adasum) on real Gloo processes.
+"""Adasum under Hugging Face Accelerate (adasum.ddp.use_adasum) on real Gloo processes.
 
 One spawn of 2 ranks: ``Accelerator(cpu=True)`` finds the process group spawn made (as it
 finds torchrun's), ``prepare`` wraps the model in DDP and ``use_adasum`` puts Adasum on it.
@@ -22,8 +22,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from adasum.accelerate import use_adasum  # noqa: E402
-from adasum.ddp import AdasumState  # noqa: E402
+from adasum.ddp import AdasumState, use_adasum  # noqa: E402
 from adasum.launch import spawn  # noqa: E402
 from adasum.optim import DistributedOptimizer  # noqa: E402
 from conftest import TIMEOUT, caught, same_bits  # noqa: E402
@@ -93,7 +92,7 @@ def test_one_process_is_left_alone_and_delta_mode_refuses_a_state():
     delta = DistributedOptimizer(torch.optim.Adam(net.parameters()))
     ddp = object.__new__(DDP)  # never used: the state is refused before the hook is registered
     assert caught(lambda: use_adasum(ddp, delta, adasum_state=AdasumState())).startswith(
-        "ValueError: adasum.accelerate: adasum_state is for gradient mode")
+        "ValueError: use_adasum: adasum_state is for gradient mode")
 
 
 @pytest.mark.timeout(TIMEOUT + 30)

@@ -42,8 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
-from adasum._stacks import attach, is_delta
-from adasum.ddp import AdasumState
+from adasum.ddp import AdasumState, is_delta_mode, use_adasum
 
 __all__ = ["AdasumTrainer"]
 
@@ -72,7 +71,7 @@ class AdasumTrainer(Trainer):
     @property
     def delta_mode(self) -> bool:
         """Whether the optimizer is a DistributedOptimizer (Accelerate wraps it; look inside)."""
-        return is_delta([self.optimizer], "adasum.hf")
+        return is_delta_mode([self.optimizer])
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -83,5 +82,5 @@ class AdasumTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _attach(self, ddp: DistributedDataParallel) -> None:
-        self.adasum_state = attach(ddp, delta=self.delta_mode, state=self._given_state, who="adasum.hf")
+        self.adasum_state = use_adasum(ddp, self.optimizer, adasum_state=self._given_state)
         self._hooked = ddp

@@ -47,8 +47,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parallel import DistributedDataParallel
 
-from adasum._stacks import attach, is_delta
-from adasum.ddp import AdasumState
+from adasum.ddp import AdasumState, is_delta_mode, use_adasum
 
 __all__ = ["AdasumStrategy"]
 
@@ -83,12 +82,12 @@ class AdasumStrategy(DDPStrategy):
     @property
     def delta_mode(self) -> bool:
         """Whether the optimizers are DistributedOptimizers (all of them; a mix is refused)."""
-        return is_delta(self.optimizers, "AdasumStrategy")
+        return is_delta_mode(self.optimizers)
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # wraps the module in a new DDP when fitting, then makes the optimizers
         if trainer.state.fn == TrainerFn.FITTING and isinstance(self.model, DistributedDataParallel):
-            self.adasum_state = attach(self.model, delta=self.delta_mode, state=self._given_state, who="AdasumStrategy")
+            self.adasum_state = use_adasum(self.model, self.optimizers, adasum_state=self._given_state)
 
     def teardown(self) -> None:
         super().teardown()
