@@ -108,9 +108,8 @@ def _one_step(module: L.LightningModule) -> tuple[L.Trainer, dict]:
     return trainer, recorder.seen
 
 
-def _resume(rank: int, world: int, checkpoint: str) -> dict:
-    torch.manual_seed(rank)
-    trainer, seen = _one_step(DigitsDelta(lr=LR))
+def _save_and_resume(trainer: L.Trainer, checkpoint: str) -> dict:
+    """Save ``trainer``'s delta-mode state, then fit one more step from it in a new Trainer."""
     saved = _moments(trainer.optimizers[0].state_dict())
     trainer.save_checkpoint(checkpoint)
     three = {"optimizer_states": [{PER_RANK: [None] * 3}]}
@@ -121,11 +120,11 @@ def _resume(rank: int, world: int, checkpoint: str) -> dict:
 
 
 def _fit(rank: int, world: int, checkpoint: str) -> dict:
-    runs = {}
+    runs, trainers = {}, {}
     for name, module in (("gradient", Digits), ("delta", DigitsDelta), ("manual", ManualDelta)):
         torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
-        runs[name] = _one_step(module(lr=LR))[1]
-    runs["resume"] = _resume(rank, world, checkpoint)
+        trainers[name], runs[name] = _one_step(module(lr=LR))
+    runs["resume"] = _save_and_resume(trainers["delta"], checkpoint)
     torch.distributed.barrier()  # rank 0 may read the checkpoint only once every rank has resumed
     return runs
 
