@@ -86,10 +86,13 @@ def test_delta_mode_parameters_are_start_plus_adasum_of_local_adam_steps():
     assert_start_plus_adasum_of_adam_steps([r["before"] for r in runs], [r["after"] for r in runs], local, LR)
 
 
-def test_one_process_is_left_alone_and_delta_mode_refuses_a_state():
+def test_one_process_is_left_alone_and_delta_mode_refuses_a_state_and_a_mix():
     net = _net()
-    assert use_adasum(net, torch.optim.SGD(net.parameters(), lr=LR)) is None
+    sgd = torch.optim.SGD(net.parameters(), lr=LR)
+    assert use_adasum(net, sgd) is None
     delta = DistributedOptimizer(torch.optim.Adam(net.parameters()))
+    assert caught(lambda: use_adasum(net, [sgd, delta])).startswith(
+        "ValueError: adasum: either every optimizer is a DistributedOptimizer")
     ddp = object.__new__(DDP)  # never used: the state is refused before the hook is registered
     assert caught(lambda: use_adasum(ddp, delta, adasum_state=AdasumState())).startswith(
         "ValueError: use_adasum: adasum_state is for gradient mode")
