@@ -37,3 +37,24 @@ def assert_adasum_of_local(reduced: Sequence[list[torch.Tensor]], local: Sequenc
         assert same_bits(grads, reduced[0])
         for got, ref in zip(grads, expected, strict=True):
             torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-7)
+
+
+def assert_start_plus_adasum_of_adam_steps(
+    before: Sequence[list[torch.Tensor]], after: Sequence[list[torch.Tensor]], local: Sequence[list[torch.Tensor]], lr: float
+) -> None:
+    """Delta mode's first step: every rank's parameters ``after`` are bit-identical and equal to
+    the common start ``before`` plus ``adasum.reduce`` of the ranks' own Adam steps, each taken
+    from the start on that rank's ``local`` gradients."""
+    assert same_bits(before[0], before[1])
+    deltas = []
+    for start, grads in zip(before, local, strict=True):
+        params = [p.clone() for p in start]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        torch.optim.Adam(params, lr=lr).step()
+        deltas.append([p.detach() - s for p, s in zip(params, start, strict=True)])
+    expected = adasum.reduce(deltas)
+    for params in after:
+        assert same_bits(params, after[0])
+        for got, start, d in zip(params, before[0], expected, strict=True):
+            torch.testing.assert_close(got, start + d, rtol=1e-6, atol=1e-7)

@@ -1,12 +1,13 @@
-"""Adasum under PyTorch Lightning: the classes of examples/lightning_digits.py on real Gloo
-processes.
+"""Adasum under PyTorch Lightning: ``Trainer(strategy="adasum")`` (adasum.lightning) on real
+Gloo processes, with the modules of examples/lightning_digits.py.
 
-One spawn of 2 ranks fits the example's modules for one step each, in gradient mode (DDP +
-the AdasumHook callback, momentum SGD) and in delta mode (manual optimization,
-DistributedOptimizer(Adam)), recording the batch, the parameters before, the gradients the
-optimizer sees and the parameters after. The parent recomputes every rank's local gradient on
-a plain copy of the model and checks the reduction against ``adasum.reduce``. A last test runs
-the example itself under Lightning's own launcher.
+One spawn of 2 ranks fits, for one step each: gradient mode (momentum SGD), delta mode under
+automatic optimization (DistributedOptimizer(Adam)) and delta mode under manual optimization,
+recording the batch, the parameters before, the gradients the optimizer sees and the
+parameters after. The parent recomputes every rank's local gradient on a plain copy of the
+model and checks the reduction against ``adasum.reduce``. The delta-mode run then saves a
+checkpoint, and a second fit resumes from it: each rank must get its own Adam moments back.
+A last test runs the example itself under Lightning's own launcher.
 """
 
 from __future__ import annotations
@@ -20,23 +21,40 @@ import pytest
 L = pytest.importorskip("lightning")
 
 import torch  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry  # noqa: E402
 
-import adasum  # noqa: E402
 from adasum.launch import spawn  # noqa: E402
-from conftest import TIMEOUT, same_bits  # noqa: E402
-from stacks import assert_adasum_of_local, local_gradients  # noqa: E402
+from adasum.lightning import PER_RANK, AdasumStrategy  # noqa: E402
+from conftest import TIMEOUT, caught, same_bits  # noqa: E402
+from stacks import assert_adasum_of_local, assert_start_plus_adasum_of_adam_steps, local_gradients  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from lightning_digits import AdasumHook, Digits, DigitsDelta  # noqa: E402
+from lightning_digits import Digits, DigitsDelta  # noqa: E402
 
 WORLD = 2
 LR = 0.05
 
 
+class ManualDelta(DigitsDelta):
+    """Delta mode under manual optimization, without ``block_backward_sync``: the strategy's
+    no-op hook alone must keep each rank's gradient its own."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = self.loss(batch)
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+
 class Recorder(L.Callback):
-    """What one training step saw on this rank."""
+    """What the first training step saw on this rank, and the optimizer's state before it."""
 
     def __init__(self) -> None:
         self.seen: dict = {}
@@ -44,45 +62,77 @@ class Recorder(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, module: L.LightningModule, batch: list[torch.Tensor], batch_idx: int
     ) -> None:
-        self.seen["batch"] = [t.clone() for t in batch]
-        self.seen["before"] = [p.detach().clone() for p in module.parameters()]
+        if "batch" not in self.seen:
+            self.seen["batch"] = [t.clone() for t in batch]
+            self.seen["before"] = [p.detach().clone() for p in module.parameters()]
+            self.seen["state"] = _moments(trainer.optimizers[0].state_dict())
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self.seen["grads"] = [p.grad.clone() for p in module.parameters()]
+        self.seen.setdefault("grads", [p.grad.clone() for p in module.parameters()])
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: object, batch: list[torch.Tensor], batch_idx: int
     ) -> None:
-        self.seen["after"] = [p.detach().clone() for p in module.parameters()]
+        self.seen.setdefault("after", [p.detach().clone() for p in module.parameters()])
 
 
-def _one_step(module: L.LightningModule, callbacks: list[L.Callback]) -> dict:
+def _moments(state_dict: dict) -> list[torch.Tensor]:
+    """Adam's moments in an optimizer's ``state_dict()``, parameter by parameter ([] before
+    the first step)."""
+    state = state_dict["state"]
+    return [state[i][k].clone() for i in sorted(state) for k in ("exp_avg", "exp_avg_sq")]
+
+
+def _trainer(steps: int, recorder: Recorder) -> L.Trainer:
+    return L.Trainer(
+        strategy="adasum", accelerator="cpu", devices=WORLD, max_steps=steps, callbacks=[recorder], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+
+
+def _data() -> torch.utils.data.DataLoader:
     # The same rows on every rank; Lightning's DistributedSampler gives each rank its own 8.
     g = torch.Generator().manual_seed(7)
-    data = torch.utils.data.TensorDataset(torch.rand(WORLD * 8, 64, generator=g), torch.randint(0, 10, (WORLD * 8,), generator=g))
+    rows = WORLD * 16  # two steps
+    data = torch.utils.data.TensorDataset(torch.rand(rows, 64, generator=g), torch.randint(0, 10, (rows,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _one_step(module: L.LightningModule) -> tuple[L.Trainer, dict]:
     recorder = Recorder()
-    trainer = L.Trainer(
-        strategy=DDPStrategy(process_group_backend="gloo"), accelerator="cpu", devices=WORLD, max_steps=1,
-        callbacks=[*callbacks, recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
-    return recorder.seen
+    trainer = _trainer(1, recorder)
+    trainer.fit(module, _data())
+    assert isinstance(trainer.strategy, AdasumStrategy)
+    return trainer, recorder.seen
 
 
-def _fit(rank: int, world: int) -> dict:
-    torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
-    gradient = _one_step(Digits(lr=LR), [AdasumHook()])
-    torch.manual_seed(rank)
-    delta = _one_step(DigitsDelta(lr=LR), [])
-    return {"gradient": gradient, "delta": delta}
+def _save_and_resume(trainer: L.Trainer, checkpoint: str) -> dict:
+    """Save ``trainer``'s delta-mode state, then fit one more step from it in a new Trainer."""
+    saved = _moments(trainer.optimizers[0].state_dict())
+    trainer.save_checkpoint(checkpoint)
+    three = {"optimizer_states": [{PER_RANK: [None] * 3}]}
+    refused = caught(lambda: trainer.strategy.load_optimizer_state_dict(three))
+    recorder = Recorder()
+    _trainer(2, recorder).fit(DigitsDelta(lr=LR), _data(), ckpt_path=checkpoint)
+    return {"saved": saved, "restored": recorder.seen["state"], "refused": refused}
+
+
+def _fit(rank: int, world: int, checkpoint: str) -> dict:
+    runs, trainers = {}, {}
+    for name, module in (("gradient", Digits), ("delta", DigitsDelta), ("manual", ManualDelta)):
+        torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
+        trainers[name], runs[name] = _one_step(module(lr=LR))
+    runs["resume"] = _save_and_resume(trainers["delta"], checkpoint)
+    torch.distributed.barrier()  # rank 0 may read the checkpoint only once every rank has resumed
+    return runs
 
 
 @pytest.fixture(scope="module")
-def runs() -> list[dict]:
-    return spawn(_fit, WORLD, timeout=TIMEOUT)
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    checkpoint = tmp_path_factory.mktemp("lightning") / "delta.ckpt"
+    return spawn(_fit, WORLD, str(checkpoint), timeout=TIMEOUT), checkpoint
 
 
 def _local(run: dict) -> list[torch.Tensor]:
@@ -90,9 +140,17 @@ def _local(run: dict) -> list[torch.Tensor]:
     return local_gradients(Digits(lr=LR), run["before"], lambda m: m.loss(run["batch"]))
 
 
+def test_the_name_adasum_is_registered_next_to_lightnings_own():
+    assert StrategyRegistry["adasum"]["strategy"] is AdasumStrategy
+    assert StrategyRegistry["adasum_spawn"]["init_params"] == {"start_method": "spawn"}
+    assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy
+    assert caught(lambda: AdasumStrategy(ddp_comm_hook=lambda s, b: None)) == \
+        "TypeError: AdasumStrategy registers Adasum's own DDP hook; it takes no ddp_comm_hook"
+
+
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_gradient_mode_gradients_are_adasum_of_local_ones(runs):
-    steps = [r["gradient"] for r in runs]
+    steps = [r["gradient"] for r in runs[0]]
     assert same_bits(steps[0]["before"], steps[1]["before"])  # DDP broadcast rank 0's parameters
     assert_adasum_of_local([s["grads"] for s in steps], [_local(s) for s in steps])
     for s in steps:
@@ -102,33 +160,36 @@ def test_gradient_mode_gradients_are_adasum_of_local_ones(runs):
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_delta_mode_parameters_are_start_plus_adasum_of_local_adam_steps(runs):
-    steps = [r["delta"] for r in runs]
-    assert same_bits(steps[0]["before"], steps[1]["before"])
-    deltas = []
-    for s in steps:
-        local = _local(s)
-        for got, ref in zip(s["grads"], local):  # block_backward_sync kept the gradient local
+@pytest.mark.parametrize("mode", ["delta", "manual"], ids=["automatic", "manual"])
+def test_delta_mode_parameters_are_start_plus_adasum_of_local_adam_steps(runs, mode):
+    steps = [r[mode] for r in runs[0]]
+    local = [_local(s) for s in steps]
+    for s, own in zip(steps, local):  # the no-op hook kept each rank's gradient its own
+        for got, ref in zip(s["grads"], own):
             torch.testing.assert_close(got, ref)
-        params = [p.clone() for p in s["before"]]
-        for p, g in zip(params, local):
-            p.grad = g
-        torch.optim.Adam(params, lr=LR).step()
-        deltas.append([p.detach() - b for p, b in zip(params, s["before"])])
-    expected = adasum.reduce(deltas)
-    for s in steps:
-        assert same_bits(s["after"], steps[0]["after"])
-        for after, before, d in zip(s["after"], s["before"], expected):
-            torch.testing.assert_close(after, before + d, rtol=1e-6, atol=1e-7)
+    assert_start_plus_adasum_of_adam_steps([s["before"] for s in steps], [s["after"] for s in steps], local, LR)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_delta_checkpoint_holds_and_restores_every_ranks_optimizer_state(runs):
+    resumed = [r["resume"] for r in runs[0]]
+    saved = torch.load(runs[1], weights_only=False)["optimizer_states"][0][PER_RANK]
+    assert len(saved) == WORLD
+    assert not same_bits(resumed[0]["saved"], resumed[1]["saved"])  # the ranks' moments differ
+    for rank, r in enumerate(resumed):
+        assert same_bits(_moments(saved[rank]), r["saved"])
+        assert same_bits(r["restored"], r["saved"])  # each rank resumed with its own
+        assert r["refused"].startswith("ValueError: AdasumStrategy: the checkpoint holds the optimizer states of 3 ranks")
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("mode", [[], ["--delta"]], ids=["gradient", "delta"])
-def test_example_trains_under_lightnings_launcher(mode):
+def test_example_trains_under_lightnings_launcher(mode, tmp_path):
     done = subprocess.run(
-        [sys.executable, "lightning_digits.py", "--epochs", "2", *mode], cwd=EXAMPLES,
+        [sys.executable, "lightning_digits.py", "--epochs", "2", "--checkpoint", str(tmp_path), *mode], cwd=EXAMPLES,
         capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(done.stdout.strip().splitlines()[-1].split()[-1])
     assert accuracy > 0.8, done.stdout
+    assert (tmp_path / "last.ckpt").exists()

@@ -19,8 +19,10 @@ The engine, from the top down:
 The front doors are the modules ``adasum.ddp`` (gradient mode, a DDP communication hook),
 ``adasum.optim`` (delta mode, an optimizer wrapper), ``adasum.fsdp`` (FSDP2 and HSDP),
 ``adasum.tensorflow`` and ``adasum.keras`` (TensorFlow 2 and Keras 3), ``adasum.jax`` (JAX and
-Optax) and ``adasum.horovod`` (Horovod's PyTorch, TensorFlow and Keras APIs); ``adasum.launch``
-starts N local workers. The program, the simulator and the experiments are in ``adasum.lab``
+Optax) and ``adasum.horovod`` (Horovod's PyTorch, TensorFlow and Keras APIs); for training
+stacks, ``adasum.lightning`` (``Trainer(strategy="adasum")``), ``adasum.hf`` (the Hugging Face
+``Trainer``) and ``adasum.ddp.use_adasum`` (the DDP module Accelerate or Ray Train built);
+``adasum.launch`` starts N local workers. The program, the simulator and the experiments are in ``adasum.lab``
 (``pip install 'adasum[lab]'``).
 """
 

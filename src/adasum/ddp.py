@@ -15,24 +15,31 @@ The result is NOT divided by the world size. Adasum of N equal gradients is that
 average would be) and of N orthogonal ones their sum, so the step lies between what averaging and
 summing would give: start from the learning rate tuned for one rank's batch (not scaled up by N
 as for averaging), and see :class:`adasum.Stats` for where between the two a model sits.
+
+On a DDP module that a framework built (Accelerate's ``prepare``, Ray Train's ``prepare_model``),
+:func:`use_adasum` registers the hook that the optimizer's mode needs: this one in gradient mode,
+PyTorch's ``noop_hook`` in delta mode (a :class:`adasum.optim.DistributedOptimizer`).
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations against the
 # real dist.GradBucket and Future types, which string annotations would fail.
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from adasum._adasum import Adasum
 from adasum._background import Background
 from adasum._reducer import Agreement, Reducer
 from adasum._stats import Stats
+from adasum.optim import DistributedOptimizer
 
-__all__ = ["AdasumState", "adasum_hook"]
+__all__ = ["AdasumState", "adasum_hook", "use_adasum", "is_delta_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +211,54 @@ def adasum_hook(state: AdasumState, bucket: dist.GradBucket) -> torch.futures.Fu
     # Every member calls the hook at this point: the first call makes the thread's group.
     state._background.submit(run)
     return future
+
+
+# -- a DDP module built by a framework ------------------------------------------------------
+
+
+def is_delta_mode(optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+    """Whether ``optimizers`` (each plain or inside a framework's wrapper that keeps it as
+    ``.optimizer``, as Accelerate's does) are :class:`adasum.optim.DistributedOptimizer`\\ s. A
+    mix is refused: DDP has one hook for all parameters."""
+    wrapped = [isinstance(o, DistributedOptimizer) or isinstance(getattr(o, "optimizer", None), DistributedOptimizer)
+               for o in optimizers]
+    if any(wrapped) and not all(wrapped):
+        raise ValueError("adasum: either every optimizer is a DistributedOptimizer (delta mode) or none is "
+                         "(gradient mode); DDP has one hook for all parameters")
+    return any(wrapped)
+
+
+def use_adasum(
+    model: torch.nn.Module,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    *,
+    adasum_state: AdasumState | None = None,
+) -> AdasumState | None:
+    """Put Adasum on the DistributedDataParallel module a framework built (Accelerate's
+    ``prepare``, Ray Train's ``prepare_model``), before its first backward pass, in the mode the
+    optimizers ask for:
+
+    * gradient mode (no DistributedOptimizer): :func:`adasum_hook` with ``adasum_state``
+      (default ``AdasumState()``), which is returned; close it when training is over;
+    * delta mode (every optimizer a DistributedOptimizer, prepared or not): DDP must leave each
+      rank its own gradient, so the hook is PyTorch's ``noop_hook`` (no communication, no
+      division) and the wrapper combines the ranks' updates; returns None (``adasum_state`` is
+      refused: the wrapper's reducer decides).
+
+    A model that is not DistributedDataParallel is left alone (None) with one process (where
+    frameworks hand back the plain module) and refused with several (FSDP: :mod:`adasum.fsdp`).
+    """
+    delta = is_delta_mode([optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers)
+    if not isinstance(model, DistributedDataParallel):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise TypeError(f"use_adasum: the model is a {type(model).__name__}, not DistributedDataParallel")
+        return None
+    if delta:
+        if adasum_state is not None:
+            raise ValueError("use_adasum: adasum_state is for gradient mode; in delta mode the DistributedOptimizer's "
+                             "reducer combines the updates")
+        model.register_comm_hook(None, noop_hook)
+        return None
+    state = adasum_state if adasum_state is not None else AdasumState()
+    model.register_comm_hook(state, adasum_hook)
+    return state

@@ -39,12 +39,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
-from adasum.ddp import AdasumState, adasum_hook
-from adasum.optim import DistributedOptimizer
+from adasum.ddp import AdasumState, is_delta_mode, use_adasum
 
 __all__ = ["AdasumTrainer"]
 
@@ -73,7 +71,7 @@ class AdasumTrainer(Trainer):
     @property
     def delta_mode(self) -> bool:
         """Whether the optimizer is a DistributedOptimizer (Accelerate wraps it; look inside)."""
-        return isinstance(getattr(self.optimizer, "optimizer", self.optimizer), DistributedOptimizer)
+        return is_delta_mode([self.optimizer])
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -84,12 +82,5 @@ class AdasumTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _attach(self, ddp: DistributedDataParallel) -> None:
-        if self.delta_mode:
-            if self._given_state is not None:
-                raise ValueError("adasum.hf: adasum_state is for gradient mode; in delta mode the "
-                                 "DistributedOptimizer's reducer combines the updates")
-            ddp.register_comm_hook(None, noop_hook)
-        else:
-            self.adasum_state = self._given_state if self._given_state is not None else AdasumState()
-            ddp.register_comm_hook(self.adasum_state, adasum_hook)
+        self.adasum_state = use_adasum(ddp, self.optimizer, adasum_state=self._given_state)
         self._hooked = ddp
