@@ -4,7 +4,7 @@
     python examples/ray_digits.py --delta              # delta mode: Adam per rank, Adasum of the updates
     python examples/ray_digits.py --workers 4 --storage /tmp/ray-digits
 
-(``pip install 'adasum[ray]'``.) ``TorchTrainer`` starts the workers and their process group
+(``pip install -e '.[ray]'``.) ``TorchTrainer`` starts the workers and their process group
 (Gloo on the CPU); ``ray.train.torch.prepare_model`` wraps the model in DistributedDataParallel
 and ``adasum.ddp.use_adasum`` puts Adasum on it, in the mode the optimizer asks for. Every
 epoch rank 0 reports a checkpoint; with ``FailureConfig(max_failures=2)`` a worker that dies

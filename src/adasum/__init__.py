@@ -23,7 +23,7 @@ Optax) and ``adasum.horovod`` (Horovod's PyTorch, TensorFlow and Keras APIs); fo
 stacks, ``adasum.lightning`` (``Trainer(strategy="adasum")``), ``adasum.hf`` (the Hugging Face
 ``Trainer``) and ``adasum.ddp.use_adasum`` (the DDP module Accelerate or Ray Train built);
 ``adasum.launch`` starts N local workers. The program, the simulator and the experiments are in ``adasum.lab``
-(``pip install 'adasum[lab]'``).
+(``pip install -e '.[lab]'``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ model the Trainer wrapped.
     trainer = AdasumTrainer(model=model, args=args, train_dataset=data,          # delta mode
                             optimizers=(DistributedOptimizer(torch.optim.AdamW(model.parameters())), None))
 
-launched with ``torchrun`` (``pip install 'adasum[hf]'``). The Trainer builds its
+launched with ``torchrun`` (``pip install -e '.[hf]'``). The Trainer builds its
 DistributedDataParallel itself, through Accelerate, whose DDP options know only PyTorch's
 built-in hooks, and hands callbacks the unwrapped model; :meth:`Trainer.training_step` is the
 first public place that receives the wrapped one, so the hook is registered there, once, before

@@ -6,7 +6,7 @@
     trainer = L.Trainer(strategy="adasum", accelerator="cpu", devices=4)
     trainer = L.Trainer(strategy=AdasumStrategy(adasum_state=AdasumState(adasum.Hierarchical(8))), ...)
 
-(``pip install 'adasum[lightning]'``). :class:`AdasumStrategy` is Lightning's ``DDPStrategy``
+(``pip install -e '.[lightning]'``). :class:`AdasumStrategy` is Lightning's ``DDPStrategy``
 with :mod:`adasum.ddp`'s hook on the DistributedDataParallel module it builds, on every device.
 (``DDPStrategy(ddp_comm_hook=...)`` registers a hook on CUDA devices only, lightning 2.6; on the
 CPU it drops it without a word and DDP averages.) The mode follows the optimizers that

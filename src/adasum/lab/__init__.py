@@ -42,7 +42,8 @@ __all__ = ["main", "LAB_MODULES", "MISSING_EXTRA"]
 
 #: What the lab imports beyond torch and the core, by import name (scikit-learn is ``sklearn``).
 LAB_MODULES = ("numpy", "tqdm", "sklearn", "matplotlib")
-MISSING_EXTRA = "adasum: the program needs the lab extra: pip install 'adasum[lab]'"
+MISSING_EXTRA = ("adasum: the program needs the lab extra: from the repository's root, pip install -e '.[lab]' "
+                 "(scripts/setup.sh installs it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
