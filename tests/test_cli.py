@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import adasum.lab
+from adasum.lab import MISSING_EXTRA
 from adasum.lab.cli import build_parser, main
 from adasum.lab.config import RunConfig
 from adasum.lab.options import config_from
@@ -197,7 +198,7 @@ def test_missing_lab_extra_is_one_line_and_exit_2(module, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, module, None)
     assert adasum.lab.main(["demo"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err == "adasum: the program needs the lab extra: pip install 'adasum[lab]'\n"
+    assert out == "" and err == MISSING_EXTRA + "\n" and "pip install -e '.[lab]'" in err
 
 
 def test_missing_lab_extra_as_the_user_sees_it():
@@ -207,7 +208,7 @@ def test_missing_lab_extra_as_the_user_sees_it():
             "sys.exit(adasum.lab.main(['train', '--nproc', '2']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == ["adasum: the program needs the lab extra: pip install 'adasum[lab]'"]
+    assert proc.stderr.splitlines() == [MISSING_EXTRA]
 
 
 def test_without_numpy_the_program_says_so_in_one_line():
@@ -217,7 +218,7 @@ def test_without_numpy_the_program_says_so_in_one_line():
             "print('torch' in sys.modules); sys.exit(adasum.lab.main(['demo']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "False\n"
-    assert proc.stderr.splitlines() == ["adasum: the program needs the lab extra: pip install 'adasum[lab]'"]
+    assert proc.stderr.splitlines() == [MISSING_EXTRA]
 
 
 def test_the_core_never_imports_the_lab():
