@@ -53,6 +53,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -74,9 +75,15 @@ from adasum._torch import (
     fsdp_reduce_scatter_group,
 )
 
-_FSDP = fsdp_api()
-ReduceScatter, DefaultReduceScatter = _FSDP.ReduceScatter, _FSDP.DefaultReduceScatter
-FSDPMeshInfo, HSDPMeshInfo, FSDPParamGroup = _FSDP.FSDPMeshInfo, _FSDP.HSDPMeshInfo, _FSDP.FSDPParamGroup
+if TYPE_CHECKING:  # the installed torch's classes, for the checker; at run time fsdp_api finds them
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+else:
+    _FSDP = fsdp_api()
+    ReduceScatter, DefaultReduceScatter = _FSDP.ReduceScatter, _FSDP.DefaultReduceScatter
+    FSDPMeshInfo, HSDPMeshInfo, FSDPParamGroup = _FSDP.FSDPMeshInfo, _FSDP.HSDPMeshInfo, _FSDP.FSDPParamGroup
 
 __all__ = ["use_adasum", "AdasumReduceScatter", "AdasumAcrossReplicas"]
 
@@ -110,7 +117,7 @@ class AdasumReduceScatter(ReduceScatter):
         self.numels = tuple(int(n) for n in numels)
         self.buffers = Buffers()  # kept between calls; buffers.clear() frees them
 
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
@@ -139,7 +146,7 @@ class _AgreedReduceScatter(ReduceScatter):
         self.members = members
         self.inner = DefaultReduceScatter()
 
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
     def __call__(
@@ -191,7 +198,7 @@ class _Parameters(Layout):
         return f"{self.names[i]} {super().describe(i)}" + (" frozen" if self.frozen[i] else "")
 
 
-def _problem(modules: list[FSDPModule], groups: list[tuple[str, FSDPParamGroup]]) -> Problem | None:
+def _problem(modules: Sequence[FSDPModule], groups: list[tuple[str, FSDPParamGroup]]) -> Problem | None:
     """What this rank sees wrong with its model alone."""
     if not modules:
         return Problem(ValueError, "adasum.fsdp.use_adasum needs a model with fully_shard applied to it")

@@ -71,7 +71,7 @@ class AdasumTrainer(Trainer):
     @property
     def delta_mode(self) -> bool:
         """Whether the optimizer is a DistributedOptimizer (Accelerate wraps it; look inside)."""
-        return is_delta_mode([self.optimizer])
+        return self.optimizer is not None and is_delta_mode([self.optimizer])
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -82,5 +82,6 @@ class AdasumTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _attach(self, ddp: DistributedDataParallel) -> None:
+        assert self.optimizer is not None, "the Trainer creates the optimizer before the first training step"
         self.adasum_state = use_adasum(ddp, self.optimizer, adasum_state=self._given_state)
         self._hooked = ddp

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -54,21 +55,22 @@ def scale_(tensors: Sequence[torch.Tensor], factor: float) -> None:
             t.copy_(t * factor)
 
 
-def _problem(tensors: Sequence[object], op: ReduceOp, group) -> str | None:
+def _problem(tensors: Sequence[object], op: ReduceOp | None, group) -> str | None:
     """What this rank alone sees wrong with its tensors."""
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             return f"item {i} is a {type(t).__name__}, not a torch.Tensor"
         if t.layout != torch.strided:
             return f"tensor {i} is {t.layout}; allreduce needs dense tensors (sparse_as_dense=True in the optimizer)"
+    dense = cast(Sequence[torch.Tensor], tensors)  # every item was checked above
     if op is Adasum:
-        found = local_problem(list(tensors), device_type_of(group))
+        found = local_problem(list(dense), device_type_of(group))
         return None if found is None else found.message
-    if len({t.device for t in tensors}) > 1:
+    if len({t.device for t in dense}) > 1:
         return "the tensors of one call are on several devices"
     carried = device_type_of(group)
-    if tensors and carried is not None and tensors[0].device.type != carried:
-        return f"the tensors are on {tensors[0].device}, but the process group carries {carried} tensors"
+    if dense and carried is not None and dense[0].device.type != carried:
+        return f"the tensors are on {dense[0].device}, but the process group carries {carried} tensors"
     return None
 
 
@@ -105,6 +107,7 @@ def _start(tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], cal
     )
     problem = problem or _problem(tensors, resolved, group)
     agree(group, call.operation, [describe(t) for t in tensors], setting, problem)
+    assert resolved is not None, "agree raises on every rank when the op is not one"
     with torch.no_grad():
         for out, t in zip(outputs, tensors):
             if out is not t:
@@ -176,7 +179,7 @@ def _flat(layout: Layout, tensors: Sequence[torch.Tensor], g) -> torch.Tensor:
     return tensors[g.layers[0]].view(-1) if _lone(tensors, g) else layout.pack(list(tensors), g)
 
 
-def _like(t: object) -> object:
+def _like(t: torch.Tensor) -> torch.Tensor:
     """A new output for ``t`` (anything else is passed on, for the agreement to report)."""
     return torch.empty_like(t) if isinstance(t, torch.Tensor) else t
 
@@ -278,11 +281,11 @@ class _Allreduce(torch.autograd.Function):
                 f"adasum.horovod: the gradient of allreduce with op={ctx.op.name} is not "
                 "implemented; use op=Sum or op=Average inside a differentiated graph"
             )
-        grads = [g.contiguous() for g in grads]
-        outputs = [torch.empty_like(g) for g in grads]
+        dense = [g.contiguous() for g in grads]
+        outputs = [torch.empty_like(g) for g in dense]
         if ctx.op in (Sum, Average):
-            return (None, *_start(grads, outputs, ctx.call.gradient(ctx.op)).wait())
-        summed = _start(grads, outputs, ctx.call.gradient(Sum)).wait()
+            return (None, *_start(dense, outputs, ctx.call.gradient(ctx.op)).wait())
+        summed = _start(dense, outputs, ctx.call.gradient(Sum)).wait()
         return (None, *[s * mask for s, mask in zip(summed, ctx.saved_tensors)])
 
 

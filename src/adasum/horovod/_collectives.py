@@ -212,7 +212,7 @@ def broadcast(
 
 # -- alltoall, reducescatter -----------------------------------------------------------------
 
-def _splits_problem(tensor: torch.Tensor, splits: object, world: int) -> str | None:
+def _splits_problem(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None, world: int) -> str | None:
     if splits is None:
         if tensor.shape[0] % world:
             return f"dimension 0 ({tensor.shape[0]}) does not divide among {world} ranks; pass splits="

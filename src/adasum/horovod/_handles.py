@@ -26,9 +26,9 @@ class Handle:
 
     __slots__ = ("_works", "_finish", "_result", "_done")
 
-    def __init__(self, works: Sequence[dist.Work], finish: Callable[[], Any]) -> None:
+    def __init__(self, works: Sequence[dist.Work | Handle], finish: Callable[[], Any]) -> None:
         self._works = list(works)
-        self._finish = finish
+        self._finish: Callable[[], Any] | None = finish
         self._result: Any = None
         self._done = False
 
@@ -49,6 +49,7 @@ class Handle:
                 raise  # from a handle this one waits on
             except RuntimeError as e:
                 raise HorovodInternalError(str(e)) from e
+            assert self._finish is not None, "only a handle that is done drops its finish"
             self._result = self._finish()
             self._done, self._works, self._finish = True, [], None
         return self._result

@@ -38,14 +38,14 @@ def allgather_object(obj: Any, name: str | None = None, process_set: dist.Proces
     return everyone
 
 
-def _named_tensors(params: object) -> list[tuple[str, torch.Tensor]]:
+def _named_tensors(params: Mapping[Any, torch.Tensor] | torch.nn.Module | Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs from a state dict, ``named_parameters()``, or tensors; a mapping is
     taken in sorted key order so that every rank lists the same tensors in the same order."""
     if isinstance(params, Mapping):
         return sorted(((str(k), v) for k, v in params.items()), key=lambda kv: kv[0])
     if isinstance(params, torch.nn.Module):
         return sorted(params.state_dict().items())
-    pairs = []
+    pairs: list[tuple[str, torch.Tensor]] = []
     for i, item in enumerate(params):
         pairs.append((str(item[0]), item[1]) if isinstance(item, tuple) else (str(i), item))
     return pairs
@@ -64,7 +64,7 @@ def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable, root_ran
 class _Placeholder(NamedTuple):
     """Where a tensor of the root's optimizer state goes, in the broadcast skeleton."""
 
-    index: int
+    slot: int  # not `index`, which would hide tuple.index
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -84,7 +84,7 @@ def _hollow(value: Any, tensors: list[torch.Tensor]) -> Any:
 def _filled(value: Any, tensors: list[torch.Tensor]) -> Any:
     """The inverse of :func:`_hollow`."""
     if isinstance(value, _Placeholder):
-        return tensors[value.index]
+        return tensors[value.slot]
     if isinstance(value, dict):
         return {k: _filled(v, tensors) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -39,8 +40,8 @@ def _names(optimizer: torch.optim.Optimizer, named_parameters: Iterable | None) 
     pairs = list(named_parameters)
     if any(not isinstance(pair, tuple) or len(pair) != 2 for pair in pairs):
         raise ValueError("named_parameters must be (name, parameter) tuples, as model.named_parameters() gives")
-    seen: set[str] = set()
-    duplicates = sorted({name for name, _ in pairs if name in seen or seen.add(name)})
+    counts = Counter(name for name, _ in pairs)
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
         raise ValueError(f"parameter names in named_parameters must be unique; duplicates: {', '.join(duplicates)}")
     names = {id(p): name for name, p in pairs}
@@ -221,7 +222,7 @@ def DistributedOptimizer(
     if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, (_GradientOptimizer, _DeltaBase)):
         raise TypeError(f"hvd.DistributedOptimizer wraps a torch.optim.Optimizer once, got {type(optimizer).__name__}")
     resolved, problem = resolve_op(op, None)
-    if problem is not None:  # the same arguments on every rank: every rank raises here
+    if resolved is None:  # the same arguments on every rank: every rank raises here
         raise ValueError(f"hvd.DistributedOptimizer: {problem}")
     if int(backward_passes_per_step) <= 0:
         raise ValueError("backward_passes_per_step must be > 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import cast
 
 import torch
 
@@ -34,7 +35,8 @@ def resolve_op(op: object, average: bool | None) -> tuple[ReduceOp | None, str |
     if op is None:
         return (Sum if average is False else Average), None
     try:
-        return ReduceOp(op), None
+        # Whatever op is, the enum's lookup either finds a member or raises ValueError.
+        return ReduceOp(cast(int, op)), None
     except ValueError:
         return None, f"op={op!r} is not one of Average, Sum, Adasum, Min, Max, Product"
 

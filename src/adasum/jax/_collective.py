@@ -46,7 +46,8 @@ def _tree_distances(n: int) -> list[int]:
     """Leaf distance of each tree stage of :func:`adasum._order.schedule` (1, 2, 4, ...)."""
     stages = order.schedule(n)[1 if n != order.largest_power_of_two(n) else 0 :]
     firsts = [stage[0] for stage in stages]
-    return [order.leaf_index(right, n) - order.leaf_index(left, n) for left, right in firsts]
+    position = {rank: i for i, rank in enumerate(order.leaves(n))}  # every stage pairs leaves
+    return [position[right] - position[left] for left, right in firsts]
 
 
 def _combine_arrays(

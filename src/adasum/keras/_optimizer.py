@@ -162,7 +162,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     def apply(self, grads: Sequence[Any], trainable_variables: Sequence[keras.Variable] | None = None) -> None:
         """Accumulate, or update (:meth:`update`) every ``gradient_accumulation_steps`` calls."""
-        if not self.built:
+        if not self.built:  # type: ignore[has-type]  # Keras sets it untyped, in a cycle mypy cannot order
+            if trainable_variables is None:
+                raise ValueError("DistributedOptimizer.apply: the first call needs trainable_variables, to build")
             self.build(trainable_variables)
             self.built = True
         variables = list(trainable_variables if trainable_variables is not None else self._trainable_variables)

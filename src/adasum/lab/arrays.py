@@ -156,7 +156,7 @@ def file_task(path: Path) -> ArrayTask:
     if path.suffix == ".npz":
         x, y, test = _read_npz(path)
     elif path.suffix == ".csv":
-        x, y, test = (*_read_csv(path), None)
+        (x, y), test = _read_csv(path), None
     else:
         raise TaskError(f"data file {str(path)!r} must end in .npz or .csv")
     kind = _kind_of(y if test is None else np.concatenate([y, test[1]]))

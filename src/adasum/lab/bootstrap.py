@@ -15,7 +15,7 @@ DRAWS = 4000
 LEVEL = 0.95
 
 
-def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], np.ndarray], *,
+def bootstrap_ci(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], *,
                  draws: int = DRAWS, level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
     """``(estimate, low, high)``: ``statistic`` of ``values`` and its percentile bootstrap
     interval at ``level``. ``statistic`` reduces the last axis of an array (it is applied to all

@@ -322,7 +322,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
     out = _output_dir(args.out)
-    summaries, curves = [], []
+    summaries: list[dict] = []
+    curves: list[dict] = []
     for reducer in ("adasum", "average"):
         config = DEMO.with_(reducer=reducer, epochs=args.epochs).validated()
         print(f"training digits on {args.nproc} worker processes with {reducer} ...", file=sys.stderr)

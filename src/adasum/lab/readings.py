@@ -15,7 +15,7 @@ target is *untestable* at this scale, never evidence against the claim.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from adasum.lab.bootstrap import median_ci, paired_difference_ci
 from adasum.lab.protocol import best_lr, group_by_lr, steps_of
@@ -32,7 +32,7 @@ RECIPE_MULTIPLES = (2, 4, 8)
 UNTESTABLE = "untestable at this scale"
 
 
-def candidates(combiners: Sequence[str]) -> list[str]:
+def candidates(combiners: Iterable[str]) -> list[str]:
     """The combiners compared against the baseline, the main candidate first."""
     return sorted(set(combiners) - {BASELINE}, key=lambda c: (c != CANDIDATE, c))
 

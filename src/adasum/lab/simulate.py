@@ -335,7 +335,8 @@ def sweep(task: Task, base: RunConfig, *, workers: Sequence[int], reducers: Sequ
     where each curve row is a history row tagged with its run's index. Settings whose step would
     need more examples than the training set holds are skipped. ``device`` and ``worker_chunk``
     are :func:`simulate_run`'s."""
-    summaries, curves = [], []
+    summaries: list[dict] = []
+    curves: list[dict] = []
     task = task.to(resolve_device(device))  # once, not once per run
     grid = itertools.product(optimizers, batches, accums, workers, reducers, lrs)
     for optimizer, batch, accum, n, reducer, lr in grid:

@@ -89,7 +89,11 @@ def _simulate(task: Task, spec: RunSpec, device: str, worker_chunk: int | None) 
     from adasum.lab.simulate import simulate_run
 
     s = spec.setting
-    resize = None if s.resize_to is None else (s.resize_epoch, s.resize_to)
+    resize: tuple[int, int] | None = None
+    if s.resize_to is not None:
+        if s.resize_epoch is None:
+            raise ValueError(f"setting {s.label}: resize_to needs resize_epoch, the epoch the worker count changes")
+        resize = (s.resize_epoch, s.resize_to)
     # A run that has reached the target stops there: the readings compare steps to the target
     # and, only where runs did not reach it, final scores. An elastic run goes on, since what it
     # measures comes after the change of worker count.
@@ -139,7 +143,7 @@ def run_plan(plan: Callable[[list[dict]], list[Point]], spec_of: Callable[[Point
             path = runs / f"{spec.key}.json"
             result = _load(path, spec)
             new = result is None
-            if new:
+            if result is None:
                 result = _simulate(task_of(spec.config), spec, device, worker_chunk)
                 # Written whole, then renamed: an interruption leaves the old state or the new.
                 write_json(result, path.with_suffix(".tmp"))

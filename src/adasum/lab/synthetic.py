@@ -36,6 +36,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -53,10 +54,10 @@ TEST_SIZE = 1 << 15
 _EVAL_BATCH = 8192
 #: gauss-logistic: classes, input dimension, the means' length (Bayes accuracy 0.9025) and the
 #: ratio of the largest input scale to the smallest.
-MIXTURE = {"classes": 10, "dim": 64, "radius": 3.0, "spread": 10.0}
+MIXTURE: dict[str, Any] = {"classes": 10, "dim": 64, "radius": 3.0, "spread": 10.0}
 #: teacher-mlp: input dimension, teacher and student hidden widths, classes, and the factor on
 #: the teacher's logits (it sets how noisy the labels are).
-TEACHER = {"dim": 16, "hidden": 16, "student": 64, "classes": 10, "sharpness": 12.0}
+TEACHER: dict[str, Any] = {"dim": 16, "hidden": 16, "student": 64, "classes": 10, "sharpness": 12.0}
 
 
 # ------------------------------------------------------------------------- the generator
@@ -127,10 +128,13 @@ class _Stream(Task):
     def label(self, normals: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of examples from their ``[n, dim]`` normals and ``[n]`` uniforms."""
 
-    def _moved(self, device: torch.device, fields: tuple[str, ...]) -> _Stream:
+    def _moved(self: _S, device: torch.device, fields: tuple[str, ...]) -> _S:
         if self.x_test.device == device:
             return self
         return replace(self, **{k: getattr(self, k).to(device) for k in ("x_test", "y_test", *fields)})
+
+
+_S = TypeVar("_S", bound=_Stream)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -220,6 +224,7 @@ def stream_task(name: str, samples: int | None = None) -> _Stream:
         raise TaskError(f"--samples of task {name!r} can be at most {limit} (the generator's key space)")
     g = torch.Generator().manual_seed(DATA_SEED)
     empty = torch.empty(0)
+    task: _Stream
     if name == "gauss-logistic":
         directions, _ = torch.linalg.qr(torch.randn(spec["dim"], spec["classes"], generator=g))
         means = spec["radius"] * directions.T.contiguous()
@@ -237,8 +242,9 @@ def _teacher(g: torch.Generator) -> nn.Module:
     t = TEACHER
     teacher = _mlp(t["dim"], t["hidden"], t["classes"])
     with torch.no_grad():
-        for layer, fan_in, gain in ((teacher[0], t["dim"], 2.0), (teacher[2], t["hidden"], 1.0)):
+        first, last = cast(nn.Linear, teacher[0]), cast(nn.Linear, teacher[2])
+        for layer, fan_in, gain in ((first, t["dim"], 2.0), (last, t["hidden"], 1.0)):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * math.sqrt(gain / fan_in))
             layer.bias.zero_()
-        teacher[2].weight.mul_(t["sharpness"])
+        last.weight.mul_(t["sharpness"])
     return teacher.requires_grad_(False)

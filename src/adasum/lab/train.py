@@ -202,6 +202,7 @@ def train_worker(
                 if front.inner_steps == 0 and front.last_stats is not None:  # this step synchronised
                     row.update(front.last_stats.summary("orth"))
             else:
+                assert front.last_stats is not None, "the front door keeps statistics (stats=True)"
                 noise.update(front.last_stats.noise_scale(plan.per_worker))
             if rank == 0 and plan.evaluates_after(step + 1):
                 row.update(_evaluate(task, model, front), noise_scale=noise.value)
@@ -229,7 +230,7 @@ def _evaluate(task: Task, model: torch.nn.Module, front: AdasumState | Distribut
     start = front.state_dict()["start"] if isinstance(front, LocalSGD) else None
     if start is None:
         return evaluate(task, model)
-    params = list(model.parameters())  # the optimizer's, in its order
+    params: list[torch.Tensor] = list(model.parameters())  # the optimizer's, in its order
     own = [p.detach().clone() for p in params]
     with torch.no_grad():
         torch._foreach_copy_(params, start)

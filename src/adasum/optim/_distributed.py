@@ -279,7 +279,9 @@ class DistributedOptimizer(Wrapper):
         average = Average(self.reducer.group)
         # The check before the local step agreed on the parameters, whose shapes the gradients
         # share, and on stats=True: that agreement covers this reduction too.
-        return average.all_reduce(grads, stats=True, agreement=average.agreement(grads, stats=True)).moments
+        stats = average.all_reduce(grads, stats=True, agreement=average.agreement(grads, stats=True))
+        assert stats is not None, "all_reduce returns the statistics with stats=True"
+        return stats.moments
 
     def _check(self, params: list[torch.Tensor], found_inf: torch.Tensor | None) -> Agreement:
         """:meth:`adasum.Reducer.check` of the parameters, in the same round as the options that
@@ -381,6 +383,7 @@ class DistributedOptimizer(Wrapper):
         # GradScaler.update() reads the per-device flags it recorded for this optimizer, not the
         # summed copy handed to step(); they must hold the agreed value or the scalers diverge.
         # GradScaler offers no public way to set them.
+        assert self.grad_scaler is not None, "_check raised on every rank for a scaler it does not know"
         per_device = scaler_found_inf_per_device(self.grad_scaler, self)
         for t in per_device.values():
             t.copy_(flag.to(t.device).reshape(t.shape))

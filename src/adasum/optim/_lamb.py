@@ -68,7 +68,8 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    # torch declares step as two overloads (closure or not); one signature serves both here.
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One LAMB update of every parameter that has a gradient; returns the closure's loss."""
         loss = None
         if closure is not None:

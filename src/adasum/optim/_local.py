@@ -217,8 +217,8 @@ class LocalSGD(DistributedOptimizer):
                 p.grad = g
             self.outer.step()
         finally:
-            for p, g in zip(params, kept):
-                p.grad = g
+            for p, grad in zip(params, kept):
+                p.grad = grad
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ round as the whole-model step's (``DistributedOptimizer._check``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -213,7 +214,7 @@ class Overlap:
         """Queue the reductions of the stepped buckets that come next in index order."""
         while self._launched < len(self._buckets) and self._buckets[self._launched].stepped:
             bucket = self._buckets[self._launched]
-            self._futures.append(self._background.submit(lambda worker, b=bucket: _reduce(worker, b)))
+            self._futures.append(self._background.submit(functools.partial(_reduce, bucket=bucket)))
             self._launched += 1
 
     # -- in step() ----------------------------------------------------------------------------

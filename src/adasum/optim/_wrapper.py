@@ -19,7 +19,7 @@ class Wrapper(torch.optim.Optimizer):
     optimizer: torch.optim.Optimizer
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter

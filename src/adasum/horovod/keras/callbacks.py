@@ -114,6 +114,7 @@ class LearningRateScheduleCallback(keras.callbacks.Callback):
         if self.current_epoch < self.start_epoch or (self.end_epoch is not None and self.current_epoch >= self.end_epoch):
             return
         if not self.staircase:
+            assert self.steps_per_epoch is not None, "on_train_begin sets it for staircase=False"
             self._adjust(self.current_epoch + batch / self.steps_per_epoch)
         elif batch == 0:
             self._adjust(self.current_epoch)
@@ -147,6 +148,7 @@ class LearningRateWarmupCallback(LearningRateScheduleCallback):
 
     def _fraction(self, epoch: float) -> float:
         # Counted at the batch's end, so that the last warm-up batch reaches initial_lr exactly.
+        assert self.steps_per_epoch is not None, "on_train_begin sets it (warm-up is not a staircase)"
         done = (epoch + 1.0 / self.steps_per_epoch) / self.warmup_epochs
         n = size()
         return (1.0 + done * (n - 1)) / n

@@ -82,15 +82,16 @@ def _reduced(tensors: list[tf.Tensor], op: Any, average: bool | None, prescale_f
 
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
             resolved, _ = resolve_op(op, average)  # valid: the forward pass agreed on it
+            assert resolved is not None, "the forward pass agreed on the op"
             if resolved not in (Sum, Average, Min, Max):
                 raise NotImplementedError(
                     f"adasum.horovod.tensorflow: the gradient of allreduce with op={resolved.name} is not "
                     "implemented; use op=Sum or op=Average inside a differentiated computation")
-            dys = [tf.convert_to_tensor(d) for d in dys]
+            dense = [tf.convert_to_tensor(d) for d in dys]
             if resolved in (Sum, Average):
-                return _reduced(dys, resolved, None, prescale_factor, postscale_factor, None, process_set, operation)
+                return _reduced(dense, resolved, None, prescale_factor, postscale_factor, None, process_set, operation)
             # Min, Max: the summed gradient goes to every rank whose input was the result.
-            summed = _reduced(dys, Sum, None, prescale_factor, postscale_factor, None, process_set, operation)
+            summed = _reduced(dense, Sum, None, prescale_factor, postscale_factor, None, process_set, operation)
             return [s * tf.cast(tf.equal(x * prescale_factor, y / postscale_factor), s.dtype)
                     for s, x, y in zip(summed, xs, ys)]
 
