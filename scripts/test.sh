@@ -8,4 +8,6 @@ ADASUM_EXTRAS="lab,jax,lightning,accelerate,tensorflow,triton,test" . scripts/se
 python -c "import importlib.util as u; print('adasum C kernels:', 'built' if u.find_spec('adasum._kernels') else 'NOT built, using the PyTorch fallback')"
 ruff check src tests benchmarks examples scripts
 mypy
-python -m pytest -q "$@"
+# The launcher tests (marked long: torchrun agents, Lightning's and Accelerate's launchers) take
+# several minutes more: `bash scripts/test.sh -m long` runs them (a later -m replaces this one).
+python -m pytest -q -m "not long" "$@"

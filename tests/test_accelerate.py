@@ -98,6 +98,7 @@ def test_one_process_is_left_alone_and_delta_mode_refuses_a_state_and_a_mix():
         "ValueError: use_adasum: adasum_state is for gradient mode")
 
 
+@pytest.mark.long
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("mode", [[], ["--delta"]], ids=["gradient", "delta"])
 def test_example_trains_under_accelerate_launch(mode):

@@ -35,7 +35,7 @@ from adasum.launch import free_port
 from adasum.optim import local_delta, rank_state
 from conftest import rel_err, same_bits
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(420)]
 
 STEPS = 40
 #: Steps at world size 4 before the kill, and at world size 2 before the third agent starts.

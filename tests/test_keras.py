@@ -20,7 +20,8 @@ import adasum
 from adasum.launch import spawn
 from conftest import TIMEOUT, caught
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras")
+# Keras workers on both backends take minutes: kept out of the default run (``-m long`` runs them).
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras"), pytest.mark.long]
 
 BATCH, UPDATES = 8, 3
 

@@ -182,6 +182,7 @@ def test_delta_checkpoint_holds_and_restores_every_ranks_optimizer_state(runs):
         assert r["refused"].startswith("ValueError: AdasumStrategy: the checkpoint holds the optimizer states of 3 ranks")
 
 
+@pytest.mark.long
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("mode", [[], ["--delta"]], ids=["gradient", "delta"])
 def test_example_trains_under_lightnings_launcher(mode, tmp_path):

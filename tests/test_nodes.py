@@ -25,6 +25,9 @@ import adasum
 from adasum.launch import free_port
 from conftest import rel_err, same_bits
 
+#: Real torchrun agents: kept out of the default run (``-m long`` runs them).
+pytestmark = pytest.mark.long
+
 #: Seconds one launch may take (rendezvous, 4-6 workers importing torch on 2 shared cores, the
 #: reductions) before every agent is ended and the test fails.
 LAUNCH_TIMEOUT = 180
