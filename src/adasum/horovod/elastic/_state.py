@@ -131,6 +131,12 @@ class TorchState:
     same points (they exchange messages).
     """
 
+    _handlers: dict[str, _Handler]
+    _objects: list[str]  # the names of the plain attributes
+    _saved_objects: dict[str, Any]
+    _callbacks: list[Callable[[], Any]]
+    _commits: int
+
     def __init__(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                  **kwargs: Any) -> None:
         values = {"model": model, "optimizer": optimizer, **kwargs}
@@ -149,6 +155,11 @@ class TorchState:
                                 f"cannot replace it by a {type(value).__name__}")
             self._handlers[name] = handler
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names never set: says so, and tells type checkers that the attributes
+        # given as keyword arguments (state.epoch, ...) exist.
+        raise AttributeError(f"TorchState has no attribute {name!r}")
 
     def register_reset_callbacks(self, callbacks: Iterable[Callable[[], Any]]) -> None:
         """Functions to call after the workers restarted from a commit (a rank was lost or
