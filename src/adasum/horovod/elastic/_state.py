@@ -34,6 +34,7 @@ import torch
 from adasum.horovod._objects import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from adasum.horovod._runtime import rank, size
 from adasum.horovod.elastic._sampler import ElasticSampler
+from adasum.optim._elastic import save_atomically
 
 __all__ = ["TorchState", "DIR_VARIABLE", "commit_path"]
 
@@ -206,7 +207,7 @@ class TorchState:
         if path is not None:
             committed = {name: handler.committed() for name, handler in self._handlers.items()}
             if rank() == 0:
-                _write({"format": _FORMAT, "commit": self._commits, "world": size(), "objects": self._saved_objects,
+                save_atomically({"format": _FORMAT, "commit": self._commits, "world": size(), "objects": self._saved_objects,
                         "handlers": committed}, path)
         self.check_host_updates()
 
@@ -242,13 +243,3 @@ class TorchState:
         self.save()
         return True
 
-
-def _write(obj: Any, path: Path) -> None:
-    """Write, reach the disk, then rename over ``path``: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
