@@ -6,22 +6,25 @@ of 3 then starts from the commit. The parent checks every rank's results against
 computes itself: the partition of the dataset, the committed bits, rank r's delta-mode state
 taken from old rank r mod 2, every index processed once over both worlds.
 
-The long test starts two torchrun agents (tests/horovod_elastic_worker.py), kills one with
-SIGKILL in the middle of the run, and checks that the survivor's workers continue from the last
-commit on 2 ranks, with bit-identical replicas at the end.
+The long tests run examples/horovod_elastic.py on 2 workers for one epoch and then, in the
+same directory, on 3 workers (it must go on from its commit); and start two torchrun agents
+(tests/horovod_elastic_worker.py), kill one with SIGKILL in the middle of the run, and check
+that the survivor's workers continue from the last commit on 2 ranks, with bit-identical
+replicas at the end.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import subprocess
 import time
 from pathlib import Path
 
 import horovod_elastic_worker as worker
 import pytest
 import torch
-from agents import agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
+from agents import ROOT, TORCHRUN, agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
 
 import adasum.horovod as hvd
 from adasum.launch import free_port, spawn
@@ -259,3 +262,23 @@ def test_agent_killed_job_continues_from_the_commit(tmp_path):
     finals = [torch.load(tmp_path / f"final{r}.pt", weights_only=True) for r in range(2)]
     assert all(f["step"] == STEPS and f["world"] == 2 for f in finals)
     assert same_bits(finals[0]["params"], finals[1]["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_example_continues_on_another_world(tmp_path):
+    """examples/horovod_elastic.py: one epoch on 2 workers, then a job of 3 epochs on 3 workers
+    in the same directory, which goes on from the first job's last commit."""
+    env = agent_env(ADASUM_ELASTIC_DIR=str(tmp_path / "commits"))
+    printed = []
+    for workers, epochs in ((2, 1), (3, 3)):
+        done = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={workers}",
+                               str(ROOT / "examples" / "horovod_elastic.py"), "--use-adasum", "--epochs", str(epochs)],
+                              env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        printed += [line.split() for line in done.stdout.splitlines() if line.startswith("epoch")]
+    # epoch E: N workers, S steps, loss L. 2048 examples in batches of 32: 32 batches per
+    # epoch on 2 workers, 22 on 3 (the last one short).
+    assert [(w[1], w[2], w[4]) for w in printed] == [("0:", "2", "32"), ("1:", "3", "54"), ("2:", "3", "76")], printed
+    losses = [float(w[-1]) for w in printed]
+    assert losses[2] < losses[0], printed
