@@ -247,7 +247,8 @@ def test_agent_killed_job_continues_from_the_commit(tmp_path):
     finally:
         end_agents(procs)
     rows, boots = worker.progress(tmp_path), worker.boots(tmp_path)
-    after = [row for row in rows if row[3] > killed]
+    assert boots[-1][1] == 2 and boots[-1][3] > killed, boots
+    after = [row for row in rows if row[3] > boots[-1][3]]  # the survivors' steps
     print(f"\nkill -> first step on 2 ranks: {after[0][3] - killed:.1f} s; starts (step, world): "
           f"{[b[:2] for b in boots]}; steps {[r[0] for r in rows]}")
     # Every step follows the one before, except after a restart: then it follows the commit
@@ -257,7 +258,10 @@ def test_agent_killed_job_continues_from_the_commit(tmp_path):
         if now[0] != before[0] + 1:
             start = [b[0] for b in boots if b[3] < now[3]][-1]
             assert start in (before[0], before[0] + 1) and now[0] == start + 1, (before, now, boots)
-    assert boots[-1][1] == 2 and boots[-1][3] > killed and all(row[1] == 2 for row in after)
+    # The step in flight may finish on 4 ranks (the victims had sent their part) before the
+    # survivors fail; no other.
+    assert len([row for row in rows if row[3] > killed and row[1] == 4]) <= 1, rows
+    assert all(row[1] == 2 for row in after)
     assert rows[-1][:2] == (STEPS, 2)
     finals = [torch.load(tmp_path / f"final{r}.pt", weights_only=True) for r in range(2)]
     assert all(f["step"] == STEPS and f["world"] == 2 for f in finals)
