@@ -5,45 +5,49 @@ Run as ``torchrun --nnodes=1:2 ... tests/horovod_elastic_worker.py OUT STEPS`` w
 (delta mode: every rank's Adam moments are its own) on generated data through an
 ``ElasticSampler``, committing after every step. Rank 0 appends to ``OUT/boots.txt`` one line per
 start of the training function (the step it starts from, the world size, torchrun's restart
-count, the time) and to ``OUT/progress.txt`` one line per step (step, world size, restart count,
+count, the time, the time the process started) and to ``OUT/progress.txt`` one line per step (step, world size, restart count,
 time); at the end every rank writes ``OUT/final{RANK}.pt``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-from pathlib import Path
 
-import torch
+BEGAN = time.time()  # before torch is imported: the test reports where a restart's time goes
 
-import adasum.horovod as hvd
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import adasum.horovod as hvd  # noqa: E402
 
 #: Seconds each step lasts at least, so that the test can act in the middle of the run.
 STEP_SECONDS = 0.1
 BATCH = 4
 
 
-def _rows(path: Path) -> list[tuple[int, int, int, float]]:
+def _rows(path: Path) -> list[tuple]:
     lines = path.read_text().splitlines() if path.exists() else []
-    return [(int(s), int(w), int(r), float(t)) for s, w, r, t in (line.split() for line in lines)]
+    return [(int(s), int(w), int(r), *map(float, times)) for s, w, r, *times in (line.split() for line in lines)]
 
 
-def progress(out: Path) -> list[tuple[int, int, int, float]]:
+def progress(out: Path) -> list[tuple]:
     """(step, world size, restart count, time) of every step rank 0 logged."""
     return _rows(out / "progress.txt")
 
 
-def boots(out: Path) -> list[tuple[int, int, int, float]]:
-    """(step started from, world size, restart count, time) of every start."""
+def boots(out: Path) -> list[tuple]:
+    """(step started from, world size, restart count, time, process start) of every start."""
     return _rows(out / "boots.txt")
 
 
-def log(path: Path, step: int) -> None:
+def log(path: Path, step: int, *extra: float) -> None:
     if hvd.rank() == 0:
         with open(path, "a") as f:
-            f.write(f"{step} {hvd.size()} {os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)} {time.time():.3f}\n")
+            f.write(" ".join([str(step), str(hvd.size()), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+                              *(f"{t:.3f}" for t in (time.time(), *extra))]) + "\n")
 
 
 def main(out: Path, steps: int) -> None:
@@ -59,7 +63,7 @@ def main(out: Path, steps: int) -> None:
 
     @hvd.elastic.run
     def train(state: hvd.elastic.TorchState) -> None:
-        log(out / "boots.txt", state.step)
+        log(out / "boots.txt", state.step, BEGAN)
         while state.step < steps:
             for b, (x, y) in enumerate(torch.utils.data.DataLoader(data, batch_size=BATCH, sampler=state.sampler)):
                 began = time.monotonic()

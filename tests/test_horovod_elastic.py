@@ -16,6 +16,7 @@ replicas at the end.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import subprocess
 import time
@@ -28,7 +29,7 @@ from agents import ROOT, TORCHRUN, agent_command, agent_env, agents_output, end_
 
 import adasum.horovod as hvd
 from adasum.launch import free_port, spawn
-from conftest import TIMEOUT, same_bits
+from conftest import TIMEOUT, raised, same_bits
 
 DATASET, BATCH, SEED = 23, 2, 5
 #: The index the last rank of the first world records by record_indices before its commit.
@@ -102,12 +103,18 @@ def _first_world(rank: int, world: int) -> dict:
 
 
 def _second_world(rank: int, world: int) -> dict:
-    """Start from the first world's commit, train the rest of the epoch, commit."""
+    """Start from the first world's commit, train the rest of the epoch, commit. First, with
+    the last rank looking at an empty directory, loading the commit must fail on every rank."""
     hvd.init()
     state, ps = build(seed=100 + rank)
     resets: list[int] = []
     state.register_reset_callbacks([lambda: resets.append(hvd.size())])
     out: dict = {}
+    shared = os.environ["ADASUM_ELASTIC_DIR"]
+    if rank == world - 1:
+        os.environ["ADASUM_ELASTIC_DIR"] = os.path.join(shared, "elsewhere")
+    out["unshared"] = raised(state.load_commit)
+    os.environ["ADASUM_ELASTIC_DIR"] = shared
 
     @hvd.elastic.run
     def train(state):
@@ -193,6 +200,14 @@ def test_commit_file(worlds):
     assert set(handlers["sgd"]["state"]) == {0, 1}
 
 
+def test_ranks_seeing_different_commits_all_raise(worlds):
+    *_, second = worlds
+    for out in second:
+        assert out["unshared"].startswith("RuntimeError: adasum.horovod.elastic: the ranks see different commits")
+        assert "([1, 1, None], in rank order; None: no file): $ADASUM_ELASTIC_DIR must be a directory every node sees" \
+            in out["unshared"]
+
+
 def test_restart_continues_from_the_commit(worlds):
     _, first, committed, second = worlds
     for rank, out in enumerate(second):
@@ -249,8 +264,9 @@ def test_agent_killed_job_continues_from_the_commit(tmp_path):
     rows, boots = worker.progress(tmp_path), worker.boots(tmp_path)
     assert boots[-1][1] == 2 and boots[-1][3] > killed, boots
     after = [row for row in rows if row[3] > boots[-1][3]]  # the survivors' steps
-    print(f"\nkill -> first step on 2 ranks: {after[0][3] - killed:.1f} s; starts (step, world): "
-          f"{[b[:2] for b in boots]}; steps {[r[0] for r in rows]}")
+    print(f"\nkill -> first step on 2 ranks: {after[0][3] - killed:.1f} s (the new workers started "
+          f"{boots[-1][4] - killed:.1f} s after the kill, and were in train() {boots[-1][3] - boots[-1][4]:.1f} s "
+          f"later); starts (step, world): {[b[:2] for b in boots]}; steps {[r[0] for r in rows]}")
     # Every step follows the one before, except after a restart: then it follows the commit
     # the workers started from, which is the last step logged or the one after it (committed,
     # then the worker was killed before it logged).

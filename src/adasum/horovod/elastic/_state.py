@@ -207,8 +207,8 @@ class TorchState:
         if path is not None:
             committed = {name: handler.committed() for name, handler in self._handlers.items()}
             if rank() == 0:
-                save_atomically({"format": _FORMAT, "commit": self._commits, "world": size(), "objects": self._saved_objects,
-                        "handlers": committed}, path)
+                save_atomically({"format": _FORMAT, "commit": self._commits, "world": size(),
+                                 "objects": self._saved_objects, "handlers": committed}, path)
         self.check_host_updates()
 
     def check_host_updates(self) -> None:
