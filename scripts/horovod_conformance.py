@@ -123,16 +123,16 @@ class Run:
         return {**self.outcomes, **self.alone}
 
 
-def horovod_root(source: Path, scratch: Path) -> Path:
-    """The directory holding Horovod's test/parallel, unpacking an sdist into scratch first."""
+def horovod_root(source: Path, scratch: Path, marker: str = "test/parallel/test_torch.py") -> Path:
+    """The directory holding Horovod's ``marker`` file, unpacking an sdist into scratch first."""
     if source.is_file():
         with tarfile.open(source) as archive:
             archive.extractall(scratch / "sdist", filter="data")
         source = scratch / "sdist"
     for candidate in (source, *sorted(source.iterdir())):
-        if (candidate / "test" / "parallel" / "test_torch.py").is_file():
+        if (candidate / marker).is_file():
             return candidate
-    raise SystemExit(f"{source}: no test/parallel/test_torch.py found (a Horovod checkout or sdist?)")
+    raise SystemExit(f"{source}: no {marker} found (a Horovod checkout or sdist?)")
 
 
 def describe(root: Path) -> str:

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from adasum.ddp import AdasumState, adasum_hook  # noqa: E402
 from adasum.optim import DistributedOptimizer  # noqa: E402
+from adasum.optim._elastic import save_atomically  # noqa: E402
 
 #: A dead peer shows at once as a closed connection; this bounds any other wait.
 GROUP_TIMEOUT = 30
@@ -54,16 +55,6 @@ def loss_of(model: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + rank)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
     return torch.nn.functional.mse_loss(model(x), y)
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """A killed writer leaves the previous checkpoint whole: write, sync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def held(out: Path) -> bool:

@@ -6,12 +6,14 @@
     hvd.allreduce / allgather / broadcast / alltoall / reducescatter / barrier / join
     hvd.DistributedOptimizer(opt, named_parameters=..., op=hvd.Adasum)    gradient or delta mode
     hvd.broadcast_parameters(model.state_dict(), root_rank=0), hvd.broadcast_optimizer_state(...)
+    hvd.elastic.run, hvd.elastic.TorchState, hvd.elastic.ElasticSampler     elastic training (elastic/)
 
 Every operation starts with the ranks agreeing on what they pass: mismatched shapes, dtypes,
 operations or arguments make every rank raise :class:`MismatchError` instead of hanging.
 What differs from Horovod and what is not offered: docs/horovod.md.
 """
 
+from adasum.horovod import elastic
 from adasum.horovod._agree import MismatchError
 from adasum.horovod._allreduce import (
     allreduce,
@@ -74,7 +76,7 @@ __all__ = [
     "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "reducescatter",
     "barrier", "join", "synchronize", "poll", "Handle",
     "broadcast_object", "allgather_object", "broadcast_parameters", "broadcast_optimizer_state",
-    "DistributedOptimizer", "MismatchError", "HorovodInternalError", "global_process_set",
+    "DistributedOptimizer", "MismatchError", "HorovodInternalError", "global_process_set", "elastic",
 ]
 
 

@@ -18,12 +18,15 @@ simulator (``adasum simulate``) and ``adasum train`` follow the same rule.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["rank_state", "gather_states"]
+__all__ = ["rank_state", "gather_states", "save_atomically"]
 
 T = TypeVar("T")
 
@@ -47,3 +50,16 @@ def gather_states(state: Any, group: dist.ProcessGroup | None = None, dst: int =
     states: list[Any] | None = [None] * size if mine == dst else None
     dist.gather_object(state, states, group=group, group_dst=dst)
     return states
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` such that a writer killed at any moment leaves the previous
+    file whole: write a temporary file next to it, make it reach the disk, rename it over
+    ``path`` (readers see the old file or the new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
