@@ -85,11 +85,13 @@ def _context() -> Any:  # a multiprocessing context (its Process class is per co
     """Fresh processes that need not import torch again: where the platform offers it, children
     of a server process (started once, on the first call) that has imported torch, which starts
     a worker in a tenth of a second instead of seconds; else plain "spawn". Nothing else is
-    imported in the server, so a worker imports TensorFlow or JAX under its own environment."""
+    imported in the server, so a worker imports TensorFlow or JAX under its own environment.
+    ``torch._dynamo`` is preloaded too: every optimizer's first ``step`` imports it (seconds per
+    process on a loaded machine), and workers mostly build an optimizer."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "adasum.launch"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "adasum.launch"])
     return ctx
 
 
