@@ -132,8 +132,8 @@ def _table(title: str, cells: dict[tuple[int, int], list[dict[str, float]]], dif
 def compare(args: argparse.Namespace) -> None:
     if args.quick:
         args.worlds, args.exponents, args.reps, args.runs = [2], [12, 16], 3, 1
-    print(f"Horovod ({args.horovod_python}, MPI) against adasum.all_reduce and Gloo SUM, 1 thread per rank; "
-          f"{args.runs} runs x {args.reps} interleaved repetitions per world size")
+    print(f"Horovod's Adasum ({args.horovod_python}, MPI) against adasum.all_reduce, Gloo SUM and MPI SUM, "
+          f"1 thread per rank; {args.runs} runs x {args.reps} interleaved repetitions per world size")
     cells: dict[tuple[int, int], list[dict[str, float]]] = {}
     differing: dict[tuple[int, int], list[int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
