@@ -1,7 +1,9 @@
 """adasum.all_reduce against dist.all_reduce(SUM), and the pairwise kernel against torch.add.
 
 Every comparison runs both sides interleaved in one process group on the same buffers and
-prints medians and their ratio, so the machine's noise hits both alike.
+prints medians and their ratio, so the machine's noise hits both alike. The collectives are
+timed as ``_timing.interleaved`` does: per repetition the slowest rank's wall-clock time and the
+CPU time of all ranks together (the work, which a loaded machine's waiting leaves out).
 
     python benchmarks/bench_collective.py            # the README's table
     python benchmarks/bench_collective.py --quick    # a smoke run
@@ -16,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 from _args import comma_list
+from _timing import interleaved, median_ms, ratio_cells
 
 import adasum
 from adasum.launch import spawn
@@ -40,14 +43,6 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
-def _timed(fn, reset) -> float:
-    reset()
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _collective_worker(rank: int, world: int, sizes: list[int], reps: int) -> list[tuple]:
     rows = []
     gen = torch.Generator().manual_seed(rank)
@@ -60,16 +55,8 @@ def _collective_worker(rank: int, world: int, sizes: list[int], reps: int) -> li
         reset = lambda: buf.copy_(source)  # noqa: E731
         ada = lambda: reducer.all_reduce_flat(buf, numels)  # noqa: E731
         ref = lambda: dist.all_reduce(buf)  # noqa: E731
-        for _ in range(2):  # warm-up: connections, allocator, layout cache
-            _timed(ada, reset), _timed(ref, reset)
-        t_ada, t_ref = [], []
-        for _ in range(reps):
-            t_ada.append(_timed(ada, reset))
-            t_ref.append(_timed(ref, reset))
-        # The slowest rank decides how long a collective takes.
-        times = torch.tensor([_median_ms(t_ada), _median_ms(t_ref)], dtype=torch.float64)
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        rows.append((world, name, times[0].item(), times[1].item()))
+        wall, cpu = interleaved([ada, ref], reps, reset)
+        rows.append((world, name, wall, cpu))
     return rows
 
 
@@ -122,15 +109,19 @@ def main(argv: list[str] | None = None) -> None:
         args.worlds, args.exponents, args.reps = [2, 3], [12, 16], 3
     sizes = [1 << e for e in args.exponents]
 
-    print(f"torch {torch.__version__}, Gloo on CPU, {torch.get_num_threads()} threads; medians of {args.reps} interleaved runs\n")
-    print("| ranks | buffer | adasum.all_reduce ms | dist.all_reduce SUM ms | ratio |")
-    print("|---:|---|---:|---:|---:|")
+    print(f"torch {torch.__version__}, Gloo on CPU, {torch.get_num_threads()} threads; medians of {args.reps} "
+          "interleaved repetitions, each the slowest rank's wall-clock time and all ranks' CPU time\n")
+    print("| ranks | buffer | adasum.all_reduce ms | dist.all_reduce SUM ms | ratio | ratio, range "
+          "| CPU ms, all ranks, adasum / SUM | CPU ratio | CPU ratio, range |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for world in args.worlds:
         rows = spawn(_collective_worker, world, sizes, args.reps, timeout=1800)[0]
-        for w, name, t_ada, t_ref in rows:
+        for w, name, wall, cpu in rows:
             if args.quick and name.startswith("ResNet"):
                 continue
-            print(f"| {w} | {name} | {t_ada:.2f} | {t_ref:.2f} | {t_ada / t_ref:.2f}x |", flush=True)
+            print(f"| {w} | {name} | {median_ms(wall, 0):.2f} | {median_ms(wall, 1):.2f} | "
+                  f"{' | '.join(ratio_cells(wall, 0, 1))} | {median_ms(cpu, 0):.1f} / {median_ms(cpu, 1):.1f} | "
+                  f"{' | '.join(ratio_cells(cpu, 0, 1))} |", flush=True)
 
     print("\n| pairwise kernel | adasum.combine ms | torch.add ms | ratio |")
     print("|---|---:|---:|---:|")

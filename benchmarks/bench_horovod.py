@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from _args import comma_list
+from _timing import interleaved, median_ms, ratios
 
 import adasum
 import adasum.horovod as hvd
@@ -40,16 +39,6 @@ from adasum.launch import spawn
 
 PARTS = 8  # tensors in the grouped call and the optimizer's model
 SMALL = 1 << 20  # bytes: buffers up to this size get 4x the repetitions
-
-
-def _timed(fn: Callable[[], object], reset: Callable[[], object]) -> tuple[float, float]:
-    """Seconds of wall-clock time and of this process's CPU time (all its threads, Gloo's
-    included) that one call took."""
-    reset()
-    dist.barrier()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _split(numel: int) -> list[int]:
@@ -116,18 +105,8 @@ def _worker(rank: int, world: int, sizes: list[int], reps: int) -> list[tuple]:
     for numel in sizes:
         n = reps * (4 if numel * 4 <= SMALL else 1)  # small calls are cheap and noisier
         for case, (ours, engine, reset) in _pairs(rank, numel).items():
-            for _ in range(2):  # warm-up: connections, allocator, the reducers' buffers
-                _timed(ours, reset), _timed(engine, reset)
-            wall = torch.empty(n, 2, dtype=torch.float64)
-            cpu = torch.empty(n, 2, dtype=torch.float64)
-            for i in range(n):
-                # Alternate which side runs first, so neither always follows the other.
-                first, second = (0, ours), (1, engine)
-                for column, fn in ((first, second) if i % 2 == 0 else (second, first)):
-                    wall[i, column], cpu[i, column] = _timed(fn, reset)
-            dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # the slowest rank decides
-            dist.all_reduce(cpu)  # the work of all ranks
-            rows.append((world, numel * 4, case, wall.tolist(), cpu.tolist()))
+            wall, cpu = interleaved([ours, engine], n, reset)
+            rows.append((world, numel * 4, case, wall, cpu))
     return rows
 
 
@@ -158,12 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for world in args.worlds:
         for w, nbytes, case, wall, cpu in spawn(_worker, world, sizes, args.reps, timeout=3600)[0]:
-            med = [statistics.median(s[k] for s in wall) * 1e3 for k in (0, 1)]
-            ratios = [s[0] / s[1] for s in wall]
-            cpu_med = [statistics.median(s[k] for s in cpu) * 1e3 for k in (0, 1)]
-            cpu_ratio = statistics.median(s[0] / s[1] for s in cpu if s[1] > 0)
+            med = [median_ms(wall, k) for k in (0, 1)]
+            wall_ratios = ratios(wall, 0, 1)
+            cpu_med = [median_ms(cpu, k) for k in (0, 1)]
+            cpu_ratio = statistics.median(ratios(cpu, 0, 1))
             print(f"| {w} | {_bytes(nbytes)} | {case} | {med[0]:.3f} | {med[1]:.3f} | "
-                  f"{statistics.median(ratios):.3f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                  f"{statistics.median(wall_ratios):.3f}x | {min(wall_ratios):.2f}-{max(wall_ratios):.2f}x | "
                   f"{cpu_med[0]:.2f} / {cpu_med[1]:.2f} | {cpu_ratio:.3f}x |", flush=True)
 
 

@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from _args import comma_list
-from bench_collective import _timed
+from _timing import timed
 
 import adasum
 from adasum import _p2p, _reducer, _vhdd
@@ -142,10 +142,10 @@ def _worker(rank: int, world: int, n: int, reps: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {}
     ada = lambda: reducer.all_reduce_flat(buf, [n])  # noqa: E731
     for rep in range(reps + 2):  # two warm-up repetitions: connections, buffers, caches
-        plain = _timed(ada, reset)
+        plain = timed(ada, reset)[0]
         with instrumented(clock):
-            call = _timed(lambda: clock.call(ada), reset)
-        total = _timed(lambda: dist.all_reduce(buf), reset)
+            call = timed(lambda: clock.call(ada), reset)[0]
+        total = timed(lambda: dist.all_reduce(buf), reset)[0]
         if rep < 2:
             continue
         # The phases' sum per repetition, not the sum of their medians: a slow phase in one

@@ -24,7 +24,11 @@ every phase of every step:
 
 Setups run interleaved as in ``bench_training.py``; the table gives rank 0's mean milliseconds
 per step over all timed steps (means, so that the phases add up to the step; ``other`` is what no
-timer covers) and, for comparison with the benchmark, the median step.
+timer covers) and, for comparison with the benchmark, the median step. Beside each phase's
+wall-clock time is the CPU time of the thread that ran it (``time.thread_time``): where the CPU
+time is much smaller, the phase waited (for a partner rank, for Gloo's threads, or for a core
+on a loaded machine) rather than computed. The title line adds rank 0's whole CPU time per step
+(all threads: autograd's, the background thread's and Gloo's), the work the step cost.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ STEP = ["zero_grad", "forward", "backward", "optimizer step"]
 #: Rows that run on the hook's background thread, concurrently with the backward pass.
 BACKGROUND = "bucket reductions (background thread)"
 OTHER = "other"
+#: The prefix of a phase's key in the clock's totals that holds its thread's CPU time.
+CPU = "cpu:"
+#: rank 0's CPU time of a whole step (every thread of the process).
+PROCESS_CPU = "process CPU"
 
 
 class Clock:
@@ -64,6 +72,7 @@ class Clock:
     validation inside ``check`` and one inside ``all_reduce`` are told apart)."""
 
     def __init__(self) -> None:
+        #: Wall-clock seconds per path, and under ``cpu:<path>`` the CPU seconds of the thread that ran it.
         self.totals: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self._local = threading.local()
@@ -73,22 +82,24 @@ class Clock:
             self._local.stack = []
         return self._local.stack
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu: float | None = None) -> None:
         key = "/".join([*self._stack(), name])
         self.totals[key] += seconds
         self.counts[key] += 1
+        if cpu is not None:
+            self.totals[CPU + key] += cpu
 
     def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             stack = self._stack()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             stack.append(name)
             try:
                 return fn(*args, **kwargs)
             finally:
                 stack.pop()
-                self.add(name, time.perf_counter() - t0)
+                self.add(name, time.perf_counter() - t0, time.thread_time() - c0)
 
         return wrapper
 
@@ -107,12 +118,12 @@ class _Phase:
         self.clock, self.name = clock, name
 
     def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.thread_time()
         self.clock._stack().append(self.name)
 
     def __exit__(self, *exc: object) -> None:
         self.clock._stack().pop()
-        self.clock.add(self.name, time.perf_counter() - self.t0)
+        self.clock.add(self.name, time.perf_counter() - self.t0, time.thread_time() - self.c0)
 
 
 def _instrument(clock: Clock) -> None:
@@ -144,10 +155,11 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> tuple[dict, dict,
     x, y = batch(rank)
     # FSDP2 is left out: it met its target (bench_training.py).
     setups = {name: SETUPS[name]() for name in ("ddp-mean", "ddp-adasum", "ddp-adam", "delta-adam", "delta-adam-overlap")}
-    last_grad = [0.0]
+    last_grad = [0.0, 0.0]  # wall-clock and thread CPU time when autograd wrote the last gradient
 
     def note(_: torch.Tensor) -> None:
-        last_grad[0] = time.perf_counter()
+        # On CPU, autograd runs the backward pass on the thread that called backward().
+        last_grad[:] = time.perf_counter(), time.thread_time()
 
     for model, _ in setups.values():
         for p in model.parameters():
@@ -159,12 +171,13 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> tuple[dict, dict,
                 opt.zero_grad(set_to_none=True)
             with clock.phase("forward"):
                 loss = torch.nn.functional.mse_loss(model(x), y)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             with clock.phase("backward"):
                 loss.backward()
-            end = time.perf_counter()
-            clock.add("backward/until the last gradient", last_grad[0] - t0)
-            clock.add("backward/after the last gradient (waiting for the reductions)", end - last_grad[0])
+            end, cpu = time.perf_counter(), time.thread_time()
+            clock.add("backward/until the last gradient", last_grad[0] - t0, last_grad[1] - c0)
+            clock.add("backward/after the last gradient (waiting for the reductions)", end - last_grad[0],
+                      cpu - last_grad[1])
             with clock.phase("optimizer step"):
                 opt.step()
 
@@ -174,13 +187,15 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> tuple[dict, dict,
     clock.take()
     totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in setups}
     per_step: dict[str, list[float]] = {name: [] for name in setups}
+    process_cpu: dict[str, list[float]] = {name: [] for name in setups}
     buckets: dict[str, int] = {}
     for _ in range(rounds):
         for name, (model, opt) in setups.items():
             dist.barrier()
             for _ in range(steps):
-                before = clock.counts.get(BACKGROUND, 0)
+                before, cpu0 = clock.counts.get(BACKGROUND, 0), time.process_time()
                 step(model, opt)
+                process_cpu[name].append(time.process_time() - cpu0)
                 buckets[name] = clock.counts.get(BACKGROUND, 0) - before
                 taken = clock.take()
                 per_step[name].append(taken["step"])
@@ -189,7 +204,9 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> tuple[dict, dict,
             dist.barrier()
     n = rounds * steps
     means = {name: {k: v / n for k, v in t.items()} for name, t in totals.items()}
-    return means, {name: statistics.median(v) for name, v in per_step.items()}, buckets
+    medians = {name: statistics.median(v) for name, v in per_step.items()}
+    medians.update({f"{PROCESS_CPU} {name}": statistics.median(v) for name, v in process_cpu.items()})
+    return means, medians, buckets
 
 
 def rows(means: dict[str, float]) -> list[tuple[str, float]]:
@@ -221,22 +238,29 @@ def table(name: str, base: str, means: dict[str, dict[str, float]], medians: dic
           buckets: dict[str, int]) -> str:
     """Markdown table of one setup against its baseline, and the line that sums it up."""
     ours, theirs = dict(rows(means[name])), dict(rows(means[base]))
+    cpu_ours, cpu_theirs = (dict(rows({k.removeprefix(CPU): v for k, v in means[s].items() if k.startswith(CPU)}))
+                            for s in (name, base))
     order = [k for k, _ in rows({**means[base], **means[name]}) if k in ours or k in theirs]
     step_a, step_b = theirs["step"], ours["step"]
+    cpu_a, cpu_b = medians[f"{PROCESS_CPU} {base}"], medians[f"{PROCESS_CPU} {name}"]
     lines = [
         f"{name} against {base} (rank 0, ms per step; mean over the timed steps; median step "
-        f"{1e3 * medians[base]:.1f} vs {1e3 * medians[name]:.1f}, {medians[name] / medians[base]:.2f}x)",
-        f"| phase | {base} ms | % | {name} ms | % | extra ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"{1e3 * medians[base]:.1f} vs {1e3 * medians[name]:.1f}, {medians[name] / medians[base]:.2f}x; "
+        f"median CPU time of the process per step {1e3 * cpu_a:.1f} vs {1e3 * cpu_b:.1f}, {cpu_b / cpu_a:.2f}x)",
+        f"| phase | {base} ms | % | thread CPU ms | {name} ms | % | thread CPU ms | extra ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def cell(value: float | None, whole: float) -> str:
-        return " | " if value is None else f"{1e3 * value:.1f} | {100 * value / whole:.0f}"
+    def cell(value: float | None, whole: float, cpu: float | None) -> str:
+        if value is None:
+            return " |  | "
+        return f"{1e3 * value:.1f} | {100 * value / whole:.0f} | " + ("" if cpu is None else f"{1e3 * cpu:.1f}")
 
     for key in order:
         a, b = theirs.get(key), ours.get(key)
         extra = "" if a is None or b is None else f"{1e3 * (b - a):+.1f}"
-        lines.append(f"| {_label(key)} | {cell(a, step_a)} | {cell(b, step_b)} | {extra} |")
+        lines.append(f"| {_label(key)} | {cell(a, step_a, cpu_theirs.get(key))} | "
+                     f"{cell(b, step_b, cpu_ours.get(key))} | {extra} |")
     if buckets.get(name):
         lines.append(f"({buckets[name]} buckets per step reduced on the background thread)")
     lines.append(verdict(name, ours, theirs))

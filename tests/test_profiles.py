@@ -35,7 +35,8 @@ def test_profile_training_accounts_for_the_step() -> None:
     ], out
     for name, base, body in tables:
         lines = body.splitlines()
-        assert _cells(lines[0]) == ["phase", f"{base} ms", "%", f"{name} ms", "%", "extra ms"]
+        assert _cells(lines[0]) == ["phase", f"{base} ms", "%", "thread CPU ms", f"{name} ms", "%", "thread CPU ms",
+                                    "extra ms"]
         # Each row's path: its label's indentation gives its depth in the tree of phases.
         values: dict[tuple[str, ...], tuple[float | None, float | None]] = {}
         path: list[str] = []
@@ -44,9 +45,14 @@ def test_profile_training_accounts_for_the_step() -> None:
             depth = (len(label) - len(label.lstrip())) // 2
             path = path[:depth] + [label.strip()]
             cells = _cells(line)
-            assert len(cells) == 6, line
-            a, b = (float(c) if re.fullmatch(NUMBER, c) else None for c in (cells[1], cells[3]))
+            assert len(cells) == 8, line
+            a, b = (float(c) if re.fullmatch(NUMBER, c) else None for c in (cells[1], cells[4]))
             values[tuple(path)] = (a, b)
+            for wall, cpu in ((cells[1], cells[3]), (cells[4], cells[6])):
+                # A phase's thread ran it: its CPU time is given, and no more than its wall time
+                # (the "other" rows are differences, so only roughly).
+                if re.fullmatch(NUMBER, wall) and "other" not in line:
+                    assert re.fullmatch(NUMBER, cpu) and float(cpu) <= float(wall) + 0.2, line
         for column in (0, 1):
             step = values[("step",)][column]
             assert step is not None and step > 0
@@ -83,8 +89,8 @@ def _rows(body: str) -> dict[str, float]:
     rows: dict[str, float] = {}
     for line in body.splitlines()[2:]:
         cells = _cells(line)
-        if re.fullmatch(NUMBER, cells[3]):
-            rows.setdefault(cells[0], float(cells[3]))
+        if re.fullmatch(NUMBER, cells[4]):
+            rows.setdefault(cells[0], float(cells[4]))
     return rows
 
 
