@@ -271,8 +271,13 @@ def launch(target: str, cwd: Path, size: int, reports: Path, args: argparse.Name
         try:
             process.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            # torchrun starts each worker in a session of its own and stops them when told to.
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             return f"stopped after {args.run_timeout} s; logs in {reports}"
     return ""
 

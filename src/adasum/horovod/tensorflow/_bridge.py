@@ -15,9 +15,21 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 import torch
 
+from adasum.horovod import _agree
 from adasum.tensorflow._collective import _aligned
 
-__all__ = ["on_torch"]
+__all__ = ["on_torch", "MismatchError"]
+
+
+class MismatchError(_agree.MismatchError, tf.errors.FailedPreconditionError):
+    """The ranks passed different things (shapes, dtypes, ops, root ranks): adasum.horovod's
+    :class:`~adasum.horovod.MismatchError` that is also ``tf.errors.FailedPreconditionError``,
+    the error Horovod's TensorFlow operations raised. Eagerly it arrives as it is; inside a
+    graph TensorFlow re-raises it as its ``InvalidArgumentError`` with the same message (a
+    ``tf.py_function`` keeps no error class of its own)."""
+
+    def __init__(self, message: str) -> None:
+        tf.errors.FailedPreconditionError.__init__(self, None, None, message)
 
 #: What an output looks like: its dtype and its (possibly partly unknown) static shape.
 Spec = tuple[tf.DType, tf.TensorShape]
@@ -37,7 +49,11 @@ def on_torch(
     when eager, and inside a graph as TensorFlow's own error carrying the same message."""
 
     def call(*args: tf.Tensor) -> list[tf.Tensor]:
-        return [_to_tf(t) for t in fn([torch.from_dlpack(a) for a in args])]
+        try:
+            outputs = fn([torch.from_dlpack(a) for a in args])
+        except _agree.MismatchError as e:
+            raise MismatchError(str(e)) from e
+        return [_to_tf(t) for t in outputs]
 
     if tf.executing_eagerly():
         return call(*tensors)

@@ -29,7 +29,7 @@ from adasum.horovod.tensorflow._bridge import on_torch
 _plain_python = tf.autograph.experimental.do_not_convert
 
 __all__ = ["Compression", "allreduce", "grouped_allreduce", "allgather", "grouped_allgather", "broadcast",
-           "broadcast_variables"]
+           "broadcast_", "broadcast_variables", "broadcast_global_variables"]
 
 
 class _NoCompression:
@@ -231,14 +231,36 @@ def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_
     return forward(tf.convert_to_tensor(tensor))
 
 
+def _assigned(variables: Sequence[Any], root_rank: int, process_set: Any, operation: str,
+              name: str | None) -> list[Any]:
+    """Every variable assigned its value on ``root_rank``, in one operation (one agreement on
+    all shapes and dtypes first); the assignments."""
+    variables = list(variables)
+    values = _broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank, process_set, operation, name)
+    return [v.assign(value) for v, value in zip(variables, values)]
+
+
+@_plain_python
+def broadcast_(variables: Sequence[Any], root_rank: int, name: str | None = None, process_set: Any = None) -> list:
+    """Assign every variable its value on ``root_rank``, in place, in one operation; returns
+    the variables' new values."""
+    return _assigned(variables, root_rank, process_set, "broadcast_", name)
+
+
 @_plain_python
 def broadcast_variables(variables: Sequence[Any], root_rank: int, process_set: Any = None,
                         inplace: bool = False) -> Any:
-    """Assign every variable its value on ``root_rank``, in one operation (one agreement on
-    all shapes and dtypes first). Returns the grouped assignments inside a graph, None eagerly.
-    ``inplace`` is accepted: the values always travel through one fresh buffer each."""
-    variables = list(variables)
-    values = _broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank, process_set,
-                               "broadcast_variables", None)
-    assigns = [v.assign(value) for v, value in zip(variables, values)]
+    """Assign every variable its value on ``root_rank``, in one operation. Returns the grouped
+    assignments inside a graph, None eagerly. ``inplace`` is accepted: the values always travel
+    through one fresh buffer each."""
+    assigns = _assigned(variables, root_rank, process_set, "broadcast_variables", None)
     return None if tf.executing_eagerly() else tf.group(*assigns)
+
+
+def broadcast_global_variables(root_rank: int) -> Any:
+    """TensorFlow 1's global variables, assigned their values on ``root_rank`` (graph mode
+    only, as in Horovod; eagerly there are no global variables: a RuntimeError)."""
+    if tf.executing_eagerly():
+        raise RuntimeError("hvd.broadcast_global_variables() does not work eagerly (TensorFlow 2 keeps no global "
+                           "variables); use hvd.broadcast_variables(model.variables, root_rank)")
+    return broadcast_variables(tf.compat.v1.global_variables(), root_rank)
