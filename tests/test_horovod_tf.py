@@ -112,6 +112,16 @@ def _collectives(rank: int, world: int) -> dict:
         u = tf.constant(inputs(rank)["u"], dtype)
         results[f"{dtype.name}_moved"] = [hvd.broadcast(u, root_rank=world - 1), hvd.allgather(u)]
         results[f"{dtype.name}_sum"] = [hvd.allreduce(u, op=hvd.Sum)]
+    # alltoall: rank r sends r + 1 rows to every rank; reducescatter: this rank's block of the sum.
+    rows = tf.fill([world * (rank + 1), 2], float(rank))
+    results["alltoall"] = list(tf.function(lambda a: hvd.alltoall(a, splits=[rank + 1] * world))(rows))
+    results["alltoall_equal"] = [hvd.alltoall(tf.fill([world, 2], rank))]
+    results["reducescatter"] = [hvd.reducescatter(t["f32"], op=hvd.Sum),
+                                *hvd.grouped_reducescatter([t["f64"], t["f32"]], op=hvd.Average)]
+    with tf.GradientTape() as tape:
+        tape.watch(t["f64"])
+        scattered = hvd.reducescatter(t["f64"], op=hvd.Sum, postscale_factor=2.0)
+    results["reducescatter_grad"] = [tape.gradient(scattered, t["f64"])]
     c = tf.Variable(t["f64"])
     results["broadcast_"] = [*hvd.broadcast_([c], root_rank=world - 1), c]
     return {k: [np.array(x) for x in v] for k, v in results.items()}
@@ -179,7 +189,7 @@ def _errors(rank: int, world: int) -> dict:
         "gather_dims": caught(lambda: hvd.allgather(tf.ones([2, 3 if last else 2]))),
         "adasum_int": caught(lambda: hvd.allreduce(tf.ones([2], tf.int32), op=hvd.Adasum)),
         "adasum_sparse": caught(lambda: hvd.allreduce(dense, op=hvd.Adasum)),
-        "not_offered": caught(lambda: hvd.alltoall(tf.ones([2]))),
+        "not_offered": caught(lambda: hvd.join()),
         "precondition": caught(lambda: hvd.allgather(tf.ones([2, 3 if last else 2])), tf.errors.FailedPreconditionError),
         "global_variables_eager": caught(lambda: hvd.broadcast_global_variables(0), RuntimeError),
         "ops": [int(f()) for f in (hvd.rank_op, hvd.size_op, hvd.local_rank_op, hvd.local_size_op)],
@@ -331,6 +341,17 @@ def test_collectives_equal_the_references(run):
         assert np.array_equal(gathered, np.concatenate([i["u"] for i in x]).astype(dtype))
         assert res[f"{name}_sum"][0].dtype == dtype
         assert np.array_equal(res[f"{name}_sum"][0], sum(i["u"] for i in x).astype(dtype))  # wrapped as the type would
+    out, received = res["alltoall"]
+    assert np.array_equal(received, np.arange(1, world + 1))
+    assert np.array_equal(out, np.repeat(np.arange(world, dtype=np.float32), np.arange(1, world + 1))[:, None] * [1, 1])
+    for r, each in enumerate(results):  # equal parts: one row from every rank
+        assert np.array_equal(each["alltoall_equal"][0], np.repeat(np.arange(world), 2).reshape(world, 2))
+        block = [slice(r * q + min(r, m), (r + 1) * q + min(r + 1, m)) for q, m in (divmod(6, world), divmod(9, world))]
+        np.testing.assert_allclose(each["reducescatter"][0], total["f32"][block[0]], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(each["reducescatter"][1], total["f64"][block[1]] / world, rtol=1e-12)
+        np.testing.assert_allclose(each["reducescatter"][2], total["f32"][block[0]] / world, rtol=1e-5, atol=1e-6)
+        # Horovod's gradient: the allgathered ones, times the postscale factor and the ranks (Sum).
+        assert np.array_equal(each["reducescatter_grad"][0], np.full(9, 2.0 * world))
     new_value, variable = res["broadcast_"]
     assert np.array_equal(new_value, x[-1]["f64"]) and np.array_equal(variable, x[-1]["f64"])
 
@@ -434,7 +455,7 @@ def test_bad_input_raises_on_every_rank(run):
     assert e["gather_dims"].startswith("MismatchError: hvd.allgather: tensor 0 is (*, 3)")
     assert e["adasum_int"].startswith("MismatchError: hvd.allreduce:") and "int32" in e["adasum_int"]
     assert e["adasum_sparse"].startswith("NotImplementedError") and "sparse_as_dense=True" in e["adasum_sparse"]
-    assert e["not_offered"].startswith("NotImplementedError: adasum.horovod.tensorflow.alltoall is not offered; use")
+    assert e["not_offered"].startswith("NotImplementedError: adasum.horovod.tensorflow.join is not offered; give")
     assert e["precondition"].startswith("MismatchError: hvd.allgather: tensor 0 is (*, 3)")  # Horovod's error class
     assert e["global_variables_eager"].startswith("RuntimeError: hvd.broadcast_global_variables() does not work eagerly")
     assert e["names"] == (False, False, torch.cuda.is_available(), True)

@@ -3,7 +3,7 @@ hvd`` to ``import adasum.horovod.tensorflow as hvd`` and launch with ``torchrun`
 
     hvd.init(); hvd.rank(), hvd.size(), hvd.local_rank(), ...   the runtime of adasum.horovod
     hvd.allreduce(t, op=hvd.Adasum)                             eager and inside tf.function
-    hvd.grouped_allreduce / allgather / grouped_allgather / broadcast
+    hvd.grouped_allreduce / allgather / grouped_allgather / broadcast / alltoall / reducescatter
     tape = hvd.DistributedGradientTape(tape, op=hvd.Adasum)      reduced gradients
     hvd.broadcast_variables(model.variables, root_rank=0)
 
@@ -61,6 +61,7 @@ from adasum.horovod.tensorflow._ops import (
     grouped_allgather,
     grouped_allreduce,
 )
+from adasum.horovod.tensorflow._scatter import alltoall, grouped_reducescatter, reducescatter
 from adasum.horovod.tensorflow._tape import DistributedGradientTape, PartialDistributedGradientTape
 from adasum.horovod.tensorflow.util import _executing_eagerly  # noqa: F401 (Horovod's hvd._executing_eagerly)
 
@@ -70,6 +71,7 @@ __all__ = [
     "ccl_built", "ddl_built", "rocm_built", "gpu_available", "rank_op", "size_op", "local_rank_op", "local_size_op",
     "ReduceOp", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
     "allreduce", "grouped_allreduce", "allgather", "grouped_allgather", "broadcast", "broadcast_",
+    "alltoall", "reducescatter", "grouped_reducescatter",
     "broadcast_variables", "broadcast_global_variables", "broadcast_object", "allgather_object",
     "DistributedGradientTape", "PartialDistributedGradientTape",
     "DistributedOptimizer", "MismatchError", "HorovodInternalError",
@@ -120,9 +122,6 @@ def _missing(name: str, instead: str):
 
 
 # Horovod names with no counterpart here: calling one says what to use instead.
-reducescatter = _missing("reducescatter", "use hvd.allreduce and take this rank's slice")
-grouped_reducescatter = _missing("grouped_reducescatter", "use hvd.grouped_allreduce and take this rank's slices")
-alltoall = _missing("alltoall", "use adasum.horovod.alltoall on torch tensors")
 join = _missing("join", "give every rank the same number of batches (adasum.horovod.join for torch)")
 BroadcastGlobalVariablesHook = _missing(
     "BroadcastGlobalVariablesHook", "use hvd.broadcast_variables or adasum.horovod.keras.callbacks")
@@ -136,7 +135,7 @@ remove_process_set = _missing("remove_process_set", "destroy the torch.distribut
 mpi_threads_supported = _missing("mpi_threads_supported", "there is no MPI here")
 
 __all__ += [
-    "reducescatter", "grouped_reducescatter", "alltoall", "join", "BroadcastGlobalVariablesHook",
+    "join", "BroadcastGlobalVariablesHook",
     "SyncBatchNormalization", "broadcast_object_fn", "start_timeline", "stop_timeline", "ProcessSet", "add_process_set",
     "remove_process_set", "mpi_threads_supported",
 ]
