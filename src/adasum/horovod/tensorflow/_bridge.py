@@ -10,7 +10,10 @@ same order (torch.distributed pairs operations by order, not by name).
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import tensorflow as tf
 import torch
@@ -18,7 +21,13 @@ import torch
 from adasum.horovod import _agree
 from adasum.tensorflow._collective import _aligned
 
-__all__ = ["on_torch", "MismatchError"]
+__all__ = ["on_torch", "after", "MismatchError"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# One operation at a time per process: a TensorFlow 1 session runs independent graph nodes on
+# several threads, and two collectives must never share the process group at once.
+_one_at_a_time = threading.RLock()
 
 
 class MismatchError(_agree.MismatchError, tf.errors.FailedPreconditionError):
@@ -50,7 +59,8 @@ def on_torch(
 
     def call(*args: tf.Tensor) -> list[tf.Tensor]:
         try:
-            outputs = fn([torch.from_dlpack(a) for a in args])
+            with _one_at_a_time:
+                outputs = fn([torch.from_dlpack(a) for a in args])
         except _agree.MismatchError as e:
             raise MismatchError(str(e)) from e
         return [_to_tf(t) for t in outputs]
@@ -61,3 +71,20 @@ def on_torch(
     for o, (_, shape) in zip(out, specs):
         o.set_shape(shape)
     return list(out)
+
+
+def after(outputs: Sequence[tf.Tensor]) -> Callable[[F], F]:
+    """Make a gradient function build its operations to run after the forward ``outputs``.
+    A backward collective often needs only the output gradients; without this a TensorFlow 1
+    session could start it before the forward one on some ranks and after it on others (a
+    ``tf.function`` orders them anyway, and eagerly this does nothing)."""
+
+    def wrap(backward: F) -> F:
+        @functools.wraps(backward)
+        def ordered(*grads: Any) -> Any:  # no **kwargs: tf.custom_gradient reads the signature
+            with tf.control_dependencies([o for o in outputs if o is not None]):
+                return backward(*grads)
+
+        return ordered  # type: ignore[return-value]
+
+    return wrap

@@ -23,7 +23,7 @@ from adasum.horovod import _allreduce as _torch_allreduce
 from adasum.horovod._collectives import _start_allgather, broadcast_many_async_
 from adasum.horovod._reduce_ops import Adasum, Average, Max, Min, Sum, resolve_op
 from adasum.horovod._runtime import group_of
-from adasum.horovod.tensorflow._bridge import on_torch
+from adasum.horovod.tensorflow._bridge import after, on_torch
 
 # The operations below are Python that builds TensorFlow operations; AutoGraph must leave them be.
 _plain_python = tf.autograph.experimental.do_not_convert
@@ -80,6 +80,7 @@ def _reduced(tensors: list[tf.Tensor], op: Any, average: bool | None, prescale_f
     def forward(*xs: tf.Tensor):
         ys = on_torch(run, xs, [(x.dtype, x.shape) for x in xs])
 
+        @after(ys)
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
             resolved, _ = resolve_op(op, average)  # valid: the forward pass agreed on it
             assert resolved is not None, "the forward pass agreed on the op"
@@ -175,6 +176,7 @@ def _gathered(tensors: list[tf.Tensor], name: str | None, process_set: Any, oper
         out = on_torch(run, xs, specs + [(tf.int64, tf.TensorShape([world]))] * len(xs))
         ys, counts = out[: len(xs)], out[len(xs):]
 
+        @after(out)
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
             averaged = _reduced([tf.convert_to_tensor(d) for d in dys], Average, None, 1.0, 1.0, None, process_set,
                                 "grouped_allreduce")
@@ -221,6 +223,7 @@ def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_
     def forward(x: tf.Tensor):
         (y,) = _broadcast_values([x], root_rank, process_set, "broadcast", name)
 
+        @after([y])
         def backward(dy: tf.Tensor) -> tf.Tensor:
             (averaged,) = _reduced([tf.convert_to_tensor(dy)], Average, None, 1.0, 1.0, None, process_set, "allreduce")
             root = dist.get_rank(group_of(process_set)) == root_rank

@@ -21,7 +21,7 @@ from adasum.horovod._collectives import _alltoall
 from adasum.horovod._collectives import reducescatter as _torch_reducescatter
 from adasum.horovod._reduce_ops import Average, Sum, resolve_op
 from adasum.horovod._runtime import group_of
-from adasum.horovod.tensorflow._bridge import on_torch
+from adasum.horovod.tensorflow._bridge import after, on_torch
 from adasum.horovod.tensorflow._ops import Compression, _gathered, _plain_python
 
 __all__ = ["alltoall", "reducescatter", "grouped_reducescatter"]
@@ -43,6 +43,7 @@ def _exchange(x: tf.Tensor, splits: tf.Tensor, name: str | None, process_set: An
     def forward(x: tf.Tensor):
         y, received = on_torch(run, [x, splits], [(x.dtype, _rows_unknown(x)), (tf.int32, tf.TensorShape([world]))])
 
+        @after([y, received])
         def backward(dy: tf.Tensor, _: Any = None) -> tf.Tensor:
             return _exchange(tf.convert_to_tensor(dy), received, None, process_set)[0]
 
@@ -75,8 +76,10 @@ def _scattered(tensors: list[tf.Tensor], op: Any, prescale_factor: float, postsc
     def forward(*xs: tf.Tensor):
         ys = on_torch(run, xs, [(x.dtype, _rows_unknown(x)) for x in xs])
 
+        @after(ys)
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
-            resolved, _ = resolve_op(op, None)  # valid: the forward pass agreed on it
+            resolved, _ = resolve_op(op, None)
+            assert resolved is not None, "the forward pass agreed on the op"
             if resolved not in (Sum, Average):
                 raise NotImplementedError(f"adasum.horovod.tensorflow: the gradient of reducescatter with "
                                           f"op={resolved.name} is not implemented; use op=Sum or op=Average")
