@@ -65,6 +65,7 @@ IMPORT_REWRITES = (
     (re.compile(r"^(\s*)import (horovod\.[\w.]+) as (\w+)\s*$"),
      lambda m: f"{m[1]}import {MODULES.get(m[2], m[2])} as {m[3]}"),
     (re.compile(r"^(\s*)from horovod\.torch(?:\.mpi_ops)? import (.+)$"), r"\1from adasum.horovod import \2"),
+    (re.compile(r"^(\s*)import horovod\s*$"), r"\1import adasum.horovod as horovod"),  # examples: horovod.run
     # Horovod's private helper is TensorFlow's own question (is this eager?); a version
     # comparison helper is written here, in common.py.
     (re.compile(r"^(\s*)from horovod\.tensorflow\.util import _executing_eagerly\s*$"),
@@ -190,16 +191,16 @@ class Run:
         return {**self.outcomes, **self.alone}
 
 
-def horovod_root(source: Path, scratch: Path) -> Path:
-    """The directory holding Horovod's test/parallel, unpacking an sdist into scratch first."""
+def horovod_root(source: Path, scratch: Path, marker: str = "test/parallel/test_torch.py") -> Path:
+    """The directory holding Horovod's ``marker`` file, unpacking an sdist into scratch first."""
     if source.is_file():
         with tarfile.open(source) as archive:
             archive.extractall(scratch / "sdist", filter="data")
         source = scratch / "sdist"
     for candidate in (source, *sorted(source.iterdir())):
-        if (candidate / "test" / "parallel" / "test_torch.py").is_file():
+        if (candidate / marker).is_file():
             return candidate
-    raise SystemExit(f"{source}: no test/parallel/test_torch.py found (a Horovod checkout or sdist?)")
+    raise SystemExit(f"{source}: no {marker} found (a Horovod checkout or sdist?)")
 
 
 def describe(root: Path) -> str:
