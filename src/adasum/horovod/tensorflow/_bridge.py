@@ -21,7 +21,7 @@ import torch
 from adasum.horovod import _agree
 from adasum.tensorflow._collective import _aligned
 
-__all__ = ["on_torch", "after", "MismatchError"]
+__all__ = ["on_torch", "after", "MismatchError", "InvalidInputError"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,6 +39,17 @@ class MismatchError(_agree.MismatchError, tf.errors.FailedPreconditionError):
 
     def __init__(self, message: str) -> None:
         tf.errors.FailedPreconditionError.__init__(self, None, None, message)
+        self.rank_problem = False
+
+
+class InvalidInputError(_agree.MismatchError, tf.errors.InvalidArgumentError):
+    """A rank passed an input that is invalid by itself (an unknown op, a root rank out of
+    range, splits that do not add up): adasum.horovod's MismatchError that is also
+    ``tf.errors.InvalidArgumentError``, the error Horovod's TensorFlow operations raised for it."""
+
+    def __init__(self, message: str) -> None:
+        tf.errors.InvalidArgumentError.__init__(self, None, None, message)
+        self.rank_problem = True
 
 #: What an output looks like: its dtype and its (possibly partly unknown) static shape.
 Spec = tuple[tf.DType, tf.TensorShape]
@@ -62,7 +73,7 @@ def on_torch(
             with _one_at_a_time:
                 outputs = fn([torch.from_dlpack(a) for a in args])
         except _agree.MismatchError as e:
-            raise MismatchError(str(e)) from e
+            raise (InvalidInputError if e.rank_problem else MismatchError)(str(e)) from e
         return [_to_tf(t) for t in outputs]
 
     if tf.executing_eagerly():
