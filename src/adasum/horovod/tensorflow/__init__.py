@@ -49,7 +49,7 @@ from adasum.horovod import (
 )
 from adasum.horovod._missing import not_offered
 from adasum.horovod.tensorflow import util  # noqa: F401 (Horovod's hvd.util._executing_eagerly)
-from adasum.horovod.tensorflow._bridge import MismatchError
+from adasum.horovod.tensorflow._bridge import InvalidInputError, MismatchError
 from adasum.horovod.tensorflow._ops import (
     Compression,
     allgather,
@@ -74,7 +74,7 @@ __all__ = [
     "alltoall", "reducescatter", "grouped_reducescatter",
     "broadcast_variables", "broadcast_global_variables", "broadcast_object", "allgather_object",
     "DistributedGradientTape", "PartialDistributedGradientTape",
-    "DistributedOptimizer", "MismatchError", "HorovodInternalError",
+    "DistributedOptimizer", "MismatchError", "InvalidInputError", "HorovodInternalError",
 ]
 
 
