@@ -58,26 +58,33 @@ EPOCHS = r"epochs=24"
 # Keras 3 draws a progress bar (colours, redrawn lines); its last line in an epoch, after the
 # callbacks, carries the epoch's logs: "250/250 ... accuracy: 0.98 - loss: 0.05 - lr: 0.002".
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-PROGRESS = re.compile(r"^\s*\d+/\d+ ")
+PROGRESS = re.compile(r"^\s*(\d+)/(\d+) ")
 LOGS = re.compile(r"accuracy: ([\d.]+) - loss: ([\d.]+)")
 
 
 def epochs_of(output: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Rank 0's output without the progress bar's redrawn lines (each epoch's last kept), and
     each epoch's (accuracy, loss)."""
-    lines, last, epochs = [], None, []
+    lines: list[str] = []
+    epochs: list[tuple[str, str]] = []
+    last = None
+
+    def bar_ends() -> None:  # a callback may print inside the bar: only a full bar ends the epoch
+        lines.append(last)
+        step = PROGRESS.match(last)
+        if step and step[1] == step[2]:
+            epochs.extend(LOGS.findall(last)[-1:])
+
     for line in re.split(r"[\r\n]+", ANSI.sub("", output)):
         if PROGRESS.match(line):
             last = line
             continue
-        if last is not None:  # a line after the bar: the bar's epoch is over
-            lines.append(last)
-            epochs += LOGS.findall(last)[-1:]
+        if last is not None:
+            bar_ends()
             last = None
         lines.append(line)
     if last is not None:
-        lines.append(last)
-        epochs += LOGS.findall(last)[-1:]
+        bar_ends()
     return lines, epochs
 
 
