@@ -156,6 +156,12 @@ def _gradients(rank: int) -> dict:
         return hvd.DistributedGradientTape(tape, op=op).gradient(loss, [w])[0]
 
     out = {f"grad_{k}": np.array(through(k)) for k in ("sum", "allgather", "broadcast")}
+    with tf.Graph().as_default():  # TensorFlow 1: a session may start the backward allreduce first
+        x = tf.constant(inputs(rank)["f64"])
+        gathered = hvd.allgather(tf.reshape(x, [1, -1]))
+        grad = tf.gradients(gathered, x, tf.ones_like(gathered))[0]
+        with tf.compat.v1.Session() as session:
+            out["graph_session"] = session.run([gathered, grad])
     out["tape_adasum"], out["tape_average"] = np.array(tape_step(hvd.Adasum)), np.array(tape_step(hvd.Average))
     with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:  # eager, wrapped before recording
         loss = 0.5 * tf.reduce_sum((w - v) ** 2)
@@ -373,6 +379,9 @@ def test_gradients_are_horovods(run):
         # broadcast: the averaged output gradient on the root, zero elsewhere.
         expected = np.full(9, (world + 1) / 2) if r == 0 else np.zeros(9)
         np.testing.assert_allclose(res["grad_broadcast"], expected, rtol=1e-12)
+        gathered, grad = res["graph_session"]  # in a session, the allgather before its gradient
+        assert np.array_equal(gathered, np.stack([inputs(i)["f64"] for i in range(world)]))
+        assert np.array_equal(grad, np.ones(9))
 
 
 def test_distributed_gradient_tape(run):
