@@ -1,11 +1,14 @@
-"""Run Horovod's own PyTorch tests against ``adasum.horovod``, with only the import lines changed.
+"""Run Horovod's own tests against ``adasum.horovod`` (PyTorch) and ``adasum.horovod.tensorflow``
+/ ``adasum.horovod.keras`` (TensorFlow 2, Keras), with only the import lines changed.
 
     python scripts/horovod_conformance.py HOROVOD [--sizes 2,3,4] [--files test_torch.py,...]
+    python scripts/horovod_conformance.py HOROVOD --files test_tensorflow.py --tf-modes eager,graph
 
 HOROVOD is a Horovod source checkout or sdist (a directory or a .tar.gz); nothing is
 downloaded. Horovod's test files are copied to a temporary directory (never into this
 repository: they are Horovod's, under its license), their ``horovod`` imports are rewritten to
-``adasum.horovod``, and each file runs under ``torchrun`` with pytest on every rank. The table
+``adasum.horovod`` (and its TensorFlow and Keras modules), and each file runs under ``torchrun``
+with pytest on every rank (TensorFlow too: its operations run on torch.distributed's group). The table
 printed at the end gives passed / failed / skipped per file and world size (a test counts as
 passed when it passed on every rank, as failed when it failed on any), how many of the failed
 passed when run once more alone (in a fresh torchrun: torch.distributed pairs operations by the
@@ -16,6 +19,11 @@ What is not Horovod's: ``common.py`` (the three helpers the tests import from Ho
 test/utils, written here, because Horovod's imports its launcher), and a small launcher that
 exports HOROVOD_RANK / HOROVOD_SIZE from torchrun's RANK / WORLD_SIZE, as ``horovodrun --gloo``
 does, so the tests take their Gloo-controller paths (re-initialisation, shutdown after each test).
+Two choices the launcher can make without touching the files: ``--tf-modes`` runs
+test_tensorflow.py (which TensorFlow's ``run_all_in_graph_and_eager_modes`` runs twice per test)
+in eager mode and in TF1 graph mode as separate runs, so that each mode gets its own count; and
+``--mpi-enabled`` makes ``hvd.mpi_enabled()`` return True, for the Adasum tests that Horovod
+skipped without MPI (its Adasum ran only over MPI).
 """
 
 from __future__ import annotations
@@ -36,12 +44,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _args import comma_list  # noqa: E402
 
-TEST_FILES = ("test_torch.py", "test_adasum_pytorch.py")
+TORCH_FILES = ("test_torch.py", "test_adasum_pytorch.py")
+TF_FILES = ("test_tensorflow.py", "test_tensorflow2_keras.py", "test_adasum_tensorflow.py")
+TEST_FILES = TORCH_FILES + TF_FILES
+# Horovod's own modules a test file imports, copied (and rewritten) along with it.
+COMPANIONS = {"test_tensorflow.py": ("base_test_tensorflow.py",)}
+# The files whose test class TensorFlow's run_all_in_graph_and_eager_modes runs in both modes.
+MODED_FILES = ("test_tensorflow.py",)
+TF_MODES = ("eager", "graph")
 
+# Horovod's module -> the one that replaces it.
+MODULES = {
+    "horovod.torch": "adasum.horovod",
+    "horovod.tensorflow": "adasum.horovod.tensorflow",
+    "horovod.tensorflow.keras": "adasum.horovod.keras",
+    "horovod.keras": "adasum.horovod.keras",
+}
 # (pattern, replacement) per import line; everything else in the files stays as Horovod wrote it.
 IMPORT_REWRITES = (
-    (re.compile(r"^(\s*)import horovod\.torch as hvd\s*$"), r"\1import adasum.horovod as hvd"),
+    (re.compile(r"^(\s*)import (horovod\.[\w.]+) as (\w+)\s*$"),
+     lambda m: f"{m[1]}import {MODULES.get(m[2], m[2])} as {m[3]}"),
     (re.compile(r"^(\s*)from horovod\.torch(?:\.mpi_ops)? import (.+)$"), r"\1from adasum.horovod import \2"),
+    (re.compile(r"^(\s*)import horovod\s*$"), r"\1import adasum.horovod as horovod"),  # examples: horovod.run
+    # Horovod's private helper is TensorFlow's own question (is this eager?); a version
+    # comparison helper is written here, in common.py.
+    (re.compile(r"^(\s*)from horovod\.tensorflow\.util import _executing_eagerly\s*$"),
+     r"\1from tensorflow import executing_eagerly as _executing_eagerly"),
+    (re.compile(r"^(\s*)from horovod\.common\.util import is_version_greater_equal_than\s*$"),
+     r"\1from common import is_version_greater_equal_than"),
 )
 
 # Written here, not copied: the helpers test_torch.py imports from Horovod's test/utils/common.py.
@@ -71,11 +101,21 @@ def temppath():
     """A file path in a fresh temporary directory, removed afterwards."""
     with tempfile.TemporaryDirectory() as directory:
         yield os.path.join(directory, "temp_test_file")
+
+
+def is_version_greater_equal_than(ver, target):
+    """Whether version string ver is target or later."""
+    from packaging.version import Version
+    return Version(ver) >= Version(target)
 '''
 
 # Runs pytest on one rank: Horovod's tests read HOROVOD_RANK / HOROVOD_SIZE (set by
-# `horovodrun --gloo`) to know that the runtime can be shut down and started again.
+# `horovodrun --gloo`) to know that the runtime can be shut down and started again. A TensorFlow
+# mode replaces TensorFlow's decorator that runs every test in graph and in eager mode by one
+# that runs it in that mode only; --mpi-enabled makes hvd.mpi_enabled() True before the test
+# file imports it.
 LAUNCHER_PY = '''\
+import functools
 import os
 import sys
 
@@ -83,10 +123,33 @@ import pytest
 
 os.environ["HOROVOD_RANK"] = os.environ["RANK"]
 os.environ["HOROVOD_SIZE"] = os.environ["WORLD_SIZE"]
-test_file, report_dir, timeout, select = sys.argv[1:5]
+os.environ["KERAS_BACKEND"] = "tensorflow"  # Horovod's Keras was TensorFlow's
+test_file, report_dir, timeout, select, tf_mode, mpi = sys.argv[1:7]
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "utils"))
 log = open(os.path.join(report_dir, f"rank{os.environ['RANK']}.log"), "w")
 os.dup2(log.fileno(), 1)
 os.dup2(log.fileno(), 2)
+if mpi == "1":
+    import adasum.horovod
+
+    adasum.horovod.mpi_enabled = lambda: True
+if tf_mode:
+    from tensorflow.python.framework import ops, test_util
+
+    def in_graph(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with ops.Graph().as_default(), self.session():
+                return method(self, *args, **kwargs)
+        return run
+
+    def graph_only(cls):
+        for name in dir(cls):
+            if name.startswith("test") and name not in ("test_session", "test_scope") and callable(getattr(cls, name)):
+                setattr(cls, name, in_graph(getattr(cls, name)))
+        return cls
+
+    test_util.run_all_in_graph_and_eager_modes = {"eager": lambda cls: cls, "graph": graph_only}[tf_mode]
 sys.exit(pytest.main([
     test_file, "-v", "-p", "no:cacheprovider", "-o", "addopts=", f"--timeout={timeout}",
     f"--junitxml={os.path.join(report_dir, 'rank' + os.environ['RANK'] + '.xml')}",
@@ -111,12 +174,17 @@ class Run:
 
     file: str
     size: int
+    mode: str = ""  # test_tensorflow.py's TensorFlow mode: "eager" or "graph"
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # by "Class::test_name"
     alone: dict[str, Outcome] = field(default_factory=dict)
     note: str = ""  # why the run produced no or partial results (timeout, crash)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes.values())
+
+    @property
+    def label(self) -> str:
+        return f"{self.file} ({self.mode})" if self.mode else self.file
 
     def final(self) -> dict[str, Outcome]:
         """Each test's outcome, a failure replaced by its outcome alone."""
@@ -157,7 +225,7 @@ def stage(root: Path, files: list[str], work: Path) -> Path:
     parallel, utils = work / "parallel", work / "utils"
     parallel.mkdir(parents=True)
     utils.mkdir()
-    for name in files:
+    for name in dict.fromkeys(f for test in files for f in (test, *COMPANIONS.get(test, ()))):
         source = (root / "test" / "parallel" / name).read_text()
         (parallel / name).write_text(rewrite_imports(source))
     (utils / "common.py").write_text(COMMON_PY)
@@ -165,15 +233,16 @@ def stage(root: Path, files: list[str], work: Path) -> Path:
     return parallel
 
 
-def run_file(test: Path, size: int, reports: Path, args: argparse.Namespace) -> Run:
-    """The file under torchrun with `size` processes, then each failed test alone."""
-    run = Run(test.name, size)
-    run.note = launch(str(test), test.parent, size, reports, args, args.select or "")
+def run_file(test: Path, size: int, mode: str, reports: Path, args: argparse.Namespace) -> Run:
+    """The file under torchrun with `size` processes (in TensorFlow mode `mode` if not ""),
+    then each failed test alone."""
+    run = Run(test.name, size, mode)
+    run.note = launch(str(test), test.parent, size, reports, args, args.select or "", mode)
     run.outcomes = merge_reports(reports, size)
     retry = [node for node, o in run.outcomes.items() if o.status == "failed" and not raised_locally(o)]
     for node in retry if args.alone else []:
         alone = reports / "alone" / node.replace("::", ".")
-        launch(f"{test}::{node}", test.parent, size, alone, args, "")
+        launch(f"{test}::{node}", test.parent, size, alone, args, "", mode)
         run.alone.update(merge_reports(alone, size))
     return run
 
@@ -187,13 +256,15 @@ def raised_locally(outcome: Outcome) -> bool:
     return outcome.message.split(": ", 1)[-1].startswith(LOCAL_ERRORS)
 
 
-def launch(target: str, cwd: Path, size: int, reports: Path, args: argparse.Namespace, select: str) -> str:
+def launch(target: str, cwd: Path, size: int, reports: Path, args: argparse.Namespace, select: str,
+           mode: str) -> str:
     """pytest on `target` under torchrun; each rank writes rankN.log and rankN.xml to reports.
     Returns a note when the run had to be stopped."""
     reports.mkdir(parents=True)
     command = [
         args.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={size}",
         str(cwd.parent / "launch.py"), target, str(reports), str(args.test_timeout), select,
+        mode, str(int(args.mpi_enabled)),
     ]
     with open(reports / "torchrun.log", "w") as log:
         # A session of its own, so that a run past its time is stopped with all its workers.
@@ -201,8 +272,13 @@ def launch(target: str, cwd: Path, size: int, reports: Path, args: argparse.Name
         try:
             process.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            # torchrun starts each worker in a session of its own and stops them when told to.
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             return f"stopped after {args.run_timeout} s; logs in {reports}"
     return ""
 
@@ -221,10 +297,14 @@ def merge_reports(reports: Path, size: int) -> dict[str, Outcome]:
     return merged
 
 
+# tf.test.TestCase's own method that pytest collects (and skips as "Not a test"), not Horovod's.
+NOT_TESTS = ("test_session",)
+
+
 def xml_outcomes(path: Path, rank: str) -> dict[str, Outcome]:
     return {
         f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}": case_outcome(case, rank)
-        for case in ET.parse(path).getroot().iter("testcase")
+        for case in ET.parse(path).getroot().iter("testcase") if case.get("name") not in NOT_TESTS
     }
 
 
@@ -237,6 +317,8 @@ def log_outcomes(path: Path, rank: str) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     text = path.read_text(errors="replace") if path.is_file() else ""
     for node, status in LOG_LINE.findall(text):
+        if node.split("::")[-1] in NOT_TESTS:
+            continue
         if status in ("PASSED", "SKIPPED"):
             outcomes[node] = Outcome(status.lower())
         else:
@@ -267,19 +349,19 @@ def rank_worse(new: Outcome, old: Outcome) -> bool:
 
 
 def print_table(runs: list[Run], label: str) -> None:
-    print(f"\nHorovod's tests against adasum.horovod ({label}), torchrun + Gloo on CPU\n")
+    print(f"\nHorovod's tests against adasum.horovod ({label}), torchrun + Gloo\n")
     print("| file | ranks | passed | failed | skipped | of the failed, passed alone | passed in all |")
     print("|---|---|---|---|---|---|---|")
     for run in runs:
         note = f" ({run.note})" if run.note else ""
         rescued = sum(o.status == "passed" for o in run.alone.values())
-        print(f"| {run.file} | {run.size} | {run.count('passed')} | {run.count('failed')} | "
+        print(f"| {run.label} | {run.size} | {run.count('passed')} | {run.count('failed')} | "
               f"{run.count('skipped')} | {rescued} | {run.count('passed') + rescued}{note} |")
     failures = [(run, node, o) for run in runs for node, o in run.final().items() if o.status == "failed"]
     if failures:
         print("\nFailures (first error line; the run alone where there was one):")
         for run, node, outcome in failures:
-            print(f"  {run.file} n={run.size} {node.split('::')[-1]}: {outcome.message}")
+            print(f"  {run.label} n={run.size} {node.split('::')[-1]}: {outcome.message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("horovod", type=Path, help="a Horovod source checkout or sdist (.tar.gz)")
     parser.add_argument("--sizes", type=comma_list(int), default="2,3,4", metavar="N,...",
                         help="world sizes (default %(default)s)")
-    parser.add_argument("--files", type=comma_list(str, TEST_FILES), default=",".join(TEST_FILES), metavar="FILE,...",
-                        help="Horovod test files (default %(default)s)")
+    parser.add_argument("--files", type=comma_list(str, TEST_FILES), default=",".join(TORCH_FILES), metavar="FILE,...",
+                        help=f"Horovod test files, of {', '.join(TEST_FILES)} (default %(default)s)")
+    parser.add_argument("--tf-modes", type=comma_list(str, TF_MODES), default=",".join(TF_MODES), metavar="MODE,...",
+                        help=f"TensorFlow modes for {', '.join(MODED_FILES)}, one run each (default %(default)s)")
+    parser.add_argument("--mpi-enabled", action="store_true",
+                        help="hvd.mpi_enabled() returns True (Horovod's Adasum tests skip without MPI)")
     parser.add_argument("-k", dest="select", help="only the tests pytest's -k expression selects")
     parser.add_argument("--no-alone", dest="alone", action="store_false",
                         help="do not run the failed tests once more alone (quicker)")
@@ -301,8 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         work = args.keep or Path(scratch)
         root = horovod_root(args.horovod.resolve(), Path(scratch))
         parallel = stage(root, args.files, work / "tests")
-        runs = [run_file(parallel / name, size, work / "reports" / f"{Path(name).stem}-{size}", args)
-                for name in args.files for size in args.sizes]
+        runs = [run_file(parallel / name, size, mode, work / "reports" / "-".join(filter(None, (Path(name).stem, mode,
+                                                                                              str(size)))), args)
+                for name in args.files for mode in (args.tf_modes if name in MODED_FILES else [""])
+                for size in args.sizes]
         print_table(runs, describe(root))
     return 0
 

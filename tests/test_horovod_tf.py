@@ -39,15 +39,20 @@ def inputs(rank: int) -> dict[str, np.ndarray]:
         "g2": rng.standard_normal(3).astype(np.float32),
         "fit_x": rng.standard_normal((STEPS * BATCH, 4)).astype(np.float32),
         "fit_y": rng.standard_normal((STEPS * BATCH, 2)).astype(np.float32),
+        "u": rng.integers(0, 60000, 5),
     }
 
 
-def caught(fn) -> str | None:
-    """``"TypeName: message"`` of what ``fn()`` raises (TensorFlow's errors by their message)."""
+def caught(fn, kind: type[Exception] | None = None) -> str | None:
+    """``"TypeName: message"`` of what ``fn()`` raises (TensorFlow's errors by their message);
+    with ``kind``, only an error of that class is caught."""
     import tensorflow as tf
 
+    first = kind or tf.errors.OpError
     try:
         fn()
+    except first as e:
+        return f"{type(e).__name__}: {getattr(e, 'message', e)}"
     except tf.errors.OpError as e:
         return f"{type(e).__name__}: {e.message}"
     except (ValueError, TypeError, NotImplementedError) as e:
@@ -67,6 +72,7 @@ def _worker(rank: int, world: int) -> dict:
     out["errors"] = _errors(rank, world)
     out.update(_optimizer(rank))
     out.update(_fit(rank))
+    out.update(_late_broadcast(rank))
     hvd.shutdown()
     return out
 
@@ -101,6 +107,23 @@ def _collectives(rank: int, world: int) -> dict:
 
     assign()
     results["broadcast_variables"] = [a, b]
+    # Unsigned types Gloo lacks travel as same-width types it has; sums are widened.
+    for dtype in (tf.uint16, tf.uint32, tf.uint64):
+        u = tf.constant(inputs(rank)["u"], dtype)
+        results[f"{dtype.name}_moved"] = [hvd.broadcast(u, root_rank=world - 1), hvd.allgather(u)]
+        results[f"{dtype.name}_sum"] = [hvd.allreduce(u, op=hvd.Sum)]
+    # alltoall: rank r sends r + 1 rows to every rank; reducescatter: this rank's block of the sum.
+    rows = tf.fill([world * (rank + 1), 2], float(rank))
+    results["alltoall"] = list(tf.function(lambda a: hvd.alltoall(a, splits=[rank + 1] * world))(rows))
+    results["alltoall_equal"] = [hvd.alltoall(tf.fill([world, 2], rank))]
+    results["reducescatter"] = [hvd.reducescatter(t["f32"], op=hvd.Sum),
+                                *hvd.grouped_reducescatter([t["f64"], t["f32"]], op=hvd.Average)]
+    with tf.GradientTape() as tape:
+        tape.watch(t["f64"])
+        scattered = hvd.reducescatter(t["f64"], op=hvd.Sum, postscale_factor=2.0)
+    results["reducescatter_grad"] = [tape.gradient(scattered, t["f64"])]
+    c = tf.Variable(t["f64"])
+    results["broadcast_"] = [*hvd.broadcast_([c], root_rank=world - 1), c]
     return {k: [np.array(x) for x in v] for k, v in results.items()}
 
 
@@ -133,6 +156,12 @@ def _gradients(rank: int) -> dict:
         return hvd.DistributedGradientTape(tape, op=op).gradient(loss, [w])[0]
 
     out = {f"grad_{k}": np.array(through(k)) for k in ("sum", "allgather", "broadcast")}
+    with tf.Graph().as_default():  # TensorFlow 1: a session may start the backward allreduce first
+        x = tf.constant(inputs(rank)["f64"])
+        gathered = hvd.allgather(tf.reshape(x, [1, -1]))
+        grad = tf.gradients(gathered, x, tf.ones_like(gathered))[0]
+        with tf.compat.v1.Session() as session:
+            out["graph_session"] = session.run([gathered, grad])
     out["tape_adasum"], out["tape_average"] = np.array(tape_step(hvd.Adasum)), np.array(tape_step(hvd.Average))
     with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:  # eager, wrapped before recording
         loss = 0.5 * tf.reduce_sum((w - v) ** 2)
@@ -143,6 +172,12 @@ def _gradients(rank: int) -> dict:
     tape = hvd.DistributedGradientTape(tape, op=hvd.Sum)
     tape.register_local_source(mine)
     out["tape_local"] = [np.array(g) for g in tape.gradient(loss, [w, mine])]
+    table = tf.Variable(tf.ones([4, 2], tf.float64))  # an embedding of this rank's own: a sparse gradient
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(table, [rank % 4]))
+    tape = hvd.DistributedGradientTape(tape)
+    tape.register_local_source(table)
+    out["tape_local_sparse"] = np.array(tf.convert_to_tensor(tape.gradient(loss, table)))
     return out
 
 
@@ -166,7 +201,11 @@ def _errors(rank: int, world: int) -> dict:
         "gather_dims": caught(lambda: hvd.allgather(tf.ones([2, 3 if last else 2]))),
         "adasum_int": caught(lambda: hvd.allreduce(tf.ones([2], tf.int32), op=hvd.Adasum)),
         "adasum_sparse": caught(lambda: hvd.allreduce(dense, op=hvd.Adasum)),
-        "not_offered": caught(lambda: hvd.alltoall(tf.ones([2]))),
+        "not_offered": caught(lambda: hvd.join()),
+        "precondition": caught(lambda: hvd.allgather(tf.ones([2, 3 if last else 2])), tf.errors.FailedPreconditionError),
+        "global_variables_eager": caught(lambda: hvd.broadcast_global_variables(0), RuntimeError),
+        "ops": [int(f()) for f in (hvd.rank_op, hvd.size_op, hvd.local_rank_op, hvd.local_size_op)],
+        "names": (hvd.ccl_built(), hvd.ddl_built(), hvd.gpu_available("tensorflow"), hvd.util._executing_eagerly()),
         "keras_op": caught(lambda: hvd_keras.DistributedOptimizer(keras.optimizers.SGD(), op=hvd.Min)),
         "keras_mismatch": caught(lambda: keras_opt.apply([keras.ops.ones_like(variable)], [variable])),
         "tf_optimizer": caught(lambda: hvd.DistributedOptimizer(object())),
@@ -245,6 +284,22 @@ def _fit(rank: int) -> dict:
     return out
 
 
+def _late_broadcast(rank: int) -> dict:
+    """A model that has no variables before its first step (no keras.Input): the callback
+    broadcasts after the first batch, so every rank ends with the same weights."""
+    import keras
+
+    import adasum.horovod.keras as hvd
+
+    keras.utils.set_random_seed(rank)
+    model = keras.Sequential([keras.layers.Dense(2)])
+    model.compile(optimizer=hvd.DistributedOptimizer(keras.optimizers.SGD(LR)), loss="mse")
+    x = inputs(rank)
+    model.fit(x["fit_x"], x["fit_y"], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0)])
+    return {"late_weights": [np.array(w) for w in model.get_weights()]}
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}workers")
 def run(request) -> tuple[int, list[dict]]:
     world = request.param
@@ -291,6 +346,26 @@ def test_collectives_equal_the_references(run):
     assert np.array_equal(res["broadcast"][0], x[-1]["f32"])
     assert np.array_equal(res["broadcast_variables"][0], x[1]["f32"])
     assert np.array_equal(res["broadcast_variables"][1], x[1]["i32"])
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        name = np.dtype(dtype).name
+        sent, gathered = res[f"{name}_moved"]
+        assert sent.dtype == dtype and np.array_equal(sent, x[-1]["u"].astype(dtype))
+        assert np.array_equal(gathered, np.concatenate([i["u"] for i in x]).astype(dtype))
+        assert res[f"{name}_sum"][0].dtype == dtype
+        assert np.array_equal(res[f"{name}_sum"][0], sum(i["u"] for i in x).astype(dtype))  # wrapped as the type would
+    out, received = res["alltoall"]
+    assert np.array_equal(received, np.arange(1, world + 1))
+    assert np.array_equal(out, np.repeat(np.arange(world, dtype=np.float32), np.arange(1, world + 1))[:, None] * [1, 1])
+    for r, each in enumerate(results):  # equal parts: one row from every rank
+        assert np.array_equal(each["alltoall_equal"][0], np.repeat(np.arange(world), 2).reshape(world, 2))
+        block = [slice(r * q + min(r, m), (r + 1) * q + min(r + 1, m)) for q, m in (divmod(6, world), divmod(9, world))]
+        np.testing.assert_allclose(each["reducescatter"][0], total["f32"][block[0]], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(each["reducescatter"][1], total["f64"][block[1]] / world, rtol=1e-12)
+        np.testing.assert_allclose(each["reducescatter"][2], total["f32"][block[0]] / world, rtol=1e-5, atol=1e-6)
+        # Horovod's gradient: the allgathered ones, times the postscale factor and the ranks (Sum).
+        assert np.array_equal(each["reducescatter_grad"][0], np.full(9, 2.0 * world))
+    new_value, variable = res["broadcast_"]
+    assert np.array_equal(new_value, x[-1]["f64"]) and np.array_equal(variable, x[-1]["f64"])
 
 
 def test_gradients_are_horovods(run):
@@ -304,6 +379,9 @@ def test_gradients_are_horovods(run):
         # broadcast: the averaged output gradient on the root, zero elsewhere.
         expected = np.full(9, (world + 1) / 2) if r == 0 else np.zeros(9)
         np.testing.assert_allclose(res["grad_broadcast"], expected, rtol=1e-12)
+        gathered, grad = res["graph_session"]  # in a session, the allgather before its gradient
+        assert np.array_equal(gathered, np.stack([inputs(i)["f64"] for i in range(world)]))
+        assert np.array_equal(grad, np.ones(9))
 
 
 def test_distributed_gradient_tape(run):
@@ -318,6 +396,9 @@ def test_distributed_gradient_tape(run):
         shared, own = res["tape_local"]
         np.testing.assert_allclose(shared, sum(local).numpy(), rtol=1e-12)
         np.testing.assert_allclose(own, local[r].numpy() / world, rtol=1e-12)
+        sparse = np.zeros((4, 2))
+        sparse[r % 4] = 1.0 / world
+        np.testing.assert_allclose(res["tape_local_sparse"], sparse, rtol=1e-12)
 
 
 def test_keras_optimizer_accumulates_as_horovod(run):
@@ -331,6 +412,13 @@ def test_keras_optimizer_accumulates_as_horovod(run):
         assert rel_err(torch.from_numpy(res["opt_adasum_mean"]).double(), adasum.reduce(deltas)[0]) <= 1e-5
         assert _same_bits([res["opt_adasum_mean"]], [results[0]["opt_adasum_mean"]])
         assert res["opt_sum_config"] == (1, 2, False) and res["opt_adasum_mean_config"] == (2, 2, True)
+
+
+def test_broadcast_after_the_first_batch_when_the_model_has_no_variables_before(run):
+    world, results = run
+    assert len(results[0]["late_weights"]) == 2
+    for res in results:
+        assert _same_bits(res["late_weights"], results[0]["late_weights"])
 
 
 def test_keras_fit_with_the_callbacks(run):
@@ -375,16 +463,23 @@ def test_bad_input_raises_on_every_rank(run):
         # Inside tf.function: TensorFlow's error (its text names each rank's own graph node),
         # carrying the same message.
         graph = e.pop("shape_graph")
+        e.pop("ops")  # each rank's own rank
         assert graph.startswith("InvalidArgumentError") and shape in graph
         assert e == errors[0]  # the same words on every rank
     e = errors[0]
     assert e["shape"] == shape
-    assert e["op"].startswith(f"MismatchError: hvd.allreduce: rank {last}: op=99 is not one of")
-    assert e["root"].startswith("MismatchError: hvd.broadcast: rank 0: root_rank=")
+    # A rank's own invalid input: InvalidArgumentError as in Horovod; ranks that differ: FailedPrecondition.
+    assert e["op"].startswith(f"InvalidInputError: hvd.allreduce: rank {last}: op=99 is not one of")
+    assert e["root"].startswith("InvalidInputError: hvd.broadcast: rank 0: root_rank=")
     assert e["gather_dims"].startswith("MismatchError: hvd.allgather: tensor 0 is (*, 3)")
-    assert e["adasum_int"].startswith("MismatchError: hvd.allreduce:") and "int32" in e["adasum_int"]
+    assert e["adasum_int"].startswith("InvalidInputError: hvd.allreduce: rank 0: tensor 0 is int32; Adasum needs")
     assert e["adasum_sparse"].startswith("NotImplementedError") and "sparse_as_dense=True" in e["adasum_sparse"]
-    assert e["not_offered"].startswith("NotImplementedError: adasum.horovod.tensorflow.alltoall is not offered; use")
+    assert e["not_offered"].startswith("NotImplementedError: adasum.horovod.tensorflow.join is not offered; give")
+    assert e["precondition"].startswith("MismatchError: hvd.allgather: tensor 0 is (*, 3)")  # Horovod's error class
+    assert e["global_variables_eager"].startswith("RuntimeError: hvd.broadcast_global_variables() does not work eagerly")
+    assert e["names"] == (False, False, torch.cuda.is_available(), True)
+    for r, res in enumerate(results):
+        assert res["errors"]["ops"] == [r, world, r, world]
     assert e["keras_op"].startswith("ValueError: op must be")
     assert e["keras_mismatch"].startswith("ValueError") and f"on rank {last} but" in e["keras_mismatch"]
     assert e["tf_optimizer"].startswith("TypeError: adasum.horovod.tensorflow.DistributedOptimizer wraps a keras")

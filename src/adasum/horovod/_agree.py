@@ -25,7 +25,12 @@ __all__ = ["MismatchError", "agree", "describe"]
 
 class MismatchError(ValueError, RuntimeError):
     """The ranks passed different or invalid inputs to one operation; raised on every rank.
-    A ValueError, and a RuntimeError as Horovod's own mismatch errors were."""
+    A ValueError, and a RuntimeError as Horovod's own mismatch errors were. ``rank_problem``
+    is True when a rank's input was invalid by itself (not merely different from another's)."""
+
+    def __init__(self, message: str, rank_problem: bool = False) -> None:
+        super().__init__(message)
+        self.rank_problem = rank_problem
 
 
 def describe(tensor: object, *, any_first_dim: bool = False) -> str:
@@ -62,7 +67,7 @@ def agree(
     setting = (("operation", _kind(operation)),) + tuple(setting)
     if dist.get_world_size(group) == 1:
         if problem is not None:
-            raise MismatchError(f"hvd.{operation}: {problem}")
+            raise MismatchError(f"hvd.{operation}: {problem}", rank_problem=True)
         return
     signature = _hash((tuple(tensors), setting))
     message = torch.tensor([int(problem is not None), signature, -signature], device=message_device(group))
@@ -72,7 +77,8 @@ def agree(
         return
     described: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(described, (problem, tuple(tensors), setting), group=group)
-    raise MismatchError(f"hvd.{operation}: {_first_difference(described)}")
+    raise MismatchError(f"hvd.{operation}: {_first_difference(described)}",
+                        rank_problem=any(p is not None for p, _, _ in described))
 
 
 def _kind(operation: str) -> str:

@@ -158,14 +158,25 @@ def _start_torch(outputs: Sequence[torch.Tensor], op: ReduceOp, postscale_factor
     return Handle(works, finish)
 
 
+# Integer types Gloo and NCCL lack, and the wider signed type each is reduced in.
+_WIDER = {torch.int16: torch.int32, torch.uint16: torch.int32, torch.uint32: torch.int64}
+
+
 def _reduction_buffer(flat: torch.Tensor, op: ReduceOp) -> torch.Tensor:
     """Where ``flat`` is reduced: 16-bit floats are summed in float32 and rounded once; int16,
-    which Gloo and NCCL lack, in int32 (converted back it wraps as an int16 sum or product
-    would; an Average is exact unless the sum overflows int16)."""
+    uint16 and uint32, which Gloo and NCCL lack, in a wider signed type (converted back it
+    wraps as a sum or product in the type would; an Average is exact unless the sum overflows
+    the type); uint64 as the int64 view of its bits, whose sums and products wrap to the same
+    bits (an Average is exact while the sum is below 2**63; Min and Max would compare as signed)."""
     if flat.dtype in (torch.float16, torch.bfloat16) and op not in (Min, Max):
         return flat.float()
-    if flat.dtype == torch.int16:
-        return flat.int()
+    if flat.dtype in _WIDER:
+        return flat.to(_WIDER[flat.dtype])
+    if flat.dtype == torch.uint64:
+        if op in (Min, Max):
+            raise TypeError(f"hvd.allreduce: op={op.name} of uint64 tensors is not offered (no backend compares "
+                            "them); convert to int64 or float64")
+        return flat.view(torch.int64)
     return flat
 
 

@@ -41,11 +41,17 @@ def _tensor_problem(tensors: Sequence[object], group, *, min_dim: int = 0) -> st
     return None
 
 
+# Gloo and NCCL have no int16 and no unsigned type wider than 8 bits (TensorFlow's uint16,
+# uint32, uint64 arrive as torch's): such a tensor travels as a type of the same width they have.
+_CARRIERS = {torch.int16: torch.float16, torch.uint16: torch.float16, torch.uint32: torch.int32,
+             torch.uint64: torch.int64}
+
+
 def carried(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as Gloo and NCCL can move it: they have no int16, so int16 travels as the float16
-    view of the same bytes (a copy, never arithmetic, so every bit arrives as sent); results
+    """``t`` as Gloo and NCCL can move it: a dtype they lack travels as the view of the same
+    bytes as one they have (moved, never computed on, so every bit arrives as sent); results
     written to the view land in ``t``."""
-    return t.view(torch.float16) if t.dtype == torch.int16 else t
+    return t.view(_CARRIERS[t.dtype]) if t.dtype in _CARRIERS else t
 
 
 def root_of(root_rank: object, group) -> tuple[int | None, str | None]:

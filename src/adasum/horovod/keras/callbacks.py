@@ -23,9 +23,12 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """Give every rank ``root_rank``'s model and optimizer variables when training starts.
 
     Horovod broadcast at the end of the first batch (its optimizer's variables did not exist
-    before); Keras 3 builds them before ``on_train_begin``, so here the broadcast comes before
-    the first batch and every rank takes its first step from the same weights. Variables in
-    ``local_variables`` keep each rank's value. ``device`` is accepted and not needed.
+    before). Keras 3 builds a model that knows its input shape, and the optimizer, before
+    ``on_train_begin``, so for such a model the broadcast comes before the first batch and
+    every rank takes its first step from the same weights. A model built by its first call
+    (a ``Sequential`` without ``keras.Input``, a subclassed model) has no variables until the
+    first step has run: its broadcast comes at the end of the first batch, as Horovod's did.
+    Variables in ``local_variables`` keep each rank's value. ``device`` is accepted and not needed.
     """
 
     def __init__(self, root_rank: int, device: str = "", local_variables: Any = None) -> None:
@@ -43,6 +46,13 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         self._local[id(var)] = var
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.model.built:  # else its variables appear in the first step
+            self._broadcast()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._broadcast()
+
+    def _broadcast(self) -> None:
         if self.broadcast_done:
             return
         optimizer = self.model.optimizer

@@ -10,14 +10,46 @@ same order (torch.distributed pairs operations by order, not by name).
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import tensorflow as tf
 import torch
 
+from adasum.horovod import _agree
 from adasum.tensorflow._collective import _aligned
 
-__all__ = ["on_torch"]
+__all__ = ["on_torch", "after", "MismatchError", "InvalidInputError"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# One operation at a time per process: a TensorFlow 1 session runs independent graph nodes on
+# several threads, and two collectives must never share the process group at once.
+_one_at_a_time = threading.RLock()
+
+
+class MismatchError(_agree.MismatchError, tf.errors.FailedPreconditionError):
+    """The ranks passed different things (shapes, dtypes, ops, root ranks): adasum.horovod's
+    :class:`~adasum.horovod.MismatchError` that is also ``tf.errors.FailedPreconditionError``,
+    the error Horovod's TensorFlow operations raised. Eagerly it arrives as it is; inside a
+    graph TensorFlow re-raises it as its ``InvalidArgumentError`` with the same message (a
+    ``tf.py_function`` keeps no error class of its own)."""
+
+    def __init__(self, message: str) -> None:
+        tf.errors.FailedPreconditionError.__init__(self, None, None, message)
+        self.rank_problem = False
+
+
+class InvalidInputError(_agree.MismatchError, tf.errors.InvalidArgumentError):
+    """A rank passed an input that is invalid by itself (an unknown op, a root rank out of
+    range, splits that do not add up): adasum.horovod's MismatchError that is also
+    ``tf.errors.InvalidArgumentError``, the error Horovod's TensorFlow operations raised for it."""
+
+    def __init__(self, message: str) -> None:
+        tf.errors.InvalidArgumentError.__init__(self, None, None, message)
+        self.rank_problem = True
 
 #: What an output looks like: its dtype and its (possibly partly unknown) static shape.
 Spec = tuple[tf.DType, tf.TensorShape]
@@ -37,7 +69,12 @@ def on_torch(
     when eager, and inside a graph as TensorFlow's own error carrying the same message."""
 
     def call(*args: tf.Tensor) -> list[tf.Tensor]:
-        return [_to_tf(t) for t in fn([torch.from_dlpack(a) for a in args])]
+        try:
+            with _one_at_a_time:
+                outputs = fn([torch.from_dlpack(a) for a in args])
+        except _agree.MismatchError as e:
+            raise (InvalidInputError if e.rank_problem else MismatchError)(str(e)) from e
+        return [_to_tf(t) for t in outputs]
 
     if tf.executing_eagerly():
         return call(*tensors)
@@ -45,3 +82,20 @@ def on_torch(
     for o, (_, shape) in zip(out, specs):
         o.set_shape(shape)
     return list(out)
+
+
+def after(outputs: Sequence[tf.Tensor]) -> Callable[[F], F]:
+    """Make a gradient function build its operations to run after the forward ``outputs``.
+    A backward collective often needs only the output gradients; without this a TensorFlow 1
+    session could start it before the forward one on some ranks and after it on others (a
+    ``tf.function`` orders them anyway, and eagerly this does nothing)."""
+
+    def wrap(backward: F) -> F:
+        @functools.wraps(backward)
+        def ordered(*grads: Any) -> Any:  # no **kwargs: tf.custom_gradient reads the signature
+            with tf.control_dependencies([o for o in outputs if o is not None]):
+                return backward(*grads)
+
+        return ordered  # type: ignore[return-value]
+
+    return wrap

@@ -23,13 +23,13 @@ from adasum.horovod import _allreduce as _torch_allreduce
 from adasum.horovod._collectives import _start_allgather, broadcast_many_async_
 from adasum.horovod._reduce_ops import Adasum, Average, Max, Min, Sum, resolve_op
 from adasum.horovod._runtime import group_of
-from adasum.horovod.tensorflow._bridge import on_torch
+from adasum.horovod.tensorflow._bridge import after, on_torch
 
 # The operations below are Python that builds TensorFlow operations; AutoGraph must leave them be.
 _plain_python = tf.autograph.experimental.do_not_convert
 
 __all__ = ["Compression", "allreduce", "grouped_allreduce", "allgather", "grouped_allgather", "broadcast",
-           "broadcast_variables"]
+           "broadcast_", "broadcast_variables", "broadcast_global_variables"]
 
 
 class _NoCompression:
@@ -80,6 +80,7 @@ def _reduced(tensors: list[tf.Tensor], op: Any, average: bool | None, prescale_f
     def forward(*xs: tf.Tensor):
         ys = on_torch(run, xs, [(x.dtype, x.shape) for x in xs])
 
+        @after(ys)
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
             resolved, _ = resolve_op(op, average)  # valid: the forward pass agreed on it
             assert resolved is not None, "the forward pass agreed on the op"
@@ -175,6 +176,7 @@ def _gathered(tensors: list[tf.Tensor], name: str | None, process_set: Any, oper
         out = on_torch(run, xs, specs + [(tf.int64, tf.TensorShape([world]))] * len(xs))
         ys, counts = out[: len(xs)], out[len(xs):]
 
+        @after(out)
         def backward(*dys: tf.Tensor) -> list[tf.Tensor]:
             averaged = _reduced([tf.convert_to_tensor(d) for d in dys], Average, None, 1.0, 1.0, None, process_set,
                                 "grouped_allreduce")
@@ -221,6 +223,7 @@ def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_
     def forward(x: tf.Tensor):
         (y,) = _broadcast_values([x], root_rank, process_set, "broadcast", name)
 
+        @after([y])
         def backward(dy: tf.Tensor) -> tf.Tensor:
             (averaged,) = _reduced([tf.convert_to_tensor(dy)], Average, None, 1.0, 1.0, None, process_set, "allreduce")
             root = dist.get_rank(group_of(process_set)) == root_rank
@@ -231,14 +234,36 @@ def broadcast(tensor: Any, root_rank: int, name: str | None = None, ignore_name_
     return forward(tf.convert_to_tensor(tensor))
 
 
+def _assigned(variables: Sequence[Any], root_rank: int, process_set: Any, operation: str,
+              name: str | None) -> list[Any]:
+    """Every variable assigned its value on ``root_rank``, in one operation (one agreement on
+    all shapes and dtypes first); the assignments."""
+    variables = list(variables)
+    values = _broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank, process_set, operation, name)
+    return [v.assign(value) for v, value in zip(variables, values)]
+
+
+@_plain_python
+def broadcast_(variables: Sequence[Any], root_rank: int, name: str | None = None, process_set: Any = None) -> list:
+    """Assign every variable its value on ``root_rank``, in place, in one operation; returns
+    the variables' new values."""
+    return _assigned(variables, root_rank, process_set, "broadcast_", name)
+
+
 @_plain_python
 def broadcast_variables(variables: Sequence[Any], root_rank: int, process_set: Any = None,
                         inplace: bool = False) -> Any:
-    """Assign every variable its value on ``root_rank``, in one operation (one agreement on
-    all shapes and dtypes first). Returns the grouped assignments inside a graph, None eagerly.
-    ``inplace`` is accepted: the values always travel through one fresh buffer each."""
-    variables = list(variables)
-    values = _broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank, process_set,
-                               "broadcast_variables", None)
-    assigns = [v.assign(value) for v, value in zip(variables, values)]
+    """Assign every variable its value on ``root_rank``, in one operation. Returns the grouped
+    assignments inside a graph, None eagerly. ``inplace`` is accepted: the values always travel
+    through one fresh buffer each."""
+    assigns = _assigned(variables, root_rank, process_set, "broadcast_variables", None)
     return None if tf.executing_eagerly() else tf.group(*assigns)
+
+
+def broadcast_global_variables(root_rank: int) -> Any:
+    """TensorFlow 1's global variables, assigned their values on ``root_rank`` (graph mode
+    only, as in Horovod; eagerly there are no global variables: a RuntimeError)."""
+    if tf.executing_eagerly():
+        raise RuntimeError("hvd.broadcast_global_variables() does not work eagerly (TensorFlow 2 keeps no global "
+                           "variables); use hvd.broadcast_variables(model.variables, root_rank)")
+    return broadcast_variables(tf.compat.v1.global_variables(), root_rank)

@@ -24,6 +24,13 @@ def gradient_settings(op: Any, gradient_predivide_factor: float) -> tuple[float,
     return 1.0 / gradient_predivide_factor, gradient_predivide_factor
 
 
+def _divided(gradient: Any, ranks: float) -> Any:
+    """A dense or sparse (``tf.IndexedSlices``, an embedding's) gradient divided by ``ranks``."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values / ranks, gradient.indices, gradient.dense_shape)
+    return gradient / ranks
+
+
 class DistributedGradientTape:
     """Wrap a ``tf.GradientTape`` so that :meth:`gradient` reduces the gradients over the ranks
     (default: their average; ``op=hvd.Adasum`` for Adasum), in one grouped allreduce.
@@ -86,7 +93,7 @@ class DistributedGradientTape:
             ranks = float(dist.get_world_size(group_of(self._process_set)))
             for i, s in enumerate(flat_sources):
                 if flat[i] is not None and id(s) in self._local:
-                    flat[i] = flat[i] / ranks
+                    flat[i] = _divided(flat[i], ranks)
         return tf.nest.pack_sequence_as(grads, flat)
 
     def get_local_and_global_gradients(self, target: Any, sources: Iterable, output_gradients: Any = None,
