@@ -9,9 +9,10 @@ What a resumed run keeps and what it may change:
   examples per step, in micro-batches of at most ``--batch`` (the largest size that divides
   its share; the accumulation makes up the rest). The steps then take the same examples as
   they would have on the old workers, and the learning-rate schedule is unchanged;
-* when the workers do not divide E, E becomes the largest multiple of the workers below it
-  (at least one example each), the current epoch's remaining examples are taken in steps of
-  that size, and the schedule is stretched or shrunk over the new number of remaining steps.
+* when the workers do not divide E, each worker takes as many whole micro-batches of
+  ``--batch`` as fit in E / workers (at least one example), so E becomes the nearest such
+  size below it; the current epoch's remaining examples are taken in steps of that size, and
+  the schedule is stretched or shrunk over the new number of remaining steps.
   What changed is said in one line before the workers start (:attr:`Resumed.note`);
 * every rank's optimizer state (delta mode: its own moments; local SGD: its own weights too)
   comes from old rank ``rank mod N_old`` (:func:`adasum.optim.rank_state`); gradient mode's
@@ -44,10 +45,14 @@ class Resumed:
 
 
 def split(examples: int, workers: int, batch: int) -> tuple[int, int]:
-    """``(micro-batch, accumulation)`` for ``examples`` per step over ``workers`` workers (a
-    multiple of them): each worker's share in the largest micro-batches of at most ``batch``
-    examples that divide it."""
-    share = examples // workers
+    """``(micro-batch, accumulation)`` for about ``examples`` per step over ``workers``
+    workers: a multiple of them is split exactly, each worker's share in the largest
+    micro-batches of at most ``batch`` that divide it; otherwise each worker takes the whole
+    micro-batches of ``batch`` (or fewer examples, at least one) that fit in its share."""
+    share = max(1, examples // workers)
+    if examples % workers:
+        micro = min(batch, share)
+        return micro, share // micro
     micro = max(d for d in range(1, min(batch, share) + 1) if share % d == 0)
     return micro, share // micro
 
@@ -63,8 +68,8 @@ def plan_run(config: RunConfig, workers: int, train_size: int, state: dict | Non
     target = state.get("examples_per_step", old * config.batch * config.accum)
     origin = Origin(*state["position"]) if "position" in state else \
         Steps(config, old, train_size).position(state["step"])
-    examples = max(workers, target // workers * workers)
-    micro, accum = split(examples, workers, config.batch)
+    micro, accum = split(target, workers, config.batch)
+    examples = workers * micro * accum
     run = config.with_(batch=micro, accum=accum)
     plan = Steps(run, workers, train_size, origin)
     was = state.get("plan", {"batch": config.batch, "accum": config.accum})
