@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import NamedTuple
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 
@@ -275,11 +275,11 @@ class Steps:
     def batches(self, start: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """``(step, example indices)`` for every 0-based step from ``start`` (default: the
         origin's) to the end."""
-        step = self.origin.step if start is None else start
-        if step < self.origin.step:
-            raise ValueError(f"step {step} lies before the plan's origin at step {self.origin.step}")
+        first = self.origin.step if start is None else start
+        if first < self.origin.step:
+            raise ValueError(f"step {first} lies before the plan's origin at step {self.origin.step}")
         epoch, order = -1, torch.empty(0)
-        for step in range(step, self.total_steps):
+        for step in range(first, self.total_steps):
             here = self.position(step)
             if here.epoch != epoch:
                 epoch, order = here.epoch, self._permutation(here.epoch)

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from --out's checkpoint.pt if there is one, else start: the command an "
                        "elastic job (torchrun --nnodes=MIN:MAX --max-restarts=K) reruns. On another number of "
                        "workers the step count continues, the examples per step stay if the workers divide "
-                       "them (else the nearest multiple below, said), rank r takes old rank r mod N's "
-                       "optimizer state")
+                       "them (else as many whole micro-batches per worker as fit; a line says what changed), "
+                       "rank r takes old rank r mod N's optimizer state")
     train.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                        help="also checkpoint every K steps (0: at the end of every epoch only)")
     train.add_argument("--timeout", type=float, default=3600, help="seconds before the workers are stopped")
