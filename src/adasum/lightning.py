@@ -36,7 +36,7 @@ equal and checkpoints are Lightning's own.
 Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) works in both modes: Lightning
 divides each batch's loss by k and calls ``optimizer.step`` after the k-th backward pass only, so
 in delta mode each rank's local step sees the mean of its k gradients (leave the wrapper's
-``backward_passes_per_step`` at 1, or set it to k: both count the same passes).
+``backward_passes_per_step`` at 1; tested with k = 2).
 
 Neither mode divides by the world size: keep the learning rate tuned for one rank's batch.
 """
