@@ -5,7 +5,9 @@ finds torchrun's), ``prepare`` wraps the model in DDP and ``use_adasum`` puts Ad
 Gradient mode (SGD): one ``accelerator.backward`` gives gradients that the parent checks against
 ``adasum.reduce`` of the ranks' local ones. Delta mode (a prepared DistributedOptimizer(Adam)):
 the gradients stay local and one step gives start + ``adasum.reduce`` of the ranks' own Adam
-steps. A last test runs examples/accelerate_digits.py in both modes under ``accelerate launch``.
+steps. Delta mode with Accelerate's gradient accumulation (``gradient_accumulation_steps=2``
+and ``accelerator.accumulate``): two backward passes, one update from the mean of their
+gradients. A last test runs examples/accelerate_digits.py in both modes under ``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -44,29 +46,38 @@ def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> t
 LR = 0.05
 
 
-def _step(rank: int, world: int, delta: bool) -> dict:
-    accelerator = Accelerator(cpu=True)
+def _step(rank: int, world: int, delta: bool, accum: int = 1) -> dict:
+    """One update of this rank, from ``accum`` batches under ``accelerator.accumulate``."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     torch.manual_seed(rank)  # different initialisations: prepare (DDP) must broadcast rank 0's
     net = _net()
     opt = DistributedOptimizer(torch.optim.Adam(net.parameters(), lr=LR)) if delta else torch.optim.SGD(net.parameters(), lr=LR)
     model, optimizer = accelerator.prepare(net, opt)
     assert isinstance(model, DDP) and accelerator.num_processes == world
     g = torch.Generator().manual_seed(rank)
-    batch = (torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
+    batches = [(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(accum)]
     before = [p.detach().clone() for p in model.parameters()]
     state = use_adasum(model, optimizer)
     assert (state is None) == delta
-    accelerator.backward(_loss(model, batch))
-    grads = [p.grad.clone() for p in model.parameters()]
-    optimizer.step()
+    for k, batch in enumerate(batches):
+        with accelerator.accumulate(model):
+            accelerator.backward(_loss(model, batch))
+            if k == accum - 1:  # what the update sees: the accumulated gradient
+                grads = [p.grad.clone() for p in model.parameters()]
+            optimizer.step()
+            optimizer.zero_grad()
+        if k < accum - 1:  # accumulating: nothing moved
+            assert same_bits([p.detach() for p in model.parameters()], before)
     if state is not None:
         state.close()
-    return {"batch": batch, "before": before, "grads": grads, "after": [p.detach().clone() for p in model.parameters()]}
+    return {"batches": batches, "before": before, "grads": grads, "after": [p.detach().clone() for p in model.parameters()]}
 
 
 def _local(run: dict) -> list[torch.Tensor]:
-    """This rank's own gradient, on a plain copy of the model at the step's start."""
-    return local_gradients(_net(), run["before"], lambda m: _loss(m, run["batch"]))
+    """This rank's own gradient, on a plain copy of the model at the step's start: that of
+    the mean of its batches' losses."""
+    batches = run["batches"]
+    return local_gradients(_net(), run["before"], lambda m: sum(_loss(m, b) for b in batches) / len(batches))
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -76,9 +87,20 @@ def test_gradients_of_the_prepared_model_are_adasum_of_local_ones():
     assert_adasum_of_local([r["grads"] for r in runs], [_local(r) for r in runs])
 
 
+def _delta_steps(rank: int, world: int) -> dict[int, dict]:
+    """Delta mode without and with accumulation, in one spawn (each start costs seconds)."""
+    return {accum: _step(rank, world, True, accum) for accum in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def delta_runs() -> list[dict[int, dict]]:
+    return spawn(_delta_steps, WORLD, timeout=TIMEOUT)
+
+
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_delta_mode_parameters_are_start_plus_adasum_of_local_adam_steps():
-    runs = spawn(_step, WORLD, True, timeout=TIMEOUT)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_delta_mode_parameters_are_start_plus_adasum_of_local_adam_steps(accum, delta_runs):
+    runs = [r[accum] for r in delta_runs]
     local = [_local(r) for r in runs]
     for r, own in zip(runs, local):  # the no-op hook kept each rank's gradient its own
         for got, ref in zip(r["grads"], own):

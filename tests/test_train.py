@@ -114,11 +114,10 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     # A checkpoint only continues the run it came from.
     assert main(["train", *args, "--epochs", "2", "--lr", "0.01", "--resume", str(checkpoint)]) == 2
     assert main(["train", *args, "--epochs", "1", "--resume", str(checkpoint)]) == 2
-    assert main(["train", "--nproc", "4", *args[2:], "--epochs", "2", "--resume", str(checkpoint)]) == 2
+    # (Another number of workers may resume it: tests/test_train_resize.py.)
     err = capsys.readouterr().err.splitlines()
     assert err == ["adasum: error: checkpoint was written with --lr 0.003 (this run: 0.01); only --epochs may grow",
-                   "adasum: error: checkpoint was written with --epochs 2 (this run: 1); --epochs may grow, not shrink",
-                   "adasum: error: checkpoint was written by 2 workers, not 4"]
+                   "adasum: error: checkpoint was written with --epochs 2 (this run: 1); --epochs may grow, not shrink"]
 
 
 @pytest.mark.timeout(300)
@@ -215,7 +214,7 @@ def test_the_checkpoint_is_whole_and_nothing_is_left_beside_it(checkpointed):
     args, good = checkpointed
     config = RunConfig(task="file", data=args[3], batch=8, epochs=1)
     task = load_task("file", args[3])
-    state = check_resume(good, config, 1, task.build_model(0))
+    state = check_resume(good, config, task.build_model(0))
     assert state["step"] == len(task.x_train) // 8 == len(state["history"])
     assert sorted(p.name for p in good.parent.iterdir()) == ["checkpoint.pt", "history.csv", "history.json"]
 
@@ -312,7 +311,7 @@ def _ended(proc: subprocess.Popen) -> tuple[str, str]:
 
 def _assert_loadable(path: Path, workers: int) -> None:
     config = RunConfig(task="linear", samples=256, batch=8, epochs=100000, lr=0.005)  # as ENDLESS
-    check_resume(path, config, workers, load_task("linear", samples=256).build_model(0))
+    assert check_resume(path, config, load_task("linear", samples=256).build_model(0))["workers"] == workers
 
 
 @pytest.fixture

@@ -27,9 +27,16 @@ CPU it drops it without a word and DDP averages.) The mode follows the optimizer
 Checkpoints: in delta mode every rank's optimizer state (Adam's moments, say) is its own.
 :meth:`~AdasumStrategy.optimizer_state` gathers all ranks' states into the one file rank 0
 writes, ``{"adasum_per_rank": [state_0, ..., state_{N-1}]}`` per optimizer (tensors on the CPU),
-and :meth:`~AdasumStrategy.load_optimizer_state_dict` gives each rank its own back; a checkpoint
-written by another number of ranks is refused (there is no defined mapping between world sizes).
-In gradient mode the ranks' states are equal and checkpoints are Lightning's own.
+and :meth:`~AdasumStrategy.load_optimizer_state_dict` gives each rank its own back. A checkpoint
+written by another number of ranks N resumes too: rank r takes old rank ``r mod N``'s state
+(:func:`adasum.optim.rank_state`, the rule of every elastic resume in this package), so each
+rank continues one real rank's moments and step count. In gradient mode the ranks' states are
+equal and checkpoints are Lightning's own.
+
+Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) works in both modes: Lightning
+divides each batch's loss by k and calls ``optimizer.step`` after the k-th backward pass only, so
+in delta mode each rank's local step sees the mean of its k gradients (leave the wrapper's
+``backward_passes_per_step`` at 1; tested with k = 2).
 
 Neither mode divides by the world size: keep the learning rate tuned for one rank's batch.
 """
@@ -48,6 +55,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parallel import DistributedDataParallel
 
 from adasum.ddp import AdasumState, is_delta_mode, use_adasum
+from adasum.optim import rank_state
 
 __all__ = ["AdasumStrategy"]
 
@@ -117,11 +125,7 @@ class AdasumStrategy(DDPStrategy):
         if not self.delta_mode:
             raise ValueError("AdasumStrategy: this checkpoint holds per-rank optimizer states (delta mode); "
                              "gradient mode needs one state for all ranks")
-        if len(per_rank) != self.world_size:
-            raise ValueError(f"AdasumStrategy: the checkpoint holds the optimizer states of {len(per_rank)} ranks, "
-                             f"this run has {self.world_size}; per-rank states have no mapping to another world "
-                             "size (restart the optimizer state, or load the weights only)")
-        return per_rank[self.global_rank]
+        return rank_state(per_rank, self.global_rank)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -91,39 +91,50 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc {args.nproc} disagrees with torchrun's world size {launched[1]}")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 (epochs only) or more, got {args.checkpoint_every}")
+    if args.auto_resume and args.resume:
+        raise ConfigError("--auto-resume resumes from --out's checkpoint; give it or --resume, not both")
     workers = launched[1] if launched else (args.nproc or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if launched else workers
-    _check_run(config, workers, local, args.resume)
     checkpoint = _output_dir(args.out) / CHECKPOINT
+    resume = str(checkpoint) if args.auto_resume and checkpoint.exists() else args.resume
+    note = _check_run(config, workers, local, resume)
+    if note and (not launched or launched[0] == 0):
+        print(f"adasum: {note}", file=sys.stderr)
     before = _file_id(checkpoint)
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         if launched:
-            result = _run_under_torchrun(train_worker, launched, config, args, progress)
+            result = _run_under_torchrun(train_worker, launched, config, args, resume, progress)
         else:
-            result = spawn(train_worker, workers, config, args.out, args.resume, progress,
+            result = spawn(train_worker, workers, config, args.out, resume, progress, args.checkpoint_every,
                            timeout=args.timeout)[0]
     except KeyboardInterrupt:
         # A checkpoint replaced since the start is this run's; else the one it resumed from.
         if _file_id(checkpoint) not in (None, before):
             raise _Interrupted(f"last checkpoint: {checkpoint}") from None
-        raise _Interrupted(f"last checkpoint: {args.resume}" if args.resume else "no checkpoint yet") from None
+        raise _Interrupted(f"last checkpoint: {resume}" if resume else "no checkpoint yet") from None
     if result is not None:
         _print_summaries([result["summary"]])
         print(f"history and checkpoint in {args.out}/")
     return 0
 
 
-def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) -> None:
+def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) -> str | None:
     """Everything a worker would find wrong at its start, found here before any starts: the
-    data, the step size against it, and the checkpoint to resume from. ``local`` workers of
-    this machine each build the task; this process's copy is gone when the check returns."""
+    data, the step size against it, and the checkpoint to resume from; returns what resuming
+    on ``workers`` workers changes (None: nothing). ``local`` workers of this machine each
+    build the task; this process's copy is gone when the check returns."""
+    from adasum.lab.resume import plan_run
     from adasum.lab.train import check_resume
 
     task = load_task(config.task, config.data, config.samples, copies=local)
     Steps(config, workers, task.train_size)
-    if resume is not None:
-        check_resume(resume, config, workers, task.build_model(config.seed))
+    if resume is None:
+        return None
+    return plan_run(config, workers, task.train_size,
+                    check_resume(resume, config, task.build_model(config.seed))).note
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -136,7 +147,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: RunConfig,
-                        args: argparse.Namespace, progress: bool):
+                        args: argparse.Namespace, resume: str | None, progress: bool):
     import torch
     import torch.distributed as dist
 
@@ -144,7 +155,7 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     dist.init_process_group("gloo")
     try:
-        return worker(rank, world, config, args.out, args.resume, progress)
+        return worker(rank, world, config, args.out, resume, progress, args.checkpoint_every)
     finally:
         dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 
@@ -17,7 +18,7 @@ import adasum
 
 __all__ = [
     "REDUCERS", "OPTIMIZERS", "DELTA_MODE", "MODES", "SCHEDULES", "OUTER_OPTIMIZERS",
-    "ConfigError", "RunConfig", "Steps", "make_reducer",
+    "ConfigError", "RunConfig", "Origin", "Steps", "make_reducer",
 ]
 
 #: The reducers a run can use, by the name the options and the summaries give them. Real
@@ -176,14 +177,32 @@ class RunConfig:
 _LATER = {f.name: f.default for f in fields(RunConfig) if f.name in ("sync_every", "outer", "outer_lr")}
 
 
+class Origin(NamedTuple):
+    """Where a plan begins: ``step`` steps taken before it (by a run on another plan, resumed
+    on this one), which had consumed ``examples`` examples and reached index ``offset`` of
+    epoch ``epoch``'s order of examples."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    examples: int = 0
+
+
 @dataclass(frozen=True)
 class Steps:
     """The steps of a run of ``config`` with ``workers`` workers on ``train_size`` examples: how
-    many, the examples each draws, and after which the test score is measured."""
+    many, the examples each draws, and after which the test score is measured.
+
+    A run resumed on another number of workers may take another number of examples per step
+    (:mod:`adasum.lab.resume`): its plan begins at the checkpoint's ``origin``, finishes that
+    epoch's order of examples from there in steps of its own size, and then takes whole epochs.
+    The same order and the same step size give the same steps as the plan that wrote the
+    checkpoint."""
 
     config: RunConfig
     workers: int
     train_size: int
+    origin: Origin = Origin()
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
@@ -205,12 +224,33 @@ class Steps:
         return self.train_size // self.per_step
 
     @property
+    def first_steps(self) -> int:
+        """Steps of the origin's epoch: those left of its order from the origin's offset."""
+        return (self.train_size - self.origin.offset) // self.per_step
+
+    @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.config.epochs
+        o = self.origin
+        return o.step + self.first_steps + self.steps_per_epoch * (self.config.epochs - o.epoch - 1)
+
+    def position(self, step: int) -> Origin:
+        """Where the run stands after ``step`` steps (at least the origin's): what a
+        checkpoint written then records, so that a run on another plan can continue."""
+        o = self.origin
+        taken = step - o.step
+        examples = o.examples + taken * self.per_step
+        if taken < self.first_steps:
+            return Origin(step, o.epoch, o.offset + taken * self.per_step, examples)
+        whole, index = divmod(taken - self.first_steps, self.steps_per_epoch)
+        return Origin(step, o.epoch + 1 + whole, index * self.per_step, examples)
+
+    def ends_epoch(self, step: int) -> bool:
+        """Whether the ``step``-th step (1-based) is the last of an epoch."""
+        return self.position(step).offset == 0
 
     def epoch_of(self, step: int) -> float:
         """Epochs of data consumed after ``step`` steps (an incomplete last step is dropped)."""
-        return step * self.per_step / self.train_size
+        return self.position(step).examples / self.train_size
 
     def evaluates_after(self, step: int) -> bool:
         """Whether the test score is measured after step ``step`` (1-based): a few times per
@@ -225,17 +265,25 @@ class Steps:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """``[steps_per_epoch, per_step]`` example indices of epoch ``epoch``; worker r takes
         columns ``r * per_worker`` on, micro-batch k the ``batch`` columns after that."""
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.train_size, generator=g)
-        return perm[: self.steps_per_epoch * self.per_step].view(self.steps_per_epoch, self.per_step)
+        return self._permutation(epoch)[: self.steps_per_epoch * self.per_step].view(self.steps_per_epoch, self.per_step)
 
-    def batches(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(step, example indices)`` for every 0-based step from ``start`` to the end."""
-        spe = self.steps_per_epoch
-        for epoch in range(start // spe, self.config.epochs):
-            order = self.epoch_order(epoch)
-            for i in range(max(0, start - epoch * spe), spe):
-                yield epoch * spe + i, order[i]
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s order of the examples, whatever the step size."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(self.train_size, generator=g)
+
+    def batches(self, start: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(step, example indices)`` for every 0-based step from ``start`` (default: the
+        origin's) to the end."""
+        first = self.origin.step if start is None else start
+        if first < self.origin.step:
+            raise ValueError(f"step {first} lies before the plan's origin at step {self.origin.step}")
+        epoch, order = -1, torch.empty(0)
+        for step in range(first, self.total_steps):
+            here = self.position(step)
+            if here.epoch != epoch:
+                epoch, order = here.epoch, self._permutation(here.epoch)
+            yield step, order[here.offset:here.offset + self.per_step]
 
     def lr_at(self, step: int) -> float:
         """Learning rate of 0-based step ``step``: linear warm-up, then the schedule's decay."""

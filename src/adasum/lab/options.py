@@ -125,7 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "outer", "outer_lr")
     train.add_argument("--nproc", type=int, help="start this many local Gloo workers (default: torchrun's, else 1)")
     train.add_argument("--out", default="runs/train", help="history.csv/json and checkpoint.pt go here")
-    train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow)")
+    train.add_argument("--resume", help="continue from this checkpoint.pt (same options; --epochs may grow; "
+                       "any number of workers, see --auto-resume)")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="continue from --out's checkpoint.pt if there is one, else start: the command an "
+                       "elastic job (torchrun --nnodes=MIN:MAX --max-restarts=K) reruns. On another number of "
+                       "workers the step count continues, the examples per step stay if the workers divide "
+                       "them (else as many whole micro-batches per worker as fit; a line says what changed), "
+                       "rank r takes old rank r mod N's optimizer state")
+    train.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                       help="also checkpoint every K steps (0: at the end of every epoch only)")
     train.add_argument("--timeout", type=float, default=3600, help="seconds before the workers are stopped")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 

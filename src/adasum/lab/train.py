@@ -26,8 +26,13 @@ from the reduction alone. Both front doors keep statistics (``stats=True``), fro
 worker follows the gradient noise scale (:class:`adasum.RunningNoiseScale`); evaluation rows
 carry it as ``noise_scale``. In delta mode that costs one more all-reduce of the gradients per
 step (:class:`adasum.optim.DistributedOptimizer`). Rank 0 evaluates, shows the progress bar, writes the history and the
-checkpoints; the checkpoint holds every rank's optimizer state, because in delta mode each
-worker's moments are its own, and a checksum, so that a damaged file is refused.
+checkpoints (at the end of every epoch, and every ``checkpoint_every`` steps if given), whole or
+not at all (written aside, then renamed over the last). The checkpoint holds every rank's
+optimizer state, because in delta mode each worker's moments are its own, where the run stands
+in its order of examples, and a checksum, so that a damaged file is refused. A run resumes from
+it on the same or another number of workers (:mod:`adasum.lab.resume`). At every checkpoint and
+at the end rank 0 compares digests of every rank's parameters, which must be bit-identical
+(except local SGD's between synchronisations); the history records the last ones.
 """
 
 from __future__ import annotations
@@ -47,14 +52,16 @@ from tqdm import tqdm
 
 import adasum
 from adasum.ddp import AdasumState, adasum_hook
-from adasum.lab.config import ConfigError, RunConfig, Steps, make_reducer
+from adasum.lab.config import ConfigError, RunConfig, make_reducer
 from adasum.lab.optimizers import make_optimizer, make_outer, set_lr
 from adasum.lab.records import evaluate, summarize, write_csv, write_json
+from adasum.lab.resume import Resumed, plan_run
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
-from adasum.optim import DistributedOptimizer, LocalSGD
+from adasum.optim import DistributedOptimizer, LocalSGD, rank_state
+from adasum.optim._elastic import gather_states
 
-__all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "CHECKPOINT"]
+__all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "digest", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 #: A checkpoint file holds ``{"format": _FORMAT, "sha256": ..., "payload": uint8 tensor}``, the
@@ -88,11 +95,11 @@ def _data_parallel(
     return ddp, optimizer, state, state
 
 
-def check_resume(path: str | os.PathLike, config: RunConfig, workers: int,
-                 model: torch.nn.Module) -> dict:
-    """The checkpoint at ``path``, if it can continue ``config`` on ``workers`` workers with
-    ``model``: intact, complete, the same options except a larger or equal epoch count, and
-    parameters of the model's shapes. Raises ConfigError naming the file otherwise."""
+def check_resume(path: str | os.PathLike, config: RunConfig, model: torch.nn.Module) -> dict:
+    """The checkpoint at ``path``, if it can continue ``config`` with ``model``: intact,
+    complete, the same options except a larger or equal epoch count, and parameters of the
+    model's shapes. Raises ConfigError naming the file otherwise. The number of workers that
+    wrote it does not matter (:mod:`adasum.lab.resume`)."""
     name = repr(str(path))
     state = load_checkpoint(path)
     missing = [k for k in _FIELDS if k not in state]
@@ -102,15 +109,13 @@ def check_resume(path: str | os.PathLike, config: RunConfig, workers: int,
         saved = RunConfig(**state["config"])
     except TypeError:
         raise ConfigError(f"checkpoint {name} holds options this version does not know") from None
-    if state["workers"] != workers:
-        raise ConfigError(f"checkpoint was written by {state['workers']} workers, not {workers}")
     changed = saved.with_(epochs=config.epochs).differences(config)
     if changed:
         raise ConfigError(f"checkpoint was written with {', '.join(changed)}; only --epochs may grow")
     if config.epochs < saved.epochs:
         raise ConfigError(f"checkpoint was written with {', '.join(saved.differences(config))}; "
                           "--epochs may grow, not shrink")
-    if len(state["optimizers"]) != workers or len(state["history"]) != state["step"]:
+    if len(state["optimizers"]) != state["workers"] or len(state["history"]) != state["step"]:
         raise ConfigError(f"checkpoint {name} is inconsistent: {len(state['optimizers'])} optimizer "
                           f"states, {len(state['history'])} history rows for step {state['step']}")
     _check_shapes(name, state["model"], model.state_dict())
@@ -169,34 +174,37 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def train_worker(
     rank: int, workers: int, config: RunConfig, out: str | None = None,
-    resume: str | None = None, progress: bool = True,
+    resume: str | None = None, progress: bool = True, checkpoint_every: int = 0,
 ) -> dict | None:
-    """Run ``config`` as worker ``rank`` of ``workers`` (the process group is initialised).
-    Rank 0 returns ``{"summary": ..., "history": [...]}``; the other ranks return None."""
+    """Run ``config`` as worker ``rank`` of ``workers`` (the process group is initialised),
+    from the start or from the checkpoint ``resume`` (written by any number of workers);
+    checkpoint into ``out`` at the end of every epoch and every ``checkpoint_every`` steps (0:
+    epochs only). Rank 0 returns ``{"summary": ..., "history": [...]}``; the others None."""
     task = load_task(config.task, config.data, config.samples)
-    plan = Steps(config, workers, task.train_size)
     model = task.build_model(config.seed)
+    state = check_resume(resume, config, model) if resume is not None else None
+    run = plan_run(config, workers, task.train_size, state)
+    plan = run.plan
     # The checkpoint and the evaluation use the bare model, whatever wraps it for training.
     net, optimizer, front, resources = _data_parallel(
-        model, make_optimizer(config.optimizer, model.parameters(), config.lr), config)
+        model, make_optimizer(config.optimizer, model.parameters(), config.lr), run.config)
     noise = adasum.RunningNoiseScale()
-    start, history = 0, []
-    if resume is not None:
-        state = check_resume(resume, config, workers, model)
-        # Local SGD: every rank's own weights between synchronisations.
-        model.load_state_dict(state["models"][rank] if "models" in state else state["model"])
-        optimizer.load_state_dict(state["optimizers"][rank])
-        start, history = state["step"], state["history"]
+    history: list[dict] = []
+    if state is not None:
+        # Rank r continues old rank r mod N's optimizer (and, with local SGD, its weights).
+        model.load_state_dict(rank_state(state["models"], rank) if "models" in state else state["model"])
+        optimizer.load_state_dict(rank_state(state["optimizers"], rank))
+        history = state["history"]
     # Only rank 0 draws a bar, so a thread lock is enough; tqdm's default adds a named
     # semaphore that a worker ended by Ctrl-C or a signal never unlinks (a leak warning at exit).
     tqdm.set_lock(threading.RLock())
-    bar = tqdm(total=plan.total_steps, initial=start, disable=not (progress and rank == 0),
+    bar = tqdm(total=plan.total_steps, initial=plan.origin.step, disable=not (progress and rank == 0),
                desc=f"{config.reducer}/{config.optimizer}", unit="step", leave=False)
     with resources:
-        for step, examples in plan.batches(start):
+        for step, examples in plan.batches():
             set_lr(optimizer, plan.lr_at(step))
             mine = examples[rank * plan.per_worker:(rank + 1) * plan.per_worker]
-            loss = _step(task, net, optimizer, mine, config)
+            loss = _step(task, net, optimizer, mine, run.config)
             row = {"step": step + 1, "epoch": plan.epoch_of(step + 1), "lr": plan.lr_at(step), "loss": loss}
             if isinstance(front, LocalSGD):
                 if front.inner_steps == 0 and front.last_stats is not None:  # this step synchronised
@@ -211,17 +219,28 @@ def train_worker(
             bar.update()
             if not math.isfinite(loss):
                 break
-            if out is not None and (step + 1) % plan.steps_per_epoch == 0:
-                _checkpoint(Path(out), rank, workers, config, model, optimizer, step + 1, history)
+            due = plan.ends_epoch(step + 1) or (checkpoint_every > 0 and (step + 1) % checkpoint_every == 0)
+            if out is not None and due:
+                _checkpoint(Path(out), rank, config, run, model, optimizer, step + 1, history)
     bar.close()
+    digests = gather_states(digest(model))
     if rank != 0:
         return None
     summary = summarize(history, plan, task.metric)
     if out is not None:
         write_csv(history, Path(out) / "history.csv")
-        write_json({"summary": summary, "config": config.as_dict(), "history": history},
+        write_json({"summary": summary, "config": config.as_dict(), "digests": digests, "history": history},
                    Path(out) / "history.json")
-    return {"summary": summary, "history": history}
+    return {"summary": summary, "history": history, "digests": digests}
+
+
+def digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers, in order: equal digests, equal bits."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _evaluate(task: Task, model: torch.nn.Module, front: AdasumState | DistributedOptimizer) -> dict[str, float]:
@@ -266,20 +285,26 @@ def _step(task: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return local.item() / dist.get_world_size()
 
 
-def _checkpoint(out: Path, rank: int, workers: int, config: RunConfig, model: torch.nn.Module,
+def _checkpoint(out: Path, rank: int, config: RunConfig, run: Resumed, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, step: int, history: list[dict]) -> None:
-    """Rank 0 writes model, every rank's optimizer state and the history; with local SGD also
-    every rank's weights (``models``), which differ between synchronisations."""
-    states = [None] * workers if rank == 0 else None
-    dist.gather_object(optimizer.state_dict(), states, dst=0)
-    models = [None] * workers if rank == 0 else None
-    if config.local:
-        dist.gather_object(model.state_dict(), models, dst=0)
-    if rank != 0:
+    """Rank 0 writes model, every rank's optimizer state, where the run stands, the plan it
+    runs and the history; with local SGD also every rank's weights (``models``), which differ
+    between synchronisations. The others must hold the same bits as rank 0: a checkpoint of
+    diverged replicas would resume a run that never was."""
+    mine = {"optimizer": optimizer.state_dict(), "digest": digest(model),
+            "model": model.state_dict() if config.local else None}
+    ranks = gather_states(mine)
+    if ranks is None:
         return
+    if not config.local and len({r["digest"] for r in ranks}) > 1:
+        raise RuntimeError(f"adasum train: the replicas differ after step {step} (digests "
+                           f"{', '.join(r['digest'][:12] for r in ranks)}); no checkpoint written")
     out.mkdir(parents=True, exist_ok=True)
-    state = {"config": config.as_dict(), "workers": workers, "step": step,
-             "model": model.state_dict(), "optimizers": states, "history": history}
+    c = run.config
+    state = {"config": config.as_dict(), "workers": run.plan.workers, "step": step,
+             "position": tuple(run.plan.position(step)), "examples_per_step": run.target,
+             "plan": {"batch": c.batch, "accum": c.accum}, "model": model.state_dict(),
+             "optimizers": [r["optimizer"] for r in ranks], "history": history}
     if config.local:
-        state["models"] = models
+        state["models"] = [r["model"] for r in ranks]
     save_checkpoint(state, out / CHECKPOINT)
