@@ -10,4 +10,5 @@ ruff check src tests benchmarks examples scripts
 mypy
 # The launcher tests (marked long: torchrun agents, Lightning's and Accelerate's launchers) take
 # several minutes more: `bash scripts/test.sh -m long` runs them (a later -m replaces this one).
-python -m pytest -q -m "not long" "$@"
+# --durations: the slowest tests, printed so that the run's time can be kept under 20 minutes.
+python -m pytest -q -m "not long" --durations=20 "$@"

@@ -14,6 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 NPROC = 2
+#: docs/cluster.md's rendezvous settings for elastic jobs: a dead agent is noticed after 5 missed
+#: 1 s heartbeats, and the next rendezvous closes 2 s after its last joiner.
+ELASTIC_RDZV_CONF = "join_timeout=120,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=5"
 
 
 def agent_command(nnodes: str, port: int, run_id: str, conf: str, max_restarts: int, script: Path,

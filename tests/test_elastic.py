@@ -28,7 +28,7 @@ from pathlib import Path
 import elastic_worker as worker
 import pytest
 import torch
-from agents import agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
+from agents import ELASTIC_RDZV_CONF, agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
 
 import adasum
 from adasum.launch import free_port
@@ -46,7 +46,6 @@ RESTART_LIMIT = 60
 RUN_LIMIT = 360
 #: The rendezvous: a lone survivor waits 2 s for more agents before it restarts, and a dead
 #: agent is known dead after 5 missed heartbeats of 1 s (the defaults: 30 s and 3 of 5 s).
-RDZV_CONF = "join_timeout=120,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=5"
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Job:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp, self.port = tmp, free_port()
-        self.cmd = agent_command("1:2", self.port, "adasum-elastic", RDZV_CONF, 2, Path(worker.__file__),
+        self.cmd = agent_command("1:2", self.port, "adasum-elastic", ELASTIC_RDZV_CONF, 2, Path(worker.__file__),
                                  str(tmp), str(STEPS))
         self.env = agent_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
         self.procs: list[subprocess.Popen] = []

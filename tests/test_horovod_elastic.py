@@ -25,7 +25,18 @@ from pathlib import Path
 import horovod_elastic_worker as worker
 import pytest
 import torch
-from agents import ROOT, TORCHRUN, agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
+from agents import (
+    ELASTIC_RDZV_CONF,
+    ROOT,
+    TORCHRUN,
+    agent_command,
+    agent_env,
+    agents_output,
+    end_agents,
+    kill_tree,
+    start_agent,
+    wait_listening,
+)
 
 import adasum.horovod as hvd
 from adasum.launch import free_port, spawn
@@ -235,7 +246,6 @@ def test_restart_processes_only_the_unseen_indices(worlds):
 #: Steps on 4 ranks before the kill; the job's length.
 BEFORE_KILL, STEPS = 4, 30
 RUN_LIMIT = 300
-RDZV_CONF = "join_timeout=120,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=5"
 
 
 @pytest.mark.slow
@@ -243,7 +253,7 @@ RDZV_CONF = "join_timeout=120,last_call_timeout=2,keep_alive_interval=1,keep_ali
 @pytest.mark.timeout(RUN_LIMIT + 60)
 def test_agent_killed_job_continues_from_the_commit(tmp_path):
     port = free_port()
-    cmd = agent_command("1:2", port, "adasum-hvd-elastic", RDZV_CONF, 2, Path(worker.__file__), str(tmp_path),
+    cmd = agent_command("1:2", port, "adasum-hvd-elastic", ELASTIC_RDZV_CONF, 2, Path(worker.__file__), str(tmp_path),
                         str(STEPS))
     env = agent_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", ADASUM_ELASTIC_DIR=str(tmp_path / "commits"))
     logs = [tmp_path / "agent0.log", tmp_path / "agent1.log"]

@@ -11,7 +11,17 @@ import time
 
 import pytest
 import torch
-from agents import ROOT, agent_command, agent_env, agents_output, end_agents, kill_tree, start_agent, wait_listening
+from agents import (
+    ELASTIC_RDZV_CONF,
+    ROOT,
+    agent_command,
+    agent_env,
+    agents_output,
+    end_agents,
+    kill_tree,
+    start_agent,
+    wait_listening,
+)
 from test_train import assert_same_curve, losses
 
 from adasum.lab.cli import main
@@ -118,7 +128,6 @@ def test_three_workers_resumed_on_two_follow_the_simulator(tmp_path, capsys):
 #: made as soon as the first epoch's checkpoint is there, falls in the middle of the run.
 EPOCHS = 8
 RUN_LIMIT = 300
-RDZV_CONF = "join_timeout=120,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=5"
 
 
 @pytest.mark.slow
@@ -133,7 +142,7 @@ def test_torchrun_job_loses_an_agent_and_finishes_with_auto_resume(tmp_path):
     out = tmp_path / "run"
     options = ["--optimizer", "adam", "--lr", "0.003", "--batch", "8", "--epochs", str(EPOCHS)]
     port = free_port()
-    cmd = agent_command("1:2", port, "adasum-train", RDZV_CONF, 2, ROOT / "src/adasum/lab/__main__.py",
+    cmd = agent_command("1:2", port, "adasum-train", ELASTIC_RDZV_CONF, 2, ROOT / "src/adasum/lab/__main__.py",
                         "train", *options, "--out", str(out), "--auto-resume", "--no-progress")
     env = agent_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     logs = [tmp_path / "agent0.log", tmp_path / "agent1.log"]
