@@ -94,6 +94,9 @@ def _rows(body: str) -> dict[str, float]:
     return rows
 
 
+# 30-70 s of 8 host devices: out of the default run, which must stay under 20 minutes on 2
+# cores; tests/test_jax.py checks the same collective's results there.
+@pytest.mark.long
 def test_profile_jax_accounts_for_the_collective() -> None:
     pytest.importorskip("jax")
     out = _run("profile_jax.py")
