@@ -170,8 +170,12 @@ def _gradients(rank: int, world: int) -> dict:
         blocks = [tf.constant(inputs(rank)["f32"]) * k for k in (1, 2, 3)]
         scattered = hvd.grouped_reducescatter(blocks, op=hvd.Sum)
         scattered_grads = [tf.gradients(s, b, tf.ones_like(s) * k)[0] for s, b, k in zip(scattered, blocks, (1, 2, 3))]
+        # A grouped allreduce with tf.IndexedSlices: one gather each and one dense reduction.
+        sparse = [tf.IndexedSlices(tf.fill([1, 2], k), tf.constant([rank])) for k in (1.0, 2.0)]
+        mixed = hvd.grouped_allreduce([sparse[0], tf.fill([2], 3.0), sparse[1]], op=hvd.Sum)
         with tf.compat.v1.Session() as session:
             out["graph_session"] = session.run([gathered, grad])
+            out["graph_sparse"] = session.run([mixed[0].values, mixed[1], mixed[2].values])
             out["graph_grouped_allgather"] = session.run(grouped_grads)  # one operation per run: see docs
             out["graph_grouped_reducescatter"] = session.run(scattered_grads)
     out["tape_adasum"], out["tape_average"] = np.array(tape_step(hvd.Adasum)), np.array(tape_step(hvd.Average))
@@ -399,6 +403,9 @@ def test_gradients_are_horovods(run):
             assert np.array_equal(g, np.full((r + 1, 2), k * (r + 1.0), np.float32))
         for k, g in zip((1, 2, 3), res["graph_grouped_reducescatter"]):
             assert np.array_equal(g, np.full((6, 4), k * world, np.float32))
+        first, dense, second = res["graph_sparse"]
+        assert np.array_equal(first, np.ones((world, 2))) and np.array_equal(second, np.full((world, 2), 2.0))
+        assert np.array_equal(dense, np.full(2, 3.0 * world))
 
 
 def test_distributed_gradient_tape(run):
