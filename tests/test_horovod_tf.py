@@ -68,7 +68,7 @@ def _worker(rank: int, world: int) -> dict:
     hvd.init()
     out = {"topology": (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())}
     out.update(_collectives(rank, world))
-    out.update(_gradients(rank))
+    out.update(_gradients(rank, world))
     out["errors"] = _errors(rank, world)
     out.update(_optimizer(rank))
     out.update(_fit(rank))
@@ -127,8 +127,9 @@ def _collectives(rank: int, world: int) -> dict:
     return {k: [np.array(x) for x in v] for k, v in results.items()}
 
 
-def _gradients(rank: int) -> dict:
-    """Gradients through the collectives and the tape, inside tf.function."""
+def _gradients(rank: int, world: int) -> dict:
+    """Gradients through the collectives and the tape, inside tf.function and in a TensorFlow 1
+    session."""
     import tensorflow as tf
 
     import adasum.horovod.tensorflow as hvd
@@ -160,8 +161,23 @@ def _gradients(rank: int) -> dict:
         x = tf.constant(inputs(rank)["f64"])
         gathered = hvd.allgather(tf.reshape(x, [1, -1]))
         grad = tf.gradients(gathered, x, tf.ones_like(gathered))[0]
+        # One tf.gradients per output of a grouped operation (Horovod's tests): k times the same
+        # upstream gradient for output k, so that pairing one rank's output with another's shows.
+        parts = [tf.constant(inputs(rank)["rows"]) * k for k in (1, 2, 3)]
+        grouped = hvd.grouped_allgather(parts)
+        upstream = tf.constant(np.concatenate([np.full((r + 1, 2), r + 1.0, np.float32) for r in range(world)]))
+        grouped_grads = [tf.gradients(g, p, upstream * k)[0] for g, p, k in zip(grouped, parts, (1, 2, 3))]
+        blocks = [tf.constant(inputs(rank)["f32"]) * k for k in (1, 2, 3)]
+        scattered = hvd.grouped_reducescatter(blocks, op=hvd.Sum)
+        scattered_grads = [tf.gradients(s, b, tf.ones_like(s) * k)[0] for s, b, k in zip(scattered, blocks, (1, 2, 3))]
+        # A grouped allreduce with tf.IndexedSlices: one gather each and one dense reduction.
+        sparse = [tf.IndexedSlices(tf.fill([1, 2], k), tf.constant([rank])) for k in (1.0, 2.0)]
+        mixed = hvd.grouped_allreduce([sparse[0], tf.fill([2], 3.0), sparse[1]], op=hvd.Sum)
         with tf.compat.v1.Session() as session:
             out["graph_session"] = session.run([gathered, grad])
+            out["graph_sparse"] = session.run([mixed[0].values, mixed[1], mixed[2].values])
+            out["graph_grouped_allgather"] = session.run(grouped_grads)  # one operation per run: see docs
+            out["graph_grouped_reducescatter"] = session.run(scattered_grads)
     out["tape_adasum"], out["tape_average"] = np.array(tape_step(hvd.Adasum)), np.array(tape_step(hvd.Average))
     with hvd.DistributedGradientTape(tf.GradientTape(), op=hvd.Sum) as tape:  # eager, wrapped before recording
         loss = 0.5 * tf.reduce_sum((w - v) ** 2)
@@ -382,6 +398,14 @@ def test_gradients_are_horovods(run):
         gathered, grad = res["graph_session"]  # in a session, the allgather before its gradient
         assert np.array_equal(gathered, np.stack([inputs(i)["f64"] for i in range(world)]))
         assert np.array_equal(grad, np.ones(9))
+        # Several tf.gradients of one grouped operation in one session.run: each its own.
+        for k, g in zip((1, 2, 3), res["graph_grouped_allgather"]):
+            assert np.array_equal(g, np.full((r + 1, 2), k * (r + 1.0), np.float32))
+        for k, g in zip((1, 2, 3), res["graph_grouped_reducescatter"]):
+            assert np.array_equal(g, np.full((6, 4), k * world, np.float32))
+        first, dense, second = res["graph_sparse"]
+        assert np.array_equal(first, np.ones((world, 2))) and np.array_equal(second, np.full((world, 2), 2.0))
+        assert np.array_equal(dense, np.full(2, 3.0 * world))
 
 
 def test_distributed_gradient_tape(run):

@@ -85,16 +85,29 @@ def on_torch(
 
 
 def after(outputs: Sequence[tf.Tensor]) -> Callable[[F], F]:
-    """Make a gradient function build its operations to run after the forward ``outputs``.
-    A backward collective often needs only the output gradients; without this a TensorFlow 1
-    session could start it before the forward one on some ranks and after it on others (a
-    ``tf.function`` orders them anyway, and eagerly this does nothing)."""
+    """Make a gradient function build its operations to run after the forward ``outputs`` and
+    after what it built before for the same forward operation. A backward collective often
+    needs only the output gradients; without this a TensorFlow 1 session could start it before
+    the forward one on some ranks and after it on others. And every ``tf.gradients`` call builds
+    the gradient again (one per output of a grouped operation, in Horovod's tests): fetched in
+    one ``session.run``, those backward collectives are independent nodes that the ranks would
+    run in different orders, pairing one rank's gradient of output 1 with another's of output 3
+    (same shapes, so no mismatch is raised: wrong sums). Chaining them in the order they were
+    built, which is the same on every rank, pairs them right. A ``tf.function`` orders them
+    anyway, and eagerly this does nothing."""
 
     def wrap(backward: F) -> F:
+        built: list[tf.Tensor] = []  # what earlier calls returned, across graphs
+
         @functools.wraps(backward)
         def ordered(*grads: Any) -> Any:  # no **kwargs: tf.custom_gradient reads the signature
-            with tf.control_dependencies([o for o in outputs if o is not None]):
-                return backward(*grads)
+            graph = tf.compat.v1.get_default_graph()
+            before = [o for o in outputs if o is not None] + [b for b in built if b.graph is graph]
+            with tf.control_dependencies(before):
+                result = backward(*grads)
+            if not tf.executing_eagerly():
+                built.extend(t for t in tf.nest.flatten(result) if isinstance(t, tf.Tensor))
+            return result
 
         return ordered  # type: ignore[return-value]
 

@@ -121,15 +121,21 @@ def _sparse(slices: tf.IndexedSlices, op: Any, average: bool | None, prescale_fa
 def _allreduce_many(tensors: list[Any], average: bool | None, compression: Any, op: Any, prescale_factor: float,
                     postscale_factor: float, process_set: Any, name: str | None, operation: str) -> list[Any]:
     """Dense tensors reduced in one operation (compressed in flight), ``tf.IndexedSlices`` by
-    gathering."""
+    gathering, one operation each. In a TensorFlow 1 graph each is chained after the one
+    before: as independent nodes a session would run them in an order of its own on each rank,
+    pairing one rank's slices with another's of a different tensor."""
     dense = [i for i, t in enumerate(tensors) if not isinstance(t, tf.IndexedSlices)]
     out: list[Any] = [None] * len(tensors)
+    previous: list[tf.Tensor] = []
     for i, t in enumerate(tensors):
         if i not in dense:
-            out[i] = _sparse(t, op, average, prescale_factor, postscale_factor, process_set)
+            with tf.control_dependencies(previous):
+                out[i] = _sparse(t, op, average, prescale_factor, postscale_factor, process_set)
+            previous = [out[i].values]
     compressed = [compression.compress(tf.convert_to_tensor(tensors[i])) for i in dense]
-    reduced = _reduced([c for c, _ in compressed], op, average, prescale_factor, postscale_factor, name, process_set,
-                       operation)
+    with tf.control_dependencies(previous):
+        reduced = _reduced([c for c, _ in compressed], op, average, prescale_factor, postscale_factor, name,
+                           process_set, operation)
     for i, r, (_, ctx) in zip(dense, reduced, compressed):
         out[i] = compression.decompress(r, ctx)
     return out
