@@ -59,7 +59,7 @@ from adasum.lab.resume import Resumed, plan_run
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
 from adasum.optim import DistributedOptimizer, LocalSGD, rank_state
-from adasum.optim._elastic import gather_states
+from adasum.optim._elastic import gather_states, save_atomically
 
 __all__ = ["train_worker", "check_resume", "save_checkpoint", "load_checkpoint", "digest", "CHECKPOINT"]
 
@@ -140,13 +140,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": _FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
-                    "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    save_atomically({"format": _FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                     "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -290,15 +285,17 @@ def _checkpoint(out: Path, rank: int, config: RunConfig, run: Resumed, model: to
     """Rank 0 writes model, every rank's optimizer state, where the run stands, the plan it
     runs and the history; with local SGD also every rank's weights (``models``), which differ
     between synchronisations. The others must hold the same bits as rank 0: a checkpoint of
-    diverged replicas would resume a run that never was."""
-    mine = {"optimizer": optimizer.state_dict(), "digest": digest(model),
-            "model": model.state_dict() if config.local else None}
-    ranks = gather_states(mine)
+    diverged replicas would resume a run that never was, so every rank compares the digests
+    and every rank raises."""
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest(model))
+    if not config.local and len(set(digests)) > 1:
+        raise RuntimeError(f"adasum train: the replicas differ after step {step} (digests "
+                           f"{', '.join(str(d)[:12] for d in digests)}); no checkpoint written")
+    ranks = gather_states({"optimizer": optimizer.state_dict(),
+                           "model": model.state_dict() if config.local else None})
     if ranks is None:
         return
-    if not config.local and len({r["digest"] for r in ranks}) > 1:
-        raise RuntimeError(f"adasum train: the replicas differ after step {step} (digests "
-                           f"{', '.join(r['digest'][:12] for r in ranks)}); no checkpoint written")
     out.mkdir(parents=True, exist_ok=True)
     c = run.config
     state = {"config": config.as_dict(), "workers": run.plan.workers, "step": step,
