@@ -30,9 +30,10 @@ checkpoints (at the end of every epoch, and every ``checkpoint_every`` steps if 
 not at all (written aside, then renamed over the last). The checkpoint holds every rank's
 optimizer state, because in delta mode each worker's moments are its own, where the run stands
 in its order of examples, and a checksum, so that a damaged file is refused. A run resumes from
-it on the same or another number of workers (:mod:`adasum.lab.resume`). At every checkpoint and
-at the end rank 0 compares digests of every rank's parameters, which must be bit-identical
-(except local SGD's between synchronisations); the history records the last ones.
+it on the same or another number of workers (:mod:`adasum.lab.resume`). At every checkpoint
+every rank compares the digests of every rank's parameters, which must be bit-identical (except
+local SGD's between synchronisations), and all raise if they differ; the history records the
+final ones.
 """
 
 from __future__ import annotations
