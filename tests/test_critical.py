@@ -53,12 +53,14 @@ def test_one_worker_config_refusals():
         one_worker_config(config, 1)
 
 
-def test_averaged_workers_are_one_worker_at_the_whole_batch():
+@pytest.mark.parametrize("optimizer,mode,lr", [("momentum", None, 0.2), ("adam", "gradient", 0.01)])
+def test_averaged_workers_are_one_worker_at_the_whole_batch(optimizer, mode, lr):
     """The premise of the measurement: 4 averaged workers of 64 examples train exactly as one
     worker of 256 (the same examples each step, the mean loss over them), to float rounding;
-    and only the measured run has a noise scale."""
+    and only the measured run has a noise scale. Adam in gradient mode (one Adam on the averaged
+    gradient) too."""
     task = load_task("gauss-logistic", samples=4096)
-    config = RunConfig(task="gauss-logistic", samples=4096, optimizer="momentum", lr=0.2, batch=256,
+    config = RunConfig(task="gauss-logistic", samples=4096, optimizer=optimizer, mode=mode, lr=lr, batch=256,
                        epochs=1, evals_per_epoch=4)
     measured, summary = measure_noise(task, config, 4)
     alone, _ = simulate_run(task, config.with_(reducer="average"), 1, distances=False)
@@ -99,5 +101,5 @@ def test_noise_report_without_a_target_says_none_was_set():
 def test_noise_command_refuses_delta_mode(capsys):
     assert main(["noise", "--task", "gauss-logistic", "--samples", "1024", "--optimizer", "adam"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "adasum: error: adam runs in delta mode, where averaging the workers' updates is not one worker's "
-        "step: measure with sgd or momentum"]
+        "adasum: error: adam runs in delta mode here, where averaging the workers' updates is not one "
+        "worker's step: measure in gradient mode (--mode gradient)"]

@@ -17,7 +17,7 @@ from adasum.lab.bootstrap import paired_difference_ci
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig, Steps
 from adasum.lab.protocol import best_per_setting, protocol_table, steps_of
-from adasum.lab.readings import compare, e_star, recipe_rows, tuned_rows, verdict
+from adasum.lab.readings import ablations, candidates, compare, e_star, recipe_rows, tuned_rows, verdict
 from adasum.lab.sections import MIN_STEPS, SECTIONS, Batching, Scale, Section, critical_grid
 from adasum.lab.simulate import simulate_run
 from adasum.lab.study import run_study
@@ -161,6 +161,20 @@ def test_a_setting_where_nothing_reaches_the_target_is_untestable():
     assert compare(adasum, average)["outcome"] == "untestable"
     rows = tuned_rows(adasum + average, b_crit=64, sweep_seeds=(0, 1))
     assert [r["verdict"] for r in rows] == ["untestable at this scale"] * 2
+
+
+def test_an_ablation_of_averaging_is_a_second_baseline_of_the_main_candidate():
+    """``average-delta`` (the average of each worker's own step) is not a way of running Adasum:
+    it has no recipe runs, and the tuned reading compares the main candidate with it too."""
+    names = {"adasum", "adasum-delta", "average", "average-delta"}
+    assert candidates(names) == ["adasum", "adasum-delta"] and ablations(names) == ["average-delta"]
+    adasum = [record(0.2, s, 50 + s) for s in range(5)]
+    average = [record(0.4, s, 50 + s, "average") for s in range(5)]
+    ablated = [record(0.4, s, 70 + s, "average-delta") for s in range(5)]
+    rows = tuned_rows(adasum + average + ablated, b_crit=64, sweep_seeds=(0, 1), baseline="average-delta")
+    assert rows[0]["claim"].endswith("than averaging (average-delta)") and rows[0]["verdict"] == "reproduces"
+    assert "average-delta 72 [" in rows[0]["evidence"] and "paired difference -20 " in rows[0]["evidence"]
+    assert tuned_rows(adasum + average + ablated, b_crit=64, sweep_seeds=(0, 1))[0]["verdict"] == "does not"
 
 
 def test_compare_pairs_by_seed_on_steps_or_on_the_final_score():

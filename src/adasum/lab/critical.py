@@ -13,9 +13,10 @@ from below B_crit to well above it, with enough steps at its largest E to tell m
 The measurement is one run of one worker at batch E, and it is taken in the simulator as k
 workers of E/k examples each whose gradients are averaged: for SGD and momentum that is the
 same training as one worker (the mean loss over E examples), and the k gradients give the noise
-scale for free (:func:`adasum.lab.simulate.gradient_noise`). Adam and LAMB are refused: they run
-in delta mode, where each worker's own optimizer normalises its own gradient, which is not one
-worker's step at batch E.
+scale for free (:func:`adasum.lab.simulate.gradient_noise`). Delta mode is refused (Adam and
+LAMB by default: pass ``--mode gradient``): each worker's own optimizer normalises its own
+gradient, which is not one worker's step at batch E; in gradient mode one optimizer steps on the
+averaged gradient, which is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adasum.lab.config import DELTA_MODE, ConfigError, RunConfig
+from adasum.lab.config import ConfigError, RunConfig
 from adasum.lab.simulate import simulate_run
 from adasum.lab.task import Task
 
@@ -38,9 +39,9 @@ def one_worker_config(config: RunConfig, workers: int) -> RunConfig:
     """The simulated run equivalent to one worker at ``config.batch`` examples per step:
     ``workers`` workers of ``batch / workers`` examples, averaged. ConfigError if that is not
     the same training (delta mode) or the batch does not split evenly."""
-    if config.optimizer in DELTA_MODE:
-        raise ConfigError(f"{config.optimizer} runs in delta mode, where averaging the workers' updates "
-                          "is not one worker's step: measure with sgd or momentum")
+    if config.reduces_deltas:
+        raise ConfigError(f"{config.optimizer} runs in delta mode here, where averaging the workers' updates "
+                          "is not one worker's step: measure in gradient mode (--mode gradient)")
     if workers < 2:
         raise ConfigError(f"--workers must be at least 2 (the noise scale compares two batch sizes), got {workers}")
     if config.batch % workers:

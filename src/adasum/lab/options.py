@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     noise = _subcommand(sub, "noise", "the gradient noise scale B_simple (critical batch) along one run")
-    add_config_options(noise, *_RUN_FIELDS, "optimizer", "lr", "batch", batch=1024)
+    add_config_options(noise, *_RUN_FIELDS, "optimizer", "mode", "lr", "batch", batch=1024)
     noise.add_argument("--workers", type=int, default=8,
                        help="simulated workers whose average is that worker (the second batch size)")
     noise.add_argument("--device", default="cpu", help=_DEVICE_HELP)

@@ -22,10 +22,12 @@ from adasum.lab.protocol import best_lr, group_by_lr, steps_of
 from adasum.lab.report import markdown_table
 
 __all__ = ["verdict", "compare", "e_star", "tuned_rows", "recipe_rows", "reading_table", "candidates",
-           "CANDIDATE", "BASELINE", "RECIPE_MULTIPLES"]
+           "ablations", "CANDIDATE", "BASELINE", "RECIPE_MULTIPLES"]
 
 #: The combiner the claims are about, and the paper's baseline. A section may compare more
-#: than one way of running Adasum (e.g. ``adasum-delta``): each gets its own rows.
+#: than one way of running Adasum (e.g. ``adasum-delta``): each gets its own rows; and more than
+#: one way of averaging (``average-...``, an ablation such as delta-mode averaging): the main
+#: candidate gets tuned rows against each.
 CANDIDATE, BASELINE = "adasum", "average"
 #: The multiples of E* where the recipe reading tests Adasum.
 RECIPE_MULTIPLES = (2, 4, 8)
@@ -33,13 +35,22 @@ UNTESTABLE = "untestable at this scale"
 
 
 def candidates(combiners: Iterable[str]) -> list[str]:
-    """The combiners compared against the baseline, the main candidate first."""
-    return sorted(set(combiners) - {BASELINE}, key=lambda c: (c != CANDIDATE, c))
+    """The ways of running Adasum (every combiner not named for averaging), the main candidate
+    first."""
+    return sorted({c for c in combiners if not c.startswith(BASELINE)}, key=lambda c: (c != CANDIDATE, c))
 
 
-def _claim(claim: str, candidate: str) -> str:
-    """A claim about Adasum, naming the way it runs where that is not the main candidate."""
-    return claim if candidate == CANDIDATE else claim.replace("Adasum", f"Adasum ({candidate})", 1)
+def ablations(combiners: Iterable[str]) -> list[str]:
+    """The other ways of averaging (``average-...``), each a baseline of the tuned reading only."""
+    return sorted(c for c in combiners if c.startswith(BASELINE) and c != BASELINE)
+
+
+def _claim(claim: str, candidate: str, baseline: str = BASELINE) -> str:
+    """A claim about Adasum, naming the way it runs and the way averaging runs where those are
+    not the main ones."""
+    if candidate != CANDIDATE:
+        claim = claim.replace("Adasum", f"Adasum ({candidate})", 1)
+    return claim if baseline == BASELINE else claim.replace("averaging", f"averaging ({baseline})", 1)
 
 
 def verdict(outcomes: Sequence[str]) -> str:
@@ -75,7 +86,8 @@ def _median_cell(name: str, runs: Sequence[dict], key: str) -> str:
     return f"{name} {med:.4g} [{low:.4g}, {high:.4g}]"
 
 
-def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0, name: str = CANDIDATE) -> dict:
+def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0, name: str = CANDIDATE,
+            baseline_name: str = BASELINE) -> dict:
     """Adasum's runs against the baseline's, paired by seed: ``outcome`` (``better``,
     ``same``, ``worse``, ``untestable``), ``metric`` and the ``evidence`` text (medians and
     the paired difference, each with its 95% bootstrap interval)."""
@@ -91,7 +103,7 @@ def compare(candidate: Sequence[dict], baseline: Sequence[dict], seed: int = 0, 
     gain = sorted(-x if metric == "steps" else x for x in (low, high))
     outcome = "better" if gain[0] > 0 else "worse" if gain[1] < 0 else "same"
     counts = f"reached {sum(map(_reached, a))}/{len(a)} and {sum(map(_reached, b))}/{len(b)}"
-    evidence = (f"{metric}: {_median_cell(name, a, metric)}, {_median_cell(BASELINE, b, metric)}; "
+    evidence = (f"{metric}: {_median_cell(name, a, metric)}, {_median_cell(baseline_name, b, metric)}; "
                 f"paired difference {diff:.4g} [{low:.4g}, {high:.4g}]; {counts}")
     return {"outcome": outcome, "metric": metric, "evidence": evidence}
 
@@ -116,20 +128,20 @@ RECIPE_CLAIM = ("at fixed hyperparameters (averaging: its scaling rule with warm
 
 
 def tuned_rows(records: Sequence[dict], b_crit: float, sweep_seeds: Sequence[int],
-               candidate: str = CANDIDATE) -> list[dict]:
+               candidate: str = CANDIDATE, baseline: str = BASELINE) -> list[dict]:
     """One row per E (setting) at each combiner's best learning rate (judged on the sweep's
-    seeds), then the claim's row over the settings at or above ``b_crit`` (below it, both
-    combiners should scale perfectly and tie)."""
+    seeds), ``candidate`` against ``baseline``, then the claim's row over the settings at or
+    above ``b_crit`` (below it, both combiners should scale perfectly and tie)."""
     groups = group_by_lr([r for r in records if r["reading"] == "tuned" and r["resize_to"] is None])
     best = {key: by_lr[best_lr(by_lr, sweep_seeds)] for key, by_lr in groups.items()}
     rows, large = [], []
     mine = sorted((runs[0]["examples_per_step"], key) for key, runs in best.items() if key[1] == candidate)
-    claim = _claim(TUNED_CLAIM, candidate)
+    claim = _claim(TUNED_CLAIM, candidate, baseline)
     for examples, (optimizer, _, setting) in mine:
-        a, b = best[(optimizer, candidate, setting)], best.get((optimizer, BASELINE, setting))
+        a, b = best[(optimizer, candidate, setting)], best.get((optimizer, baseline, setting))
         if b is None:
             continue
-        result = compare(a, b, name=candidate)
+        result = compare(a, b, name=candidate, baseline_name=baseline)
         lrs = f"lr {a[0]['lr']:g} vs {b[0]['lr']:g}; "
         below = ", below b_crit" if examples < b_crit else ""
         rows.append(_row(claim, f"E={examples} ({setting}{below})", "tuned", [result["outcome"]],

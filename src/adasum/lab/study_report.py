@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adasum.lab.protocol import GROUP, best_per_setting, elastic_rows, elastic_table, protocol_table
-from adasum.lab.readings import candidates, reading_table, recipe_rows, tuned_rows
+from adasum.lab.readings import BASELINE, CANDIDATE, ablations, candidates, reading_table, recipe_rows, tuned_rows
 from adasum.lab.records import write_csv
 from adasum.lab.report import markdown_table
 from adasum.lab.sections import Scale
@@ -75,11 +75,15 @@ def write_study_report(records: list[dict], curves: list[dict], out: Path, title
     write_csv(best, out / "protocol.csv")
     (out / "protocol.md").write_text(f"# {title}\n\n" + protocol_table(best))
     written = [out / "runs.csv", out / "protocol.csv", out / "protocol.md"]
-    ways = candidates({r["combiner"] for r in records})
-    tables = {"tuned": lambda c: tuned_rows(records, scale.b_crit, scale.sweep_seeds, c),
-              "recipe": lambda c: recipe_rows(records, c)}
+    names = {r["combiner"] for r in records}
+    # Every way of running Adasum against the paper's baseline, then the main one against each
+    # ablation of the baseline (tuned reading only: an ablation has no recipe).
+    pairs = {"tuned": [(c, BASELINE) for c in candidates(names)] + [(CANDIDATE, b) for b in ablations(names)],
+             "recipe": [(c, BASELINE) for c in candidates(names)]}
+    tables = {"tuned": lambda c, b: tuned_rows(records, scale.b_crit, scale.sweep_seeds, c, b),
+              "recipe": lambda c, b: recipe_rows(records, c)}
     for name in readings:
-        rows = [row for c in ways for row in tables[name](c)]
+        rows = [row for c, b in pairs[name] for row in tables[name](c, b)]
         (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(rows))
         written.append(out / f"{name}.md")
     orth = orthogonality_rows(records, curves, best)
