@@ -183,7 +183,8 @@ class Scale:
 class Section:
     """One section of the study: a task, its optimizer, the combiners it compares by name
     (``adasum`` and the baseline ``average``), and its readings (``tuned``, ``recipe``; see
-    :mod:`adasum.lab.readings`)."""
+    :mod:`adasum.lab.readings`). ``extends``: the section whose grid this one continues far
+    above the critical batch (its own grid then starts at 16x ``b_crit``, not below it)."""
 
     name: str
     title: str
@@ -193,6 +194,7 @@ class Section:
     cpu: Scale
     gpu: Scale
     readings: tuple[str, ...] = ("tuned", "recipe")
+    extends: str | None = None
 
     def task_at(self, scale: Scale) -> str:
         return scale.task or self.task
@@ -218,6 +220,17 @@ _GRADIENT = {"adasum": Combiner("adasum", "per-worker"), "adasum-delta": Combine
 _DELTA = {"adasum": Combiner("adasum", "none", "delta"), "average": Combiner("average", "sqrt-examples", "gradient")}
 #: The same, with the earlier baseline kept as an ablation: the average of each worker's own step.
 _DELTA_ABLATED = {**_DELTA, "average-delta": Combiner("average", "sqrt-examples", "delta")}
+
+#: Adam and LAMB on teacher-mlp: the optimizer, B_crit at 0.80 and the one-worker rate (below).
+_TEACHER_ADAPTIVE = (("adam", 790, 0.032), ("lamb", 736, 0.016))
+
+
+def _teacher_gpu(lr: float) -> Scale:
+    """The GPU scale of Adam and LAMB on teacher-mlp: to 32x an ESTIMATED B_crit (momentum's
+    2,454 at 0.85; unmeasured for Adam and LAMB)."""
+    return Scale(critical_grid(2454, 256, span=32, max_workers=256), b_crit=2454, lrs=_axis(lr / 4, 8),
+                 base_lr=lr, reference=256, target=0.85, samples=1 << 24)
+
 
 # b_crit: the critical batch at the target, in examples. Measured ones say so; the others are
 # ESTIMATES (marked) until `adasum noise` measures them: replace the number, and the grid, the
@@ -299,7 +312,17 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         "gradient, the teacher-mlp stream", "teacher-mlp", opt, _DELTA_ABLATED,
         cpu=Scale(critical_grid(b_crit, 128, span=16), b_crit=b_crit, lrs=_axis(lr / 4, 6), base_lr=lr,
                   reference=256, target=0.8, samples=1 << 21),
-        gpu=Scale(critical_grid(2454, 256, span=32, max_workers=256), b_crit=2454, lrs=_axis(lr / 4, 8),
-                  base_lr=lr, reference=256, target=0.85, samples=1 << 24),
-    ) for opt, b_crit, lr in (("adam", 790, 0.032), ("lamb", 736, 0.016))),
+        gpu=_teacher_gpu(lr),
+    ) for opt, b_crit, lr in _TEACHER_ADAPTIVE),
+    # Far above the critical batch, 20-90x: averaging's square-root rule still reaches the target
+    # at the sections' largest E (16x), so their recipe reading has no E beyond E*. Workers up to
+    # 512 at 128 examples each, 8M fresh examples (128 steps at 64K). A section of its own: a
+    # larger budget in the sections above would put their small E's crossings inside the warm-up.
+    *(Section(
+        f"teacher-mlp-{opt}-large", f"{opt} far above the critical batch: Adasum of each worker's update "
+        f"against one {opt} on the averaged gradient, the teacher-mlp stream", "teacher-mlp", opt, _DELTA,
+        cpu=Scale(tuple(s for s in critical_grid(b_crit, 128, span=64, max_workers=512) if s.examples >= 16384),
+                  b_crit=b_crit, lrs=_axis(lr / 4, 6), base_lr=lr, reference=256, target=0.8, samples=1 << 23),
+        gpu=_teacher_gpu(lr), extends=f"teacher-mlp-{opt}",
+    ) for opt, b_crit, lr in _TEACHER_ADAPTIVE),
 )}
