@@ -545,7 +545,8 @@ def test_unoffered_api_says_what_to_use():
 
 def test_horovod_script_under_torchrun(tmp_path):
     """examples/horovod_adasum.py, written against Horovod's API with only the import
-    changed, trains with Adasum on 3 torchrun workers (not a power of two)."""
+    changed (and the optimizer freed before exit), trains with Adasum on 3 torchrun workers (not a
+    power of two)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
