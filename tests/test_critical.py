@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,15 @@ import torch
 
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig
-from adasum.lab.critical import fit_critical_batch, measure_noise, noise_report, one_worker_config
+from adasum.lab.critical import (
+    best_rates,
+    fit_critical_batch,
+    fit_over_seeds,
+    measure_noise,
+    noise_report,
+    one_worker_config,
+    read_sweep,
+)
 from adasum.lab.simulate import simulate_run
 from adasum.lab.tasks import load_task
 
@@ -40,6 +49,33 @@ def test_fit_refuses_points_the_model_cannot_describe():
         fit_critical_batch([1024, 2048, 4096], [400, 190, 80])  # better than linear scaling
     with pytest.raises(ValueError, match="positive"):
         fit_critical_batch([1024, 2048], [100, 0])
+
+
+def test_a_sweep_directory_gives_its_best_rates_and_a_fit_over_seeds(tmp_path):
+    """A sweep laid out as scripts/critical-sweep.sh writes it, with steps S_min (1 + B_crit / E)
+    at the best rate (one seed never reaching the target at the largest E), 1.5x as many at the
+    other rates: the best rates are read back, the medians' fit is exact, and the bootstrap
+    interval over seeds holds it."""
+    s_min, b_crit = 40.0, 2000.0
+    best = {1024: 0.032, 4096: 0.064, 16384: 0.128, 65536: 0.128}
+    for e, lr_best in best.items():
+        exact = round(s_min * (1 + b_crit / e))
+        for lr in (lr_best / 2, lr_best, lr_best * 2):
+            for seed, steps in ((0, exact), (1, exact + 4), (2, exact - 4)) if lr == lr_best else ((0, exact * 3 // 2),):
+                if e == 65536 and seed == 1:
+                    steps = None
+                folder = tmp_path / (f"E{e}-lr{lr:g}" + (f"-s{seed}" if seed else ""))
+                folder.mkdir()
+                (folder / "summary.json").write_text(json.dumps(
+                    {"examples_per_step": e, "lr": lr, "seed": seed, "steps_to_target": steps, "steps": 512,
+                     "noise_scale_at_target": None if steps is None else 1000.0}))
+    runs = read_sweep(tmp_path)
+    assert len(runs) == 4 * 5 and best_rates(runs) == best
+    fit, b_ci, s_ci = fit_over_seeds({e: [r["steps"] for r in runs if r["E"] == e and r["lr"] == lr]
+                                      for e, lr in best.items()})
+    assert fit.b_crit == pytest.approx(b_crit, rel=0.01) and fit.s_min == pytest.approx(s_min, rel=0.01)
+    assert b_ci[0] < fit.b_crit < b_ci[1] and s_ci[0] < fit.s_min < s_ci[1]
+    assert b_ci[1] / b_ci[0] < 1.5  # four steps of spread in 40-120 cannot move B_crit by half
 
 
 def test_one_worker_config_refusals():

@@ -233,6 +233,8 @@ def test_sections_grow_from_below_b_crit_by_workers_to_a_budget_of_128_steps():
                 assert min(s.examples for s in main_grid) < scale.b_crit
                 assert max(s.examples for s in main_grid) >= 16 * scale.b_crit
             epochs = scale.epochs_for(scale.samples)  # every E gets the largest's 128 steps or more
+            for s in scale.settings:  # an elastic change falls between two epochs of the run
+                assert s.resize_to is None or 0 < s.resize_epoch < epochs, (section.name, name, s.label)
             for s in main_grid:
                 assert Steps(RunConfig(batch=s.batch, accum=s.accum, epochs=epochs), s.workers,
                             scale.samples).total_steps >= MIN_STEPS

@@ -21,10 +21,13 @@ averaged gradient, which is.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from adasum.lab.config import ConfigError, RunConfig
@@ -32,7 +35,7 @@ from adasum.lab.simulate import simulate_run
 from adasum.lab.task import Task
 
 __all__ = ["one_worker_config", "measure_noise", "evaluations", "first_reaching", "noise_report",
-           "CriticalFit", "fit_critical_batch"]
+           "CriticalFit", "fit_critical_batch", "read_sweep", "best_rates", "fit_over_seeds"]
 
 
 def one_worker_config(config: RunConfig, workers: int) -> RunConfig:
@@ -145,3 +148,55 @@ def fit_critical_batch(examples_per_step: Sequence[float], steps: Sequence[float
     fitted = a + c / e
     residual = math.sqrt(((fitted - s) / s).square().mean().item())
     return CriticalFit(s_min=a, b_crit=c / a, residual=residual)
+
+
+def read_sweep(root: str | Path) -> list[dict]:
+    """The runs of one sweep directory as ``scripts/critical-sweep.sh`` lays it out (each run's
+    ``summary.json`` one folder down): E, lr, seed, the steps to the target (None where it was
+    not reached), the run's budget in steps and B_simple where the target was reached."""
+    runs = []
+    for path in sorted(Path(root).glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        runs.append({"E": summary["examples_per_step"], "lr": summary["lr"], "seed": summary["seed"],
+                     "steps": summary["steps_to_target"], "budget": summary["steps"],
+                     "noise_scale": summary["noise_scale_at_target"]})
+    return runs
+
+
+def best_rates(runs: Sequence[dict], seed: int = 0) -> dict[int, float]:
+    """Per E, the rate whose run with ``seed`` reaches the target in the fewest steps (the lower
+    rate on a tie). An E where no rate reaches it has none."""
+    best: dict[int, float] = {}
+    for run in sorted((r for r in runs if r["seed"] == seed and r["steps"] is not None),
+                      key=lambda r: (r["steps"], r["lr"])):
+        best.setdefault(run["E"], run["lr"])
+    return best
+
+
+def fit_over_seeds(steps: dict[int, Sequence[float | None]], *, draws: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> tuple[CriticalFit, tuple[float, float], tuple[float, float]]:
+    """``(fit, b_crit interval, s_min interval)``: :func:`fit_critical_batch` of the median steps
+    over seeds at each E (a run that never reached the target counts as infinitely many steps;
+    an E whose median is infinite is left out), and percentile bootstrap intervals at ``level``
+    of B_crit and S_min, each draw resampling every E's seeds with replacement. Draws the model
+    cannot fit are left out of the intervals."""
+    data = {e: np.array([math.inf if s is None else s for s in values], dtype=float) for e, values in steps.items()}
+
+    def fit(medians: dict[int, float]) -> CriticalFit:
+        finite = {e: m for e, m in medians.items() if math.isfinite(m)}
+        return fit_critical_batch(list(finite), list(finite.values()))
+
+    estimate = fit({e: float(np.median(v)) for e, v in data.items()})
+    rng = np.random.default_rng(seed)
+    b_crit, s_min = [], []
+    for _ in range(draws):
+        try:
+            drawn = fit({e: float(np.median(v[rng.integers(0, len(v), len(v))])) for e, v in data.items()})
+        except ValueError:
+            continue
+        b_crit.append(drawn.b_crit)
+        s_min.append(drawn.s_min)
+    tails = [(1 - level) / 2, (1 + level) / 2]
+    low_b, high_b = np.quantile(b_crit, tails) if b_crit else (math.nan, math.nan)
+    low_s, high_s = np.quantile(s_min, tails) if s_min else (math.nan, math.nan)
+    return estimate, (float(low_b), float(high_b)), (float(low_s), float(high_s))

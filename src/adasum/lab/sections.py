@@ -221,21 +221,22 @@ _DELTA = {"adasum": Combiner("adasum", "none", "delta"), "average": Combiner("av
 #: The same, with the earlier baseline kept as an ablation: the average of each worker's own step.
 _DELTA_ABLATED = {**_DELTA, "average-delta": Combiner("average", "sqrt-examples", "delta")}
 
-#: Adam and LAMB on teacher-mlp: the optimizer, B_crit at 0.80 and the one-worker rate (below).
-_TEACHER_ADAPTIVE = (("adam", 790, 0.032), ("lamb", 736, 0.016))
+#: Adam and LAMB on teacher-mlp: the optimizer, B_crit at 0.80 (CPU scale) and at 0.85 (GPU
+#: scale), and the one-worker rate (below).
+_TEACHER_ADAPTIVE = (("adam", 790, 2635, 0.032), ("lamb", 736, 1638, 0.016))
 
 
-def _teacher_gpu(lr: float, large: bool = False) -> Scale:
-    """The GPU scale of Adam and LAMB on teacher-mlp: to 32x an ESTIMATED B_crit (momentum's
-    2,454 at 0.85; unmeasured for Adam and LAMB); ``large``: that grid continued from its
-    largest E to 128x, by up to 1,024 workers (128 steps at the largest E)."""
-    grid = critical_grid(2454, 256, span=32, max_workers=256)
+def _teacher_gpu(b_crit: int, lr: float, large: bool = False) -> Scale:
+    """The GPU scale of Adam and LAMB on teacher-mlp: to 32x B_crit at 0.85; ``large``: that
+    grid continued from its largest E to 128x, by up to 1,024 workers (128 steps at the largest E)."""
+    grid = critical_grid(b_crit, 256, span=32, max_workers=256)
     if not large:
-        return Scale(grid, b_crit=2454, lrs=_axis(lr / 4, 8), base_lr=lr, reference=256, target=0.85,
+        return Scale(grid, b_crit=b_crit, lrs=_axis(lr / 4, 8), base_lr=lr, reference=256, target=0.85,
                      samples=1 << 24)
     start = max(s.examples for s in grid)
-    wide = tuple(s for s in critical_grid(2454, 256, span=128, max_workers=1024) if s.examples >= start)
-    return Scale(wide, b_crit=2454, lrs=_axis(lr / 4, 8), base_lr=lr, reference=256, target=0.85, samples=1 << 26)
+    wide = tuple(s for s in critical_grid(b_crit, 256, span=128, max_workers=1024) if s.examples >= start)
+    return Scale(wide, b_crit=b_crit, lrs=_axis(lr / 4, 8), base_lr=lr, reference=256, target=0.85,
+                 samples=1 << 26)
 
 
 # b_crit: the critical batch at the target, in examples. Measured ones say so; the others are
@@ -257,11 +258,12 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         "momentum", "momentum SGD, residual GroupNorm CNN on augmented digits", "augdigits-resnet",
         "momentum", _GRADIENT,
         # CPU: an ESTIMATE, B_simple along 8 workers at E = 128, averaging, lr 0.1, 8,192 examples,
-        # was 25-35 at scores 0.69-0.79. GPU, target 0.95: the fit of two tuned points, about 290
-        # (docs/results/critical_batch.md; a rough figure, to be refitted on the GPU's first sweep).
+        # was 25-35 at scores 0.69-0.79. GPU, target 0.95: measured on an H200, B_crit 93
+        # [56-141] (S_min 83), the fit of the medians of 3 seeds at the best constant rate of
+        # E = 64-16K (docs/results/critical_batch.md); the best rates were 0.0125-0.025.
         cpu=Scale(critical_grid(32, 16, span=16), b_crit=32, lrs=_axis(0.0125, 5), base_lr=0.05,
                   reference=16, target=0.8, samples=8192),
-        gpu=Scale(critical_grid(290, 32, span=32, max_workers=256, accum=(4,)), b_crit=290, lrs=_axis(0.0125, 8),
+        gpu=Scale(critical_grid(93, 32, span=32, max_workers=256, accum=(4,)), b_crit=93, lrs=_axis(0.00625, 8),
                   base_lr=0.05, reference=32, target=0.95, samples=262144),
     ),
     *(Section(
@@ -282,8 +284,11 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         "learning rate", "augdigits-resnet", "momentum", {c: _GRADIENT[c] for c in ("adasum", "average")},
         cpu=Scale((Batching(4, 16), Batching(16, 16), Batching(4, 16, 1, 16, 1)), b_crit=32, lrs=_axis(0.0125, 5),
                   base_lr=0.05, reference=16, target=0.8, samples=8192),
-        gpu=Scale((Batching(8, 32), Batching(64, 32), Batching(8, 32, 1, 64, 4), Batching(64, 32, 1, 8, 4)),
-                  b_crit=256, lrs=_axis(0.0125, 8), base_lr=0.05, reference=32, target=0.95, samples=65536),
+        # GPU: 2 <-> 16 workers of 32, E = 64 <-> 512 (0.7x to 5.5x the measured B_crit of 93), the
+        # change after the first of 8 epochs of 8,192 samples: 128 steps at E = 64, where one
+        # worker at 64 took 200-256 steps to 0.95 (docs/results/critical_batch.md).
+        gpu=Scale((Batching(2, 32), Batching(16, 32), Batching(2, 32, 1, 16, 1), Batching(16, 32, 1, 2, 1)),
+                  b_crit=93, lrs=_axis(0.00625, 8), base_lr=0.05, reference=32, target=0.95, samples=8192),
         readings=("tuned",),  # the elastic table is its reading
     ),
     # The generated streams: fresh examples at every step, critical batches in the thousands.
@@ -325,15 +330,16 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
     # Adam and LAMB on the same stream: the paper's BERT claim on a task whose critical batch the
     # CPU can cross. Measured at 0.80 (gradient mode, constant rate, one seed; fit of the best
     # rate per E at E = 256-64K, docs/results/critical_batch.md): Adam B_crit 790 (S_min 24),
-    # LAMB 736 (S_min 55). The GPU scale's 0.85 is unmeasured for either: momentum's 2,454 stands
-    # in as an ESTIMATE. base_lr: the best constant rate of one worker at 256 examples.
+    # LAMB 736 (S_min 55). At the GPU scale's 0.85 (measured on an H200, medians of 3 seeds):
+    # Adam 2,635 [2,116-3,590] (S_min 41), LAMB 1,638 [1,399-2,395] (S_min 116).
+    # base_lr: the best constant rate of one worker at 256 examples (CPU, 0.80).
     *(Section(
         f"teacher-mlp-{opt}", f"{opt}: Adasum of each worker's update against one {opt} on the averaged "
         "gradient, the teacher-mlp stream", "teacher-mlp", opt, _DELTA_ABLATED,
         cpu=Scale(critical_grid(b_crit, 128, span=16), b_crit=b_crit, lrs=_axis(lr / 4, 6), base_lr=lr,
                   reference=256, target=0.8, samples=1 << 21),
-        gpu=_teacher_gpu(lr),
-    ) for opt, b_crit, lr in _TEACHER_ADAPTIVE),
+        gpu=_teacher_gpu(gpu_b_crit, lr),
+    ) for opt, b_crit, gpu_b_crit, lr in _TEACHER_ADAPTIVE),
     # Far above the critical batch, 20-90x: averaging's square-root rule still reaches the target
     # at the sections' largest E (16x), so their recipe reading has no E beyond E*. Workers up to
     # 512 at 128 examples each, 8M fresh examples (128 steps at 64K). A section of its own: a
@@ -343,6 +349,6 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         f"against one {opt} on the averaged gradient, the teacher-mlp stream", "teacher-mlp", opt, _DELTA,
         cpu=Scale(tuple(s for s in critical_grid(b_crit, 128, span=64, max_workers=512) if s.examples >= 16384),
                   b_crit=b_crit, lrs=_axis(lr / 4, 6), base_lr=lr, reference=256, target=0.8, samples=1 << 23),
-        gpu=_teacher_gpu(lr, large=True), extends=f"teacher-mlp-{opt}",
-    ) for opt, b_crit, lr in _TEACHER_ADAPTIVE),
+        gpu=_teacher_gpu(gpu_b_crit, lr, large=True), extends=f"teacher-mlp-{opt}",
+    ) for opt, b_crit, gpu_b_crit, lr in _TEACHER_ADAPTIVE),
 )}
