@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +141,15 @@ def test_noise_command_refuses_delta_mode(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "adasum: error: adam runs in delta mode here, where averaging the workers' updates is not one "
         "worker's step: measure in gradient mode (--mode gradient)"]
+
+
+def test_the_committed_gpu_sweeps_give_the_critical_batches_the_docs_quote(monkeypatch, capsys):
+    """scripts/critical-fit.py on the H200 sweeps in docs/results/critical_gpu prints the fits
+    that docs/results/critical_batch.md and the sections' GPU scales quote."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr("sys.argv", ["critical-fit.py", *(str(root / "docs/results/critical_gpu" / name)
+                                                           for name in ("augdigits", "adam", "lamb"))])
+    runpy.run_path(str(root / "scripts/critical-fit.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for quoted in ("B_crit 93 [56-141]", "B_crit 2,635 [2,116-3,590]", "B_crit 1,638 [1,399-2,395]"):
+        assert quoted in out
