@@ -13,8 +13,9 @@
 #   PYTHON=python3.11 scripts/gpu-check.sh
 #
 # The environment is .venv-gpu, apart from the CPU-only .venv of setup.sh. If the machine's
-# Python already has a CUDA build of torch (a GPU image), the environment sees it
-# (--system-site-packages) and installs the project beside it without touching torch;
+# Python already has a CUDA build of torch (a GPU image), the environment sees that Python's
+# packages (a .pth file) and installs the project beside them without touching torch, and
+# needs no network when the image has the test tools too (as the H200 image lent here did);
 # otherwise it installs torch==2.13.0 from PyPI, whose Linux wheel is the CUDA build. It stops
 # with a clear message if torch in the environment still cannot use a GPU.
 set -euo pipefail
