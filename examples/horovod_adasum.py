@@ -68,9 +68,9 @@ def main() -> None:
     if hvd.rank() == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({hvd.size()} workers, "
               f"{'Adasum' if args.use_adasum else 'Average'})")
-    # Free the optimizer and the model (they hold the process group, in a reference cycle)
-    # while the interpreter is whole: left to interpreter exit, Gloo's threads aborted a rank in
-    # about 1 run in 6 (README, "abort at exit").
+    # Free the optimizer and the model while the interpreter is whole (the wrapped torch
+    # optimizer sits in a reference cycle of torch's own, so only the collector frees it): left
+    # to interpreter exit, a rank aborted in about 1 run in 6 (README, "abort at exit").
     del optimizer, model
     gc.collect()
     hvd.shutdown()

@@ -11,6 +11,7 @@ where the last checkpoint is (status 130).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import subprocess
@@ -157,6 +158,10 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
     try:
         return worker(rank, world, config, args.out, resume, progress, args.checkpoint_every)
     finally:
+        # The worker's torch optimizer sits in a reference cycle of torch's own: collect it now,
+        # while the interpreter is whole, not at its teardown, where freeing such objects has
+        # aborted a rank now and then (README, on the abort at exit).
+        gc.collect()
         dist.destroy_process_group()
 
 
