@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections import defaultdict
 
-from adasum.lab.critical import best_rates, fit_critical_batch, fit_over_seeds, read_sweep
+from adasum.lab.critical import best_rates, fit_critical_batch, fit_over_seeds, median_steps, read_sweep
 
 
 def _steps(value: int | None) -> str:
@@ -42,12 +42,10 @@ def report(root: str) -> list[str]:
     for e, rs in sorted(at_best.items()):
         rs.sort(key=lambda r: r["seed"])
         steps = [r["steps"] for r in rs]
-        reached = [s for s in steps if s is not None]
-        median = statistics.median([s if s is not None else float("inf") for s in steps])
-        noise = statistics.median([r["noise_scale"] for r in rs if r["steps"] is not None]) if reached else None
+        noises = [r["noise_scale"] for r in rs if r["steps"] is not None]
+        noise = f"{statistics.median(noises):.0f}" if noises else "-"
         lines.append(f"| {e:,} | {best[e]:g} | {', '.join(_steps(s) for s in steps)} (seeds "
-                     f"{', '.join(str(r['seed']) for r in rs)}) | {median:g} | {noise:.0f} |" if noise is not None else
-                     f"| {e:,} | {best[e]:g} | {', '.join(_steps(s) for s in steps)} | {median:g} | - |")
+                     f"{', '.join(str(r['seed']) for r in rs)}) | {median_steps(steps):g} | {noise} |")
     seed0 = {e: next(r["steps"] for r in rs if r["seed"] == 0) for e, rs in at_best.items()}
     fit0 = fit_critical_batch(list(seed0), list(seed0.values()))
     lines += ["", f"Fit of seed 0's best points: S_min {fit0.s_min:.1f}, B_crit {fit0.b_crit:,.0f} "

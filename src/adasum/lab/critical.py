@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adasum.lab.bootstrap import LEVEL
 from adasum.lab.config import ConfigError, RunConfig
 from adasum.lab.simulate import simulate_run
 from adasum.lab.task import Task
 
 __all__ = ["one_worker_config", "measure_noise", "evaluations", "first_reaching", "noise_report",
-           "CriticalFit", "fit_critical_batch", "read_sweep", "best_rates", "fit_over_seeds"]
+           "CriticalFit", "fit_critical_batch", "read_sweep", "best_rates", "median_steps", "fit_over_seeds"]
 
 
 def one_worker_config(config: RunConfig, workers: int) -> RunConfig:
@@ -173,14 +174,25 @@ def best_rates(runs: Sequence[dict], seed: int = 0) -> dict[int, float]:
     return best
 
 
-def fit_over_seeds(steps: dict[int, Sequence[float | None]], *, draws: int = 2000, level: float = 0.95,
+def _as_steps(values: Sequence[float | None]) -> np.ndarray:
+    """Steps to the target per seed, a run that never reached it as infinitely many."""
+    return np.array([math.inf if s is None else s for s in values], dtype=float)
+
+
+def median_steps(values: Sequence[float | None]) -> float:
+    """The median steps to the target over seeds (a run that never reached it counts as
+    infinitely many, so the median is infinite when most did not)."""
+    return float(np.median(_as_steps(values)))
+
+
+def fit_over_seeds(steps: dict[int, Sequence[float | None]], *, draws: int = 2000, level: float = LEVEL,
                    seed: int = 0) -> tuple[CriticalFit, tuple[float, float], tuple[float, float]]:
     """``(fit, b_crit interval, s_min interval)``: :func:`fit_critical_batch` of the median steps
     over seeds at each E (a run that never reached the target counts as infinitely many steps;
     an E whose median is infinite is left out), and percentile bootstrap intervals at ``level``
     of B_crit and S_min, each draw resampling every E's seeds with replacement. Draws the model
     cannot fit are left out of the intervals."""
-    data = {e: np.array([math.inf if s is None else s for s in values], dtype=float) for e, values in steps.items()}
+    data = {e: _as_steps(values) for e, values in steps.items()}
 
     def fit(medians: dict[int, float]) -> CriticalFit:
         finite = {e: m for e, m in medians.items() if math.isfinite(m)}
