@@ -351,3 +351,39 @@ def test_a_killed_worker_is_one_line_naming_its_rank_and_signal(tmp_path, progra
     out, err = _ended(proc)
     assert (proc.returncode, err) == (1, "adasum: error: worker 1 was killed by signal 9 (SIGKILL)\n"), out
     _assert_loadable(checkpoint, 2)
+
+
+def _checkpoint_replicas(rank: int, world: int, out: str, ulp_on: int | None) -> str:
+    """Every rank offers the same small model for a checkpoint, except that rank ``ulp_on``
+    moves one weight by one unit in the last place: what the rank reports."""
+    from adasum.lab.resume import plan_run
+    from adasum.lab.train import _checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    if rank == ulp_on:
+        with torch.no_grad():
+            model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(1.0))
+    config = RunConfig(task="linear", samples=64, batch=8, epochs=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        _checkpoint(Path(out), rank, config, plan_run(config, world, 64), model, optimizer, 3, [])
+    except RuntimeError as e:
+        return str(e)
+    return "written"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ulp_on", [None, 0, 2])
+def test_a_checkpoint_of_replicas_that_differ_by_one_bit_is_refused_on_every_rank(ulp_on, tmp_path):
+    from adasum.launch import spawn
+    from conftest import TIMEOUT
+
+    reports = spawn(_checkpoint_replicas, 3, str(tmp_path), ulp_on, timeout=TIMEOUT)
+    if ulp_on is None:
+        assert reports == ["written"] * 3
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+        return
+    assert all(r.startswith("adasum train: the replicas differ after step 3 (digests ") for r in reports), reports
+    assert len(set(reports)) == 1  # every rank names the same digests
+    assert not (tmp_path / "checkpoint.pt").exists()
