@@ -17,6 +17,8 @@
 # CPU jobs, named in SWEEPS (`SWEEPS=... scripts/critical-sweep.sh OUT cpu 1`):
 # - gauss-adam, gauss-lamb: the same on gauss-logistic to 0.895, rates 4x apart.
 # - augdigits-cpu: the CNN on the CPU scale's 8,192 samples to 0.80, E = 16-1,024.
+# - nqm: momentum on the noisy quadratic model to 0.98, E = 8-2,048, rates sqrt(2) apart: the
+#   harness measured where the answer is known (adasum.lab.quadratic.expected_critical).
 # LRS (space-separated) replaces every E's rates: the widening of a grid whose best rate sat at
 # an edge. POINTS (space-separated E:LR) keeps only those runs, and SEED (default 0) sets the
 # seed of the model and the data order (its runs go to E<E>-lr<LR>-s<SEED>/): more seeds at the
@@ -79,7 +81,15 @@ runs() {
                          "--epochs 1 --evals-per-epoch $((S / 4)) --target $target --levels $levels"
                 done
             done ;;
-        *) echo "unknown sweep '$sweep' (augdigits, augdigits-cpu, adam, lamb, gauss-adam, gauss-lamb)" >&2; exit 2 ;;
+        nqm)
+            for spec in 8:1024 32:1024 128:512 512:256 2048:256; do
+                IFS=: read -r E S <<< "$spec"
+                for lr in ${LRS:-0.0125 0.0177 0.025 0.0354 0.05 0.0707 0.1 0.141 0.2 0.283 0.4 0.566 0.8}; do
+                    echo "$sweep $E $lr --task nqm --optimizer momentum --samples $((E * S)) --epochs 1" \
+                         "--evals-per-epoch $S --target 0.98 --levels 0.95"
+                done
+            done ;;
+        *) echo "unknown sweep '$sweep' (augdigits, augdigits-cpu, adam, lamb, gauss-adam, gauss-lamb, nqm)" >&2; exit 2 ;;
         esac
     done
 }

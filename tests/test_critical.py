@@ -13,6 +13,7 @@ import torch
 from adasum.lab.cli import main
 from adasum.lab.config import ConfigError, RunConfig
 from adasum.lab.critical import (
+    best_median_rates,
     best_rates,
     fit_critical_batch,
     fit_over_seeds,
@@ -153,3 +154,15 @@ def test_the_committed_gpu_sweeps_give_the_critical_batches_the_docs_quote(monke
     out = capsys.readouterr().out
     for quoted in ("B_crit 93 [56-141]", "B_crit 2,635 [2,116-3,590]", "B_crit 1,638 [1,399-2,395]"):
         assert quoted in out
+
+
+def test_the_best_rate_by_median_over_seeds_is_not_the_luckiest_draw():
+    """Seed 0 is lucky at the high rate (20 steps) where the others never reach the target; the
+    median picks the rate every seed reaches it at. A rate with fewer than 3 seeds is not a
+    candidate, and an E whose every candidate's median is infinite has none."""
+    runs = [{"E": 64, "lr": 0.2, "seed": s, "steps": st} for s, st in enumerate((20, None, None, 90, None))]
+    runs += [{"E": 64, "lr": 0.1, "seed": s, "steps": st} for s, st in enumerate((40, 42, 38, 44, 41))]
+    runs += [{"E": 64, "lr": 0.05, "seed": s, "steps": 10} for s in (1, 2)]  # two seeds only
+    runs += [{"E": 256, "lr": 0.1, "seed": s, "steps": None} for s in range(3)]
+    assert best_rates(runs) == {64: 0.2}
+    assert best_median_rates(runs) == {64: 0.1}

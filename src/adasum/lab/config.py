@@ -65,7 +65,7 @@ class RunConfig:
                                      "label) for --task file; a directory of text for the stdlib-transformer "
                                      "tasks (default: the standard library's .py files)")
     samples: int | None = _option(None, "training examples of a synthetic task (default 16384), of "
-                                        "augdigits-resnet (default 65536), of gauss-logistic and teacher-mlp "
+                                        "augdigits-resnet (default 65536), of gauss-logistic, teacher-mlp and nqm "
                                         "(default 4194304), windows of a text task (default all)")
     reducer: str = _option("adasum", "how the workers' gradients (or updates) are combined", choices=tuple(REDUCERS))
     optimizer: str = _option("momentum", "the optimizer each worker steps", choices=OPTIMIZERS)

@@ -382,4 +382,15 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         gpu=_teacher_gpu(gpu_b_crit, lr, large=True), extends=f"teacher-mlp-{opt}",
     ) for opt, b_crit, gpu_b_crit, lr in _TEACHER_ADAPTIVE),
     *(_gauss_adaptive(*spec) for spec in _GAUSS_ADAPTIVE),
+    # The noisy quadratic model, the harness's check: B_crit 78 at 0.98 is exact, the fit of the
+    # expected steps at the best constant rate of E = 8-16K (adasum.lab.quadratic.expected_critical,
+    # S_min 26); fresh examples, one epoch, 128 steps at the largest E; seconds a run.
+    Section(
+        "nqm", "momentum SGD, the noisy quadratic model (Zhang et al. 2019; its critical batch is known exactly)",
+        "nqm", "momentum", _GRADIENT,
+        cpu=Scale(critical_grid(78, 8, span=16), b_crit=78, lrs=_axis(0.025, 7), base_lr=0.025, reference=8,
+                  target=0.98, samples=MIN_STEPS * 2048),
+        gpu=Scale(critical_grid(78, 8, span=32, max_workers=256), b_crit=78, lrs=_axis(0.025, 7), base_lr=0.025,
+                  reference=8, target=0.98, samples=MIN_STEPS * 4096),
+    ),
 )}

@@ -26,7 +26,8 @@ DATA_SEED = 12345
 
 
 #: What the score of each kind of task is, as the program's output names it.
-METRICS = {"classification": "test accuracy", "regression": "test R^2", "language": "next-byte accuracy"}
+METRICS = {"classification": "test accuracy", "regression": "test R^2", "language": "next-byte accuracy",
+           "quadratic": "share of the initial loss removed"}
 
 
 class TaskError(ValueError):
@@ -36,8 +37,9 @@ class TaskError(ValueError):
 class Task(ABC):
     """What a trainer needs of a task. ``kind`` is ``"classification"`` (the loss is
     cross-entropy over the last dimension of the output, whatever the dimensions before it),
-    ``"regression"`` or ``"language"`` (classification of the next byte, whose evaluation also
-    reports bits per byte)."""
+    ``"regression"``, ``"language"`` (classification of the next byte, whose evaluation also
+    reports bits per byte) or ``"quadratic"`` (the noisy quadratic model, which brings its own
+    loss and score: :mod:`adasum.lab.quadratic`)."""
 
     name: str
     kind: str

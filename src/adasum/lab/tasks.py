@@ -16,13 +16,14 @@ from pathlib import Path
 
 from adasum.lab.arrays import DIGITS_TASKS, SYNTHETIC_TASKS, digits_task, file_task, synthetic_task
 from adasum.lab.images import IMAGE_TASKS, augmented_digits
+from adasum.lab.quadratic import NQM_TASKS, nqm_task
 from adasum.lab.synthetic import STREAM_TASKS, stream_task
 from adasum.lab.task import Task, TaskError
 from adasum.lab.text import TEXT_TASKS, text_task
 
 __all__ = ["TASKS", "load_task"]
 
-TASKS = (*DIGITS_TASKS, *SYNTHETIC_TASKS, "file", *TEXT_TASKS, *IMAGE_TASKS, *STREAM_TASKS)
+TASKS = (*DIGITS_TASKS, *SYNTHETIC_TASKS, "file", *TEXT_TASKS, *IMAGE_TASKS, *STREAM_TASKS, *NQM_TASKS)
 
 
 def load_task(name: str, data: str | None = None, samples: int | None = None, copies: int = 1) -> Task:
@@ -47,6 +48,8 @@ def load_task(name: str, data: str | None = None, samples: int | None = None, co
         return augmented_digits(name, samples)
     if name in STREAM_TASKS:
         return stream_task(name, samples)
+    if name in NQM_TASKS:
+        return nqm_task(samples)
     if name in DIGITS_TASKS:
         return digits_task(name)
     return synthetic_task(name, samples, copies)

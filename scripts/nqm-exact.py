@@ -1,0 +1,63 @@
+"""The known answers behind the `nqm` critical-batch sweep (scripts/critical-sweep.sh), at its E
+and constant rates: per E, the fewest expected steps to the target (the expected score's
+crossing, exact) and the median steps of 1,000 runs drawn directly under the study's crossing
+rule (two consecutive steps at the target), each with its best rate, and the fit
+S = S_min (1 + B_crit / E) of each. Compare with
+`python scripts/critical-fit.py docs/results/critical_cpu/nqm`; the tables are in
+docs/results/critical_batch.md.
+
+    python scripts/nqm-exact.py [--target 0.98]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from adasum.lab.critical import fit_critical_batch, median_steps
+from adasum.lab.optimizers import MOMENTUM
+from adasum.lab.quadratic import curvatures, expected_critical, expected_moments, sampled_crossings
+
+#: The sweep's E and rates (sqrt(2) apart, 0.0125-0.8) and its budgets.
+EXAMPLES = (8, 32, 128, 512, 2048)
+RATES = tuple(0.0125 * 2 ** (k / 2) for k in range(13))
+HORIZON = 1024
+
+
+def _sampled_best(target: float, e: int) -> tuple[float, float, np.ndarray]:
+    """(median steps, rate, the runs' steps) at the rate of the fewest median steps."""
+    best = None
+    for lr in RATES:
+        steps = sampled_crossings(target, e, lr, MOMENTUM, horizon=HORIZON)
+        median = median_steps([s if s >= 0 else None for s in steps])
+        if best is None or median < best[0]:
+            best = (median, lr, steps)
+    assert best is not None
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=float, default=0.98)
+    target = parser.parse_args().target
+    h = curvatures().numpy()
+    expected = expected_critical(target, EXAMPLES, RATES, MOMENTUM, horizon=HORIZON)
+    print("| E | expected: best rate, steps, B_simple at E(theta^2) there | 1,000 drawn runs: best rate, "
+          "median steps [10th-90th percentile], reached |\n|---:|---|---|")
+    sampled = []
+    for e, steps, lr in expected:
+        second = expected_moments([lr] * steps, e, MOMENTUM)
+        median, best, runs = _sampled_best(target, e)
+        sampled.append((e, median))
+        reached = runs[runs >= 0]
+        low, high = np.percentile(reached, [10, 90]) if len(reached) else (np.nan, np.nan)
+        print(f"| {e:,} | {lr:.3g}, {steps}, {h.sum() / (h**2 * second).sum():.0f} | {best:.3g}, {median:g} "
+              f"[{low:.0f}-{high:.0f}], {len(reached)}/{len(runs)} |")
+    for name, points in (("expected course", [(e, s) for e, s, _ in expected]), ("drawn runs' medians", sampled)):
+        fit = fit_critical_batch([p[0] for p in points], [p[1] for p in points])
+        print(f"\nFit of the {name}: S_min {fit.s_min:.1f}, B_crit {fit.b_crit:.0f} ({100 * fit.residual:.1f}% rms).")
+
+
+if __name__ == "__main__":
+    main()
