@@ -122,6 +122,20 @@ def test_an_elastic_setting_tries_every_rate_of_its_constant_twin():
     assert {(p.setting, p.lr) for p in points if p.setting == elastic} == {(elastic, lr) for lr in (0.1, 0.2, 0.4)}
 
 
+def test_an_elastic_setting_runs_every_seed_at_its_twins_best_rate():
+    """The elastic table resumes at the constant twin's best rate: the change runs every seed
+    there, as well as at its own best rate and the neighbours, even where the two lie apart."""
+    elastic = Batching(8, 16, 1, 2, 1)
+    lrs = (0.05, 0.1, 0.2, 0.4, 0.8)
+    scale = replace(TINY_SCALE, settings=(Batching(8, 16), elastic), lrs=lrs, max_widen=0, seeds=(0, 1, 2))
+    section = replace(PAIR, cpu=scale, readings=("tuned",))
+    twin = [record(lr, s, 10 if lr == 0.8 else 30, c) for lr in lrs for c in ("adasum", "average") for s in (0, 1, 2)]
+    changed = [record(lr, 0, 10 if lr == 0.05 else 30, c, setting=elastic) for lr in lrs for c in ("adasum", "average")]
+    points = [p for p in next_points(section, scale, twin + changed) if p.setting == elastic]
+    assert {(p.combiner, p.lr) for p in points} == {(c, lr) for c in ("adasum", "average") for lr in (0.05, 0.1, 0.8)}
+    assert {p.seed for p in points} == {1, 2}
+
+
 def test_the_recipe_tests_adasum_at_multiples_of_e_star():
     settings = tuple(Batching(n, 16) for n in (1, 2, 4, 8, 16, 32))
     scale = replace(TINY_SCALE, settings=settings, lrs=(0.1,), sweep_seeds=(0,), seeds=(0,), max_widen=0)

@@ -10,7 +10,8 @@ The tuned reading, per setting, in this order:
    ``max_widen`` steps beyond the section's first axis;
 3. the remaining seeds at each combiner's best rate and its two neighbours on the axis.
 
-An elastic setting's axis also holds every rate its constant twin tried (:func:`_twin_lrs`).
+An elastic setting's axis also holds every rate its constant twin tried, and step 3 also runs
+every seed at the twin's best rate, where the elastic table resumes (:func:`_twin_bests`).
 
 The recipe reading: averaging at its recipe rate at every E, then Adasum at its recipe rate at
 E* and the multiples the reading tests (:mod:`adasum.lab.readings`).
@@ -69,21 +70,30 @@ def _missing(reading: str, combiners: Sequence[str], setting: Batching, lrs: Seq
             if (reading, c, setting.label, lr, s) not in done]
 
 
-def _twin_lrs(setting: Batching, tuned: Sequence[dict]) -> set[float]:
-    """The rates an elastic setting's constant twin (the same workers, never changed) tried: the
-    elastic setting tries them too, so that the twin's best rate, where the elastic table
-    resumes, is among its own."""
+def _twin_runs(setting: Batching, tuned: Sequence[dict]) -> list[dict]:
+    """The runs of an elastic setting's constant twin (the same workers, never changed); none
+    for a setting that does not change."""
     if setting.resize_to is None:
-        return set()
+        return []
     twin = Batching(setting.workers, setting.batch, setting.accum).label
-    return {r["lr"] for r in tuned if r["setting"] == twin}
+    return [r for r in tuned if r["setting"] == twin]
+
+
+def _twin_bests(setting: Batching, tuned: Sequence[dict], seeds: Sequence[int]) -> dict[str, float]:
+    """Per combiner, the twin's best rate on ``seeds``: where the elastic table resumes (what a
+    user who does not retune gets), so the elastic setting runs every seed there too."""
+    by_combiner: dict[str, dict[float, list[dict]]] = {}
+    for r in _twin_runs(setting, tuned):
+        by_combiner.setdefault(r["combiner"], {}).setdefault(r["lr"], []).append(r)
+    return {c: best_lr(by_lr, seeds) for c, by_lr in by_combiner.items()}
 
 
 def _tuned(section: Section, scale: Scale, setting: Batching, tuned: Sequence[dict], done: set[tuple]) -> list[Point]:
     """The tuned reading's next runs at one setting (see the module's description)."""
     combiners = list(section.combiners)
     runs = [r for r in tuned if r["setting"] == setting.label]
-    axis = sorted({*map(rounded, scale.lrs), *(r["lr"] for r in runs), *_twin_lrs(setting, tuned)})
+    # An elastic setting tries every rate its twin tried, so the twin's best is among its own.
+    axis = sorted({*map(rounded, scale.lrs), *(r["lr"] for r in runs), *(r["lr"] for r in _twin_runs(setting, tuned))})
     missing = _missing("tuned", combiners, setting, axis, scale.sweep_seeds, done)
     if missing:
         return missing
@@ -94,8 +104,12 @@ def _tuned(section: Section, scale: Scale, setting: Batching, tuned: Sequence[di
     added = widen(axis, set(bests.values()), list(map(rounded, scale.lrs)), scale.max_widen)
     if added:
         return _missing("tuned", combiners, setting, added, scale.sweep_seeds, done)
-    return [p for c in combiners
-            for p in _missing("tuned", [c], setting, neighbourhood(axis, bests[c]), scale.seeds, done)]
+    resumed = _twin_bests(setting, tuned, scale.sweep_seeds)
+
+    def seeded(c: str) -> list[float]:
+        return sorted({*neighbourhood(axis, bests[c]), *([resumed[c]] if c in resumed else [])})
+
+    return [p for c in combiners for p in _missing("tuned", [c], setting, seeded(c), scale.seeds, done)]
 
 
 def _recipe(section: Section, scale: Scale, records: Sequence[dict], done: set[tuple]) -> list[Point]:
