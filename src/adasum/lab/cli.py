@@ -11,7 +11,6 @@ where the last checkpoint is (status 130).
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from adasum.lab.config import ConfigError, RunConfig, Steps
 from adasum.lab.options import BENCHMARKS, USAGE_ERROR, build_parser, config_from
@@ -119,7 +119,21 @@ def _train(args: argparse.Namespace) -> int:
     if result is not None:
         _print_summaries([result["summary"]])
         print(f"history and checkpoint in {args.out}/")
+    if launched:
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a torchrun worker without the interpreter's teardown, as multiprocessing ends the
+    workers of ``--nproc``: objects left to the teardown (a torch optimizer sits in a reference
+    cycle of torch's own) are freed there, Gloo's threads that free tensors then take the GIL
+    and are made to exit, and the process aborts now and then ("terminate called without an
+    active exception"; README, on the abort at exit). Every file the run writes is closed by
+    now; the standard streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _check_run(config: RunConfig, workers: int, local: int, resume: str | None) -> str | None:
@@ -158,10 +172,6 @@ def _run_under_torchrun(worker: Callable, launched: tuple[int, int], config: Run
     try:
         return worker(rank, world, config, args.out, resume, progress, args.checkpoint_every)
     finally:
-        # The worker's torch optimizer sits in a reference cycle of torch's own: collect it now,
-        # while the interpreter is whole, not at its teardown, where freeing such objects has
-        # aborted a rank now and then (README, on the abort at exit).
-        gc.collect()
         dist.destroy_process_group()
 
 
