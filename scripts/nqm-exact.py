@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 from adasum.lab.critical import fit_critical_batch, median_steps
 from adasum.lab.optimizers import MOMENTUM
-from adasum.lab.quadratic import curvatures, expected_critical, expected_moments, sampled_crossings
+from adasum.lab.quadratic import b_simple, expected_critical, expected_moments, sampled_crossings
 
 #: The sweep's E and rates (sqrt(2) apart, 0.0125-0.8) and its budgets.
 EXAMPLES = (8, 32, 128, 512, 2048)
@@ -41,7 +42,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.98)
     target = parser.parse_args().target
-    h = curvatures().numpy()
     expected = expected_critical(target, EXAMPLES, RATES, MOMENTUM, horizon=HORIZON)
     print("| E | expected: best rate, steps, B_simple at E(theta^2) there | 1,000 drawn runs: best rate, "
           "median steps [10th-90th percentile], reached |\n|---:|---|---|")
@@ -52,7 +52,7 @@ def main() -> None:
         sampled.append((e, median))
         reached = runs[runs >= 0]
         low, high = np.percentile(reached, [10, 90]) if len(reached) else (np.nan, np.nan)
-        print(f"| {e:,} | {lr:.3g}, {steps}, {h.sum() / (h**2 * second).sum():.0f} | {best:.3g}, {median:g} "
+        print(f"| {e:,} | {lr:.3g}, {steps}, {b_simple(torch.from_numpy(second).sqrt()):.0f} | {best:.3g}, {median:g} "
               f"[{low:.0f}-{high:.0f}], {len(reached)}/{len(runs)} |")
     for name, points in (("expected course", [(e, s) for e, s, _ in expected]), ("drawn runs' medians", sampled)):
         fit = fit_critical_batch([p[0] for p in points], [p[1] for p in points])
