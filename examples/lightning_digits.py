@@ -99,7 +99,6 @@ if __name__ == "__main__":
     )
     resume = last if last is not None and last.exists() else None
     trainer.fit(model, *digits_loaders(batch_size=32), ckpt_path=resume)  # batch_size per rank
-    # Lightning leaves the process group up. Gloo's threads must stop before the interpreter
-    # does, or a rank may abort at exit ("terminate called without an active exception").
+    # Lightning leaves the process group up (adasum would destroy it at exit in any case).
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from adasum._buffers import Buffers
 from adasum._check import Problem, Setting, agree, flat_problem, local_problem
+from adasum._exit import destroy_groups_at_exit
 from adasum._groups import device_type_of, message_device
 from adasum._layout import DtypeGroup, Flats, Layout
 from adasum._stats import Stats
@@ -40,7 +41,8 @@ class Reducer(abc.ABC):
     """A reduction of every rank's tensors over a process group (None: the default group).
 
     Subclasses: :class:`adasum.Adasum`, :class:`adasum.Hierarchical`, :class:`adasum.Average`,
-    :class:`adasum.Sum`. Constructing one does not touch torch.distributed.
+    :class:`adasum.Sum`. Constructing one does not touch torch.distributed; the first one in a
+    process arranges for the process groups to be destroyed at exit (:mod:`adasum._exit`).
     """
 
     #: What the reducer computes, as the program and the error messages name it.
@@ -49,6 +51,7 @@ class Reducer(abc.ABC):
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self._buffers = Buffers()
+        destroy_groups_at_exit()
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.setting()[1:])

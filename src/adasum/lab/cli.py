@@ -125,12 +125,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _exit_now(code: int) -> NoReturn:
-    """End a torchrun worker without the interpreter's teardown, as multiprocessing ends the
-    workers of ``--nproc``: objects left to the teardown (a torch optimizer sits in a reference
-    cycle of torch's own) are freed there, Gloo's threads that free tensors then take the GIL
-    and are made to exit, and the process aborts now and then ("terminate called without an
-    active exception"; README, on the abort at exit). Every file the run writes is closed by
-    now; the standard streams are flushed here."""
+    """End a torchrun worker without the interpreter's shutdown, as multiprocessing ends the
+    workers of ``--nproc``: a Gloo thread that frees tensors during the shutdown is made to exit
+    and the process aborts ("terminate called without an active exception"; docs/failures.md,
+    "A finished job aborts at exit"). Every file the run writes is closed by now; the standard
+    streams are flushed here."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
