@@ -1,7 +1,7 @@
 """``adasum train`` resumed on another number of workers, as an elastic job's restart does:
 the plan that continues the run (:mod:`adasum.lab.resume`), a 3-worker run resumed on 2
-workers through the program's own spawn against the simulator, and (long) a torchrun job that
-loses an agent and its workers to SIGKILL and finishes with ``--auto-resume``."""
+workers through the program's own spawn against the simulator, and (long) torchrun jobs that
+lose an agent and its workers to SIGKILL, or gain an agent, and finish with ``--auto-resume``."""
 
 from __future__ import annotations
 
@@ -139,22 +139,13 @@ def test_torchrun_job_loses_an_agent_and_finishes_with_auto_resume(tmp_path):
     the survivor's restarted workers resume from the last epoch checkpoint on 2 workers with
     E = 32 kept (2 micro-batches of 8 instead of 1) and finish the run. The losses are those of
     the simulator over the same stretches, and the replicas end bit-identical."""
-    out = tmp_path / "run"
-    options = ["--optimizer", "adam", "--lr", "0.003", "--batch", "8", "--epochs", str(EPOCHS)]
-    port = free_port()
-    cmd = agent_command("1:2", port, "adasum-train", ELASTIC_RDZV_CONF, 2, ROOT / "src/adasum/lab/__main__.py",
-                        "train", *options, "--out", str(out), "--auto-resume", "--no-progress")
-    env = agent_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    logs = [tmp_path / "agent0.log", tmp_path / "agent1.log"]
-    deadline = time.monotonic() + RUN_LIMIT
+    out, port, start, logs, deadline = _job(tmp_path)
     procs = []
     try:
-        procs.append(start_agent(cmd, env, logs[0], tmp_path))
+        procs.append(start(0))
         wait_listening(port, deadline)  # the survivor hosts the rendezvous
-        procs.append(start_agent(cmd, env, logs[1], tmp_path))
-        while not (out / "checkpoint.pt").exists():
-            assert procs[0].poll() is None and time.monotonic() < deadline, agents_output(logs)
-            time.sleep(0.02)
+        procs.append(start(1))
+        _wait_for_checkpoint(out, procs[0], deadline, logs)
         kill_tree(procs[1].pid)
         code = procs[0].wait(timeout=max(1.0, deadline - time.monotonic()))
         assert code == 0, agents_output(logs)
@@ -163,14 +154,69 @@ def test_torchrun_job_loses_an_agent_and_finishes_with_auto_resume(tmp_path):
     note = re.search(r"resuming step (\d+) of a run written by 4 workers on 2: 32 examples per step kept "
                      r"\(2 micro-batches of 8 per worker; the checkpoint's: 1 of 8\)", logs[0].read_text())
     assert note, agents_output(logs)
+    _assert_follows_the_simulator(out, int(note.group(1)), 4, 2, accum=2)
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.timeout(RUN_LIMIT + 60)
+def test_torchrun_job_grows_when_an_agent_joins(tmp_path):
+    """The other direction: one agent of ``--nnodes=1:2`` starts alone (2 workers, E = 16);
+    a second joins after the first epoch's checkpoint, torchrun restarts the workers as a
+    world of 4, and ``--auto-resume`` continues from the last epoch checkpoint with E = 16
+    kept (1 micro-batch of 4 instead of 8). The losses are the simulator's over the same
+    stretches; the 4 replicas end bit-identical."""
+    out, _, start, logs, deadline = _job(tmp_path)
+    procs = []
+    try:
+        procs.append(start(0))
+        _wait_for_checkpoint(out, procs[0], deadline, logs)
+        procs.append(start(1))
+        for p in procs:
+            assert p.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, agents_output(logs)
+    finally:
+        end_agents(procs)
+    text = logs[0].read_text() + logs[1].read_text()
+    note = re.search(r"resuming step (\d+) of a run written by 2 workers on 4: 16 examples per step kept "
+                     r"\(1 micro-batch of 4 per worker; the checkpoint's: 1 of 8\)", text)
+    assert note, agents_output(logs)
+    _assert_follows_the_simulator(out, int(note.group(1)), 2, 4, batch=4)
+
+
+def _job(tmp_path):
+    """The elastic job of the two tests above (``--nnodes=1:2``, ``adasum train --auto-resume``
+    as the script): its --out, its rendezvous port, ``start(i)`` that starts agent i, the
+    agents' logs, and the deadline."""
+    out = tmp_path / "run"
+    options = ["--optimizer", "adam", "--lr", "0.003", "--batch", "8", "--epochs", str(EPOCHS)]
+    port = free_port()
+    cmd = agent_command("1:2", port, "adasum-train", ELASTIC_RDZV_CONF, 2, ROOT / "src/adasum/lab/__main__.py",
+                        "train", *options, "--out", str(out), "--auto-resume", "--no-progress")
+    env = agent_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    logs = [tmp_path / "agent0.log", tmp_path / "agent1.log"]
+    return out, port, lambda i: start_agent(cmd, env, logs[i], tmp_path), logs, time.monotonic() + RUN_LIMIT
+
+
+def _wait_for_checkpoint(out, agent, deadline: float, logs) -> None:
+    """Until the run's first checkpoint exists, while ``agent`` runs."""
+    while not (out / "checkpoint.pt").exists():
+        assert agent.poll() is None and time.monotonic() < deadline, agents_output(logs)
+        time.sleep(0.02)
+
+
+def _assert_follows_the_simulator(out, step: int, before: int, after: int, **resumed) -> None:
+    """The run in ``out``, resumed at ``step`` on ``after`` workers (with ``resumed`` changing
+    its configuration) from an epoch checkpoint of ``before`` workers: its losses are the
+    simulator's over the same stretches, its steps numbered without a gap, and its ``after``
+    replicas ended bit-identical."""
     task = load_task("digits-mlp")
     config = RunConfig(optimizer="adam", lr=0.003, batch=8, epochs=EPOCHS)
-    epochs = int(note.group(1)) // Steps(config, 4, task.train_size).steps_per_epoch
-    assert 0 < epochs < EPOCHS  # killed in the middle, resumed from an epoch's checkpoint
+    epochs = step // Steps(config, before, task.train_size).steps_per_epoch
+    assert 0 < epochs < EPOCHS  # resized in the middle, resumed from an epoch's checkpoint
     saved: list[dict] = []
-    reference = _simulated(task, config.with_(epochs=epochs), 4, on_epoch=saved.append)
-    reference += _simulated(task, config.with_(accum=2), 2, resume=saved[-1])
+    reference = _simulated(task, config.with_(epochs=epochs), before, on_epoch=saved.append)
+    reference += _simulated(task, config.with_(**resumed), after, resume=saved[-1])
     assert_same_curve(losses(out / "history.csv"), [r["loss"] for r in reference])
     written = json.loads((out / "history.json").read_text())
-    assert len(written["digests"]) == 2 and len(set(written["digests"])) == 1
+    assert len(written["digests"]) == after and len(set(written["digests"])) == 1
     assert torch.tensor([r["step"] for r in written["history"]]).equal(torch.arange(1, len(reference) + 1))
