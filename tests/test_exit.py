@@ -40,6 +40,12 @@ reducer.all_reduce(grads)
 print(f"other threads after the step: {other_threads()}", flush=True)
 if sys.argv[2] == "destroy":
     dist.destroy_process_group()
+if sys.argv[2] == "sys.exit":
+    sys.exit(0)  # SystemExit is not an uncaught exception: the hook runs
+if sys.argv[2] == "fail":
+    import time
+    time.sleep(0.5)  # past the race at exit, which this test is not about
+    raise RuntimeError("the job failed")
 if sys.argv[1] == "without":
     import adasum._exit
     atexit.unregister(adasum._exit._destroy_groups)
@@ -64,12 +70,12 @@ def _run(tmp_path: Path, hook: str, script_end: str) -> list[str]:
             for q in procs:
                 q.kill()
             raise
-        assert p.returncode == 0, err
+        assert p.returncode == (1 if script_end == "fail" else 0), err
         outs.append(out)
     return outs
 
 
-@pytest.mark.parametrize("script_end", ["keep", "destroy"])
+@pytest.mark.parametrize("script_end", ["keep", "destroy", "sys.exit"])
 def test_the_groups_threads_are_joined_before_the_interpreter_shuts_down(
     tmp_path: Path, script_end: str
 ) -> None:
@@ -82,4 +88,11 @@ def test_without_the_hook_the_threads_outlive_the_scripts_destroy(tmp_path: Path
     # The control: the check above can fail, and does where adasum does nothing, even after
     # the script's own destroy_process_group (torch's frozen default keeps the group).
     for out in _run(tmp_path, "without", "destroy"):
+        assert "other threads at exit: 0" not in out, out
+
+
+def test_a_failed_job_ends_without_the_hook(tmp_path: Path) -> None:
+    # An uncaught exception: the groups are left as they are (their destructor could wait for a
+    # dead peer's collectives), the threads still there.
+    for out in _run(tmp_path, "with", "fail"):
         assert "other threads at exit: 0" not in out, out

@@ -6,13 +6,15 @@ that moment can fall inside the interpreter's shutdown; if the thread then frees
 Python object it owns, it must take the GIL, Python 3.11 makes such a thread exit, and C++ calls
 ``std::terminate``: "terminate called without an active exception", SIGABRT after the training
 finished. A bare torch script (three Gloo ranks on two cores, 50 all-reduces, then exit) aborted
-in 10 of 20 runs this way (README, "the abort at exit").
+in 10 of 20 runs this way (docs/failures.md, "A finished job aborts at exit").
 
 A group's destructor joins its worker threads; it runs when the group's last reference goes.
 So, once, at exit (before the shutdown starts): collect the reference cycles that may hold
 groups, destroy every group that is still up, the default group included, as
 ``torch.distributed.destroy_process_group()`` would, and drop the references torch keeps by
-mistake. A script that destroyed its groups itself gets the last step only.
+mistake. A script that destroyed its groups itself gets the last step only; one that ends on an
+uncaught exception, none (a failed job's queued collectives could hold the destructor for the
+group's whole timeout).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def destroy_groups_at_exit() -> None:
 
 
 def _destroy_groups() -> None:
+    if getattr(sys, "last_value", None) is not None:
+        # An uncaught exception ends the script (Python set it there before the exit hooks):
+        # end as without this hook rather than wait in a destructor for queued collectives.
+        return
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
