@@ -5,7 +5,7 @@
 Walks the section's plan as `adasum study` does, taking every run whose file is there (nothing is
 run), and prints the tuned reading's table over the E whose learning-rate sweep is complete,
 with the seeds stored so far at the best rates (the sweep's two, until the plan's later rounds
-add more). An interim table, not a verdict.
+add more); with --all, every E with the rates swept so far. An interim table, not a verdict.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(SECTIONS))
     parser.add_argument("out", type=Path, help="the section's --out folder")
     parser.add_argument("--scale", default="cpu")
+    parser.add_argument("--all", action="store_true",
+                        help="read every E, also those whose sweep is unfinished (its best rate may move)")
     args = parser.parse_args()
     section = SECTIONS[args.name]
     scale = section.scale(args.scale)
@@ -47,7 +49,7 @@ def main() -> None:
         if not stored_any:
             break
     # An E whose sweep lacks runs stays out of the table: none is read from a half-swept axis.
-    complete = [r for r in records if not unfinished[r["setting"]]]
+    complete = [r for r in records if args.all or not unfinished[r["setting"]]]
     print(f"{args.name} ({args.scale}): {len(records)} runs stored; sweep runs missing: "
           f"{ {k: v for k, v in unfinished.items() if v} or 'none'}")
     print("runs per E and combiner, at the E read below:",

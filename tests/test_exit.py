@@ -10,12 +10,14 @@ registered before adasum's runs after it and counts the threads besides the main
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from adasum import Adasum
 from adasum.launch import free_port
 from conftest import TIMEOUT
 
@@ -32,7 +34,11 @@ def other_threads():
 atexit.register(lambda: print(f"other threads at exit: {other_threads()}", flush=True))
 dist.init_process_group("gloo")
 import adasum
-reducer = adasum.Adasum()
+if sys.argv[1] == "unpickled":  # the reducer arrives pickled, as in a Ray worker
+    import pickle
+    reducer = pickle.loads(open(sys.argv[3], "rb").read())
+else:
+    reducer = adasum.Adasum()
 model = torch.nn.Linear(4, 2)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 grads = [torch.randn(4, 2), torch.randn(2)]
@@ -55,13 +61,14 @@ if sys.argv[1] == "without":
 def _run(tmp_path: Path, hook: str, script_end: str) -> list[str]:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
+    (tmp_path / "reducer.pickle").write_bytes(pickle.dumps(Adasum()))
     port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), hook, script_end], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        args = [sys.executable, str(script), hook, script_end, str(tmp_path / "reducer.pickle")]
+        procs.append(subprocess.Popen(args, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = []
     for p in procs:
         try:
@@ -81,6 +88,11 @@ def test_the_groups_threads_are_joined_before_the_interpreter_shuts_down(
 ) -> None:
     for out in _run(tmp_path, "with", script_end):
         assert "other threads after the step: 0" not in out  # the group was up and working
+        assert "other threads at exit: 0" in out, out
+
+
+def test_an_unpickled_reducer_arranges_the_same(tmp_path: Path) -> None:
+    for out in _run(tmp_path, "unpickled", "keep"):
         assert "other threads at exit: 0" in out, out
 
 

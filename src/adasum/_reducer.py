@@ -195,6 +195,7 @@ class Reducer(abc.ABC):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._buffers = Buffers()
+        destroy_groups_at_exit()  # in the process it arrived in (a Ray worker's)
 
     # -- for subclasses ---------------------------------------------------------------------
 
