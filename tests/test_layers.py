@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 LAYERS = [
     ("kernels", ["_ops", "_kernels", "_triton", "_triton_kernels", "_chunked"]),
     ("data", ["_layout", "_order", "_buffers", "_noise", "_version"]),
-    ("algorithms", ["_torch", "_plan", "_p2p", "_stats", "_groups", "_exit", "_check", "_vhdd", "_reduce", "_sharded", "_broadcast"]),
+    ("algorithms", ["_torch", "_plan", "_p2p", "_stats", "_groups", "_exit", "_check", "_vhdd", "_reduce", "_sharded",
+                    "_broadcast"]),
     ("reducers", ["_reducer", "_adasum", "_baselines", "_hierarchical", "_background", "__init__"]),
     ("front doors", ["ddp", "fsdp", "optim", "tensorflow", "keras", "jax", "horovod", "hf", "lightning", "launch"]),
     ("lab", ["lab"]),

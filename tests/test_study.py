@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +21,7 @@ from adasum.lab.protocol import best_per_setting, protocol_table, steps_of
 from adasum.lab.readings import ablations, candidates, compare, e_star, recipe_rows, tuned_rows, verdict
 from adasum.lab.sections import MIN_STEPS, SECTIONS, Batching, Scale, Section, critical_grid
 from adasum.lab.simulate import simulate_run
-from adasum.lab.study import run_study
+from adasum.lab.study import run_study, stored_runs
 from adasum.lab.study_plan import next_points, widen
 from adasum.lab.study_report import write_study_report
 from adasum.lab.tasks import load_task
@@ -358,3 +359,25 @@ def test_study_refuses_bad_options_in_one_line(args, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("adasum: error: ") and err.count("\n") == 1
+
+
+def test_stored_runs_reads_an_unfinished_study_without_running(whole, tmp_path):
+    out, records, _ = whole
+    train_size = load_task(TINY.task_at(TINY_SCALE), None, TINY_SCALE.samples).train_size
+    stored, unfinished = stored_runs(TINY, TINY_SCALE, out, train_size)
+    assert not unfinished and sorted(map(json.dumps, stored)) == sorted(map(json.dumps, records))
+    # One sweep run of E = 128 gone: that E is unfinished, the other's records are all there.
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    gone = next(p for p in (tmp_path / "runs").glob("*-N8-b16-*-s0-*.json"))
+    gone.unlink()
+    stored, unfinished = stored_runs(TINY, TINY_SCALE, tmp_path, train_size)
+    assert dict(unfinished) == {"N8 b16 a1": 1}
+    assert not list((tmp_path / "runs").glob(gone.name))  # nothing was run
+    full = [r for r in records if r["setting"] == "N4 b16 a1"]
+    assert sorted(map(json.dumps, [r for r in stored if r["setting"] == "N4 b16 a1"])) == sorted(map(json.dumps, full))
+    # A later seed's run gone (s1, not a sweep seed): its E is read, with one run fewer.
+    later = next(p for p in (tmp_path / "runs").glob("*-N4-b16-*-s1-*.json"))
+    later.unlink()
+    stored, unfinished = stored_runs(TINY, TINY_SCALE, tmp_path, train_size)
+    assert dict(unfinished) == {"N8 b16 a1": 1}
+    assert len([r for r in stored if r["setting"] == "N4 b16 a1"]) == len(full) - 1

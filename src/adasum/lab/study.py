@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from adasum.lab.study_plan import Point, next_points
 from adasum.lab.task import Task
 from adasum.lab.tasks import load_task
 
-__all__ = ["RunSpec", "run_spec", "run_study", "run_plan"]
+__all__ = ["RunSpec", "run_spec", "run_study", "run_plan", "stored_runs"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,28 @@ def run_plan(plan: Callable[[list[dict]], list[Point]], spec_of: Callable[[Point
                 on_run(records[-1])
     bar.close()
     return records, curves, ran
+
+
+def stored_runs(section: Section, scale: Scale, out: Path, train_size: int) -> tuple[list[dict], Counter]:
+    """What an unfinished study has so far, running nothing: walks the plan as :func:`run_study`
+    does, taking every run whose file is in ``out/runs`` and asking the plan again after each
+    round, until it asks only for runs not there. Returns ``(records, unfinished)``:
+    ``unfinished`` counts, per setting label, the runs at the sweep's seeds still missing (an
+    E whose learning-rate sweep is not complete; its best rate may yet move)."""
+    records: list[dict] = []
+    asked: set[Point] = set()
+    unfinished: Counter = Counter()
+    while points := [p for p in next_points(section, scale, records) if p not in asked]:
+        found = 0
+        for point in points:
+            asked.add(point)
+            spec = run_spec(section, scale, point, train_size)
+            stored = _load(out / "runs" / f"{spec.key}.json", spec)
+            if stored is None:
+                unfinished[spec.setting.label] += point.seed in scale.sweep_seeds
+            else:
+                records.append(_record(spec, stored["summary"], train_size))
+                found += 1
+        if not found:
+            break
+    return records, +unfinished
