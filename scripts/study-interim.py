@@ -5,7 +5,9 @@
 Walks the section's plan over the stored runs (`adasum.lab.study.stored_runs`; nothing is run)
 and prints the tuned reading's table over the E whose learning-rate sweep is complete, with the
 seeds stored so far at the best rates (the sweep's two, until the plan's later rounds add more);
-with --all, every E with the rates swept so far. An interim table, not a verdict.
+with --all, every E with the rates swept so far; then the critical batch the averaging
+baseline's runs read so far imply (`adasum.lab.study_report.baseline_fit_note`). An interim
+table, not a verdict.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from adasum.lab.readings import reading_table, tuned_rows
 from adasum.lab.sections import SECTIONS
 from adasum.lab.study import stored_runs
+from adasum.lab.study_report import baseline_fit_note
 from adasum.lab.tasks import load_task
 
 
@@ -39,6 +42,7 @@ def main() -> None:
           dict(sorted(Counter((r["examples_per_step"], r["combiner"]) for r in read).items())))
     print()
     print(reading_table(tuned_rows(read, scale.b_crit, scale.sweep_seeds)))
+    print(baseline_fit_note([r for r in read if r["reading"] == "tuned"], scale.b_crit, scale.sweep_seeds))
 
 
 if __name__ == "__main__":

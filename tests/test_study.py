@@ -23,7 +23,7 @@ from adasum.lab.sections import MIN_STEPS, SECTIONS, Batching, Scale, Section, c
 from adasum.lab.simulate import simulate_run
 from adasum.lab.study import run_study, stored_runs
 from adasum.lab.study_plan import next_points, widen
-from adasum.lab.study_report import write_study_report
+from adasum.lab.study_report import baseline_fit_note, write_study_report
 from adasum.lab.tasks import load_task
 
 # Far below the protocol's minimums (128 steps, 5 seeds), which the shipped sections obey: the
@@ -381,3 +381,24 @@ def test_stored_runs_reads_an_unfinished_study_without_running(whole, tmp_path):
     stored, unfinished = stored_runs(TINY, TINY_SCALE, tmp_path, train_size)
     assert dict(unfinished) == {"N8 b16 a1": 1}
     assert len([r for r in stored if r["setting"] == "N4 b16 a1"]) == len(full) - 1
+
+
+def test_the_baselines_own_critical_batch_is_fitted_past_the_warm_up():
+    # Averaging's best runs follow S = 20 (1 + 300 / E) exactly in their median; a worse rate,
+    # Adasum, an E whose crossings fall inside the warm-up and an accumulating twin of the
+    # largest E are all there to be left out.
+    def runs(setting: Batching, median: float, *, combiner: str = "average", lr: float = 0.1, warmup: int = 10) -> list[dict]:
+        return [{**record(lr, seed, median + offset, combiner, setting=setting), "accum": setting.accum, "warmup": warmup}
+                for seed, offset in enumerate((-1, 0, 2))]
+
+    records = []
+    for e in (64, 128, 256, 512, 1024, 2048):
+        setting = Batching(e // 16, 16)
+        records += runs(setting, 20 * (1 + 300 / e)) + runs(setting, 500, lr=0.05) + runs(setting, 5, combiner="adasum")
+    records += runs(Batching(2, 16), 1000, warmup=2000)  # E = 32, in the warm-up
+    records += runs(Batching(16, 16, accum=8), 90)  # E = 2,048 again, accumulating 8
+    note = baseline_fit_note(records, b_crit=100, sweep_seeds=(0, 1, 2))
+    assert "E where most of them cross after the warm-up: 64, 128, 256, 512, 1,024, 2,048)" in note
+    assert "B_crit 300 [" in note and "S_min 20.0 [" in note and "the grid's b_crit of 100" in note
+    assert "the largest E, 2,048, is 6.8x the fitted B_crit" in note
+    assert "too few E" in baseline_fit_note([r for r in records if r["examples_per_step"] <= 128], 100, (0, 1, 2))

@@ -9,13 +9,14 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from adasum.lab.protocol import GROUP, best_per_setting, elastic_rows, elastic_table, protocol_table
+from adasum.lab.critical import fit_over_seeds
+from adasum.lab.protocol import GROUP, best_lr, best_per_setting, elastic_rows, elastic_table, group_by_lr, protocol_table
 from adasum.lab.readings import BASELINE, CANDIDATE, ablations, candidates, reading_table, recipe_rows, tuned_rows
 from adasum.lab.records import write_csv
 from adasum.lab.report import markdown_table
 from adasum.lab.sections import Scale
 
-__all__ = ["write_study_report", "orthogonality_rows"]
+__all__ = ["write_study_report", "orthogonality_rows", "baseline_fit_note"]
 
 
 def _best_runs(records: Sequence[dict], best: Sequence[dict]) -> dict[tuple, list[int]]:
@@ -27,6 +28,38 @@ def _best_runs(records: Sequence[dict], best: Sequence[dict]) -> dict[tuple, lis
         if r["reading"] == "tuned" and chosen.get(key) == r["lr"]:
             runs.setdefault(key, []).append(i)
     return runs
+
+
+def baseline_fit_note(tuned: Sequence[dict], b_crit: float, sweep_seeds: Sequence[int]) -> str:
+    """The critical batch the averaging baseline's own results imply, beside the ``b_crit``
+    the section's grid was set on: ``S = S_min (1 + B_crit / E)`` fitted to the median steps
+    to the target over the seeds at the baseline's best rate per E, with bootstrap intervals
+    over seeds (:func:`adasum.lab.critical.fit_over_seeds`). Left out: an E where most of those
+    seeds cross inside the warm-up, elastic settings, and of two settings with one E the one
+    that accumulates more."""
+    groups = group_by_lr([r for r in tuned if r["combiner"] == BASELINE and r["resize_to"] is None])
+    steps: dict[int, tuple[int, list]] = {}
+    for by_lr in groups.values():
+        runs = by_lr[best_lr(by_lr, sweep_seeds)]
+        e, accum = runs[0]["examples_per_step"], runs[0]["accum"]
+        # A crossing inside the warm-up was made at a fraction of the rate: it measures the
+        # schedule, not the batch (the warm-up grows with the budget, so with 1/E).
+        after = sum(r["steps_to_target"] is None or r["steps_to_target"] > r["warmup"] for r in runs)
+        if 2 * after > len(runs) and (e not in steps or accum < steps[e][0]):
+            steps[e] = (accum, [r["steps_to_target"] for r in runs])
+    intro = (f"The averaging baseline's own steps to the target (median over the seeds at its best rate, at each E "
+             f"where most of them cross after the warm-up: {', '.join(f'{e:,}' for e in sorted(steps)) or 'none'}) "
+             f"against the grid's b_crit of {b_crit:g}: ")
+    if len(steps) < 3:
+        return intro + "too few E to fit S = S_min (1 + B_crit / E) to (three or more needed).\n"
+    try:
+        fit, b_ci, s_ci = fit_over_seeds({e: s for e, (_, s) in steps.items()})
+    except ValueError as error:
+        return intro + f"S = S_min (1 + B_crit / E) does not fit them ({error}).\n"
+    largest = max(steps)
+    return (intro + f"S = S_min (1 + B_crit / E) fits B_crit {fit.b_crit:,.0f} [{b_ci[0]:,.0f}, {b_ci[1]:,.0f}] "
+            f"and S_min {fit.s_min:.1f} [{s_ci[0]:.1f}, {s_ci[1]:.1f}] ({100 * fit.residual:.1f}% rms; 95% bootstrap "
+            f"intervals over seeds), so the largest E, {largest:,}, is {largest / fit.b_crit:.1f}x the fitted B_crit.\n")
 
 
 def _median_of(rows: Sequence[dict], key: str) -> float:
@@ -84,7 +117,8 @@ def write_study_report(records: list[dict], curves: list[dict], out: Path, title
               "recipe": lambda c, b: recipe_rows(records, c)}
     for name in readings:
         rows = [row for c, b in pairs[name] for row in tables[name](c, b)]
-        (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(rows))
+        fit = "\n" + baseline_fit_note(tuned, scale.b_crit, scale.sweep_seeds) if name == "tuned" else ""
+        (out / f"{name}.md").write_text(f"# {title}: the {name} reading\n\n" + reading_table(rows) + fit)
         written.append(out / f"{name}.md")
     orth = orthogonality_rows(records, curves, best)
     if orth:
