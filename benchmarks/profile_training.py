@@ -117,13 +117,16 @@ class _Phase:
     def __init__(self, clock: Clock, name: str) -> None:
         self.clock, self.name = clock, name
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Phase:
         self.t0, self.c0 = time.perf_counter(), time.thread_time()
         self.clock._stack().append(self.name)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.clock._stack().pop()
-        self.clock.add(self.name, time.perf_counter() - self.t0, time.thread_time() - self.c0)
+        # Kept, so that a split of this phase is cut from the same two instants as its total.
+        self.t1, self.c1 = time.perf_counter(), time.thread_time()
+        self.clock.add(self.name, self.t1 - self.t0, self.c1 - self.c0)
 
 
 def _instrument(clock: Clock) -> None:
@@ -171,13 +174,11 @@ def _worker(rank: int, world: int, rounds: int, steps: int) -> tuple[dict, dict,
                 opt.zero_grad(set_to_none=True)
             with clock.phase("forward"):
                 loss = torch.nn.functional.mse_loss(model(x), y)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            with clock.phase("backward"):
+            with clock.phase("backward") as backward:
                 loss.backward()
-            end, cpu = time.perf_counter(), time.thread_time()
-            clock.add("backward/until the last gradient", last_grad[0] - t0, last_grad[1] - c0)
-            clock.add("backward/after the last gradient (waiting for the reductions)", end - last_grad[0],
-                      cpu - last_grad[1])
+            clock.add("backward/until the last gradient", last_grad[0] - backward.t0, last_grad[1] - backward.c0)
+            clock.add("backward/after the last gradient (waiting for the reductions)", backward.t1 - last_grad[0],
+                      backward.c1 - last_grad[1])
             with clock.phase("optimizer step"):
                 opt.step()
 
