@@ -382,6 +382,18 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         gpu=_teacher_gpu(gpu_b_crit, lr, large=True), extends=f"teacher-mlp-{opt}",
     ) for opt, b_crit, gpu_b_crit, lr in _TEACHER_ADAPTIVE),
     *(_gauss_adaptive(*spec) for spec in _GAUSS_ADAPTIVE),
+    # Momentum on the teacher-mlp stream far above the critical batch: its section's own
+    # averaging baseline implies 1,318 under its schedule (tuned.md), so its 16K is 12x that.
+    # Continued to 64K (50x) by 128-512 workers of 128, 8M fresh examples (128 steps at 64K).
+    Section(
+        "teacher-mlp-large", "momentum SGD far above the critical batch, the teacher-mlp stream",
+        "teacher-mlp", "momentum", _GRADIENT,
+        cpu=Scale(tuple(s for s in critical_grid(963, 128, span=64, max_workers=512) if s.examples >= 16384),
+                  b_crit=963, lrs=_axis(0.1, 6), base_lr=0.2, reference=128, target=0.8, samples=1 << 23),
+        gpu=Scale(tuple(s for s in critical_grid(2454, 256, span=128, max_workers=1024) if s.examples >= 131072),
+                  b_crit=2454, lrs=_axis(0.1, 8), base_lr=0.2, reference=256, target=0.85, samples=1 << 26),
+        extends="teacher-mlp",
+    ),
     # Momentum on the Gaussian-mixture stream far above the critical batch: its section's own
     # averaging baseline implies 6,603 under its schedule (tuned.md), so its 32K is 5x that.
     # Continued to 128K (20x) by 128-512 workers of 256, 16M fresh examples (128 steps at 128K).
