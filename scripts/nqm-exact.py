@@ -72,7 +72,7 @@ def section_schedule() -> None:
                                  ("constant", [lr] * plan.total_steps)):
                 if (steps := _first_step(expected_scores(course, setting.examples, MOMENTUM), scale.target)) is not None:
                     found[name].append((steps, lr))
-        warmup = run_spec(section, scale, Point("tuned", "average", setting, rates[0], 0), scale.samples).config.warmup
+        warmup = spec.config.warmup  # the setting's, whatever the rate
         cells = []
         for name in points:
             steps, lr = min(found[name])

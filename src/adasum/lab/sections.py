@@ -18,7 +18,7 @@ from (:func:`recipe_lr`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adasum.lab.config import ConfigError
 
@@ -382,30 +382,6 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
         gpu=_teacher_gpu(gpu_b_crit, lr, large=True), extends=f"teacher-mlp-{opt}",
     ) for opt, b_crit, gpu_b_crit, lr in _TEACHER_ADAPTIVE),
     *(_gauss_adaptive(*spec) for spec in _GAUSS_ADAPTIVE),
-    # Momentum on the teacher-mlp stream far above the critical batch: its section's own
-    # averaging baseline implies 1,318 under its schedule (tuned.md), so its 16K is 12x that.
-    # Continued to 64K (50x) by 128-512 workers of 128, 8M fresh examples (128 steps at 64K).
-    Section(
-        "teacher-mlp-large", "momentum SGD far above the critical batch, the teacher-mlp stream",
-        "teacher-mlp", "momentum", _GRADIENT,
-        cpu=Scale(tuple(s for s in critical_grid(963, 128, span=64, max_workers=512) if s.examples >= 16384),
-                  b_crit=963, lrs=_axis(0.1, 6), base_lr=0.2, reference=128, target=0.8, samples=1 << 23),
-        gpu=Scale(tuple(s for s in critical_grid(2454, 256, span=128, max_workers=1024) if s.examples >= 131072),
-                  b_crit=2454, lrs=_axis(0.1, 8), base_lr=0.2, reference=256, target=0.85, samples=1 << 26),
-        extends="teacher-mlp",
-    ),
-    # Momentum on the Gaussian-mixture stream far above the critical batch: its section's own
-    # averaging baseline implies 6,603 under its schedule (tuned.md), so its 32K is 5x that.
-    # Continued to 128K (20x) by 128-512 workers of 256, 16M fresh examples (128 steps at 128K).
-    Section(
-        "gauss-logistic-large", "momentum SGD far above the critical batch, the gauss-logistic stream",
-        "gauss-logistic", "momentum", _GRADIENT,
-        cpu=Scale(tuple(s for s in critical_grid(1998, 256, span=64, max_workers=512) if s.examples >= 32768),
-                  b_crit=1998, lrs=_axis(1.5, 6), base_lr=3.0, reference=256, target=0.895, samples=1 << 24),
-        gpu=Scale(tuple(s for s in critical_grid(4370, 256, span=128, max_workers=1024) if s.examples >= 262144),
-                  b_crit=4370, lrs=_axis(1.5, 8), base_lr=3.0, reference=256, target=0.9, samples=1 << 27),
-        extends="gauss-logistic",
-    ),
     # The noisy quadratic model, the harness's check: B_crit 78 at 0.98 is exact, the fit of the
     # expected steps at the best constant rate of E = 8-16K (adasum.lab.quadratic.expected_critical,
     # S_min 26); fresh examples, one epoch, 128 steps at the largest E; seconds a run.
@@ -418,3 +394,23 @@ SECTIONS: dict[str, Section] = {s.name: s for s in (
                   reference=8, target=0.98, samples=MIN_STEPS * 4096),
     ),
 )}
+
+
+def _far_above(base: Section) -> Section:
+    """``base``'s grid continued from its largest E, by up to 512 (CPU) or 1,024 (GPU) workers of
+    the same batch, to 64x (CPU) or 128x (GPU) its b_crit, with 128 steps at the new largest E;
+    everything else as ``base``. Their own averaging baselines put the critical batch 1.4-3.3x
+    above the grids' b_crit (each section's tuned.md), so the base grids reach only 5-12x it."""
+    def continued(scale: Scale, span: int, max_workers: int) -> Scale:
+        start = max(s.examples for s in scale.settings)
+        grid = tuple(s for s in critical_grid(scale.b_crit, scale.settings[0].batch, span=span, max_workers=max_workers)
+                     if s.examples >= start)
+        return replace(scale, settings=grid, samples=MIN_STEPS * max(s.examples for s in grid))
+
+    optimizer = base.title.partition(",")[0]  # the base title's own words for it ("momentum SGD")
+    return Section(f"{base.name}-large", f"{optimizer} far above the critical batch, the {base.task} stream",
+                   base.task, base.optimizer, base.combiners, cpu=continued(base.cpu, 64, 512),
+                   gpu=continued(base.gpu, 128, 1024), extends=base.name)
+
+
+SECTIONS.update((s.name, s) for s in map(_far_above, (SECTIONS["teacher-mlp"], SECTIONS["gauss-logistic"])))
